@@ -1,0 +1,30 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= $(CURDIR)/.demo
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/edgemoe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/edgemoe
+
+demo: setup
+	$(BIN)/edgemoe demo-model $(DEMO_DIR)/src
+	$(BIN)/edgemoe pack $(DEMO_DIR)/src $(DEMO_DIR)/packed --force
+	$(BIN)/edgemoe generate --model $(DEMO_DIR)/packed --prompt "def main(" --max-tokens 40 --cache-mb 1
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/edgemoe demo-model $(DEMO_DIR)/src
+	$(BIN)/edgemoe pack $(DEMO_DIR)/src $(DEMO_DIR)/packed --force
+	$(BIN)/edgemoe bench --model $(DEMO_DIR)/packed
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

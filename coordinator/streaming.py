@@ -1,0 +1,113 @@
+"""The streaming model: mlx-lm's architecture with every routed-expert module swapped for one that fetches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.utils import load_tokenizer
+
+from node.cache import ExpertCache
+from node.compute import ExpertKernel, ExpertWeights
+from node.errors import ManifestError
+from node.local import LocalExperts
+from node.manifest import DENSE_NAME, Manifest, read_manifest
+from node.store import ExpertStore
+
+from .architecture import build_model, read_config, replace_module, routed_expert_modules, with_experts_per_token
+
+log = logging.getLogger(__name__)
+
+
+class ExpertSource(Protocol):
+    def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]: ...
+
+
+class StreamingExperts(nn.Module):
+    """Stands in for mlx-lm's SwitchGLU/SwitchMLP: same call, weights fetched per call."""
+
+    def __init__(self, layer: int, kernel: ExpertKernel, source: ExpertSource):
+        super().__init__()
+        self.layer = layer
+        self.kernel = kernel
+        self.source = source
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        # The one host sync per layer: which experts the router chose.
+        chosen = np.array(indices)
+        needed = np.unique(chosen).tolist()
+        weights = self.source.fetch(self.layer, needed)
+        return self.kernel(x, chosen, weights)
+
+
+@dataclass
+class StreamingModel:
+    model: nn.Module
+    tokenizer: object
+    config: dict
+    manifest: Manifest
+    local: LocalExperts
+    dense_bytes: int
+
+    def close(self) -> None:
+        self.local.close()
+
+
+def default_cache_bytes(manifest: Manifest) -> int:
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(manifest.expert_bytes, min(manifest.total_expert_bytes, ram // 4))
+
+
+def load_streaming_model(
+    model_dir: Path,
+    cache_bytes: int | None = None,
+    experts_per_token: int | None = None,
+    cache_policy: str = "lfu",
+    io_threads: int = 4,
+) -> StreamingModel:
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    config = read_config(model_dir)
+    if experts_per_token is not None:
+        config = with_experts_per_token(config, experts_per_token)
+    model = build_model(config)
+    modules = dict(routed_expert_modules(model))
+    packed = {spec.module_path for spec in manifest.layers}
+    if packed != set(modules):
+        raise ManifestError(
+            f"{model_dir}: manifest and config.json disagree on the MoE layers; repack the model"
+        )
+    cache = ExpertCache(cache_bytes if cache_bytes is not None else default_cache_bytes(manifest), manifest.expert_bytes, cache_policy)
+    local = LocalExperts(ExpertStore(model_dir, manifest, io_threads), cache)
+    try:
+        for spec in manifest.layers:
+            kernel = ExpertKernel(modules[spec.module_path], spec)
+            replace_module(model, spec.module_path, StreamingExperts(spec.layer, kernel, local))
+        quantized = manifest.dense_quantization
+        nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
+        dense_path = model_dir / DENSE_NAME
+        if not dense_path.exists():
+            raise ManifestError(f"{dense_path} is missing; repack the model (`edgemoe pack SRC DST --force`)")
+        try:
+            weights = mx.load(str(dense_path))
+        except (RuntimeError, ValueError) as exc:
+            raise ManifestError(f"{dense_path} is unreadable ({exc}); repack the model") from exc
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as exc:
+            raise ManifestError(f"{dense_path} does not fit the model ({str(exc).splitlines()[0]}); repack the model") from exc
+        model.eval()
+        mx.eval(model.parameters())
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    except BaseException:
+        local.close()
+        raise
+    dense_bytes = sum(a.nbytes for a in weights.values())
+    return StreamingModel(model, tokenizer, config, manifest, local, dense_bytes)

@@ -1,0 +1,141 @@
+"""A RAM cache of expert weights with a byte budget it never exceeds.
+
+Two policies: `lru`, and `lfu` (the default): evict the least-frequently used
+resident (ties: least recently used), and admit a new expert only if it has been
+asked for at least as often as the one it would evict. MoE routing is skewed and
+every token touches every layer, so under LRU a working set slightly larger than
+the budget evicts each expert just before it is needed again; counting
+frequency keeps the hot experts resident. Counts are halved periodically so the
+cache follows a change of topic.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+from .errors import CacheBudgetError
+
+POLICIES = ("lfu", "lru")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    rejected: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class ExpertCache:
+    def __init__(self, budget_bytes: int, item_bytes: int, policy: str = "lfu", aging_interval: int | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r}; use one of {', '.join(POLICIES)}")
+        if budget_bytes < item_bytes:
+            raise CacheBudgetError(
+                f"cache budget of {budget_bytes / 2**20:.3f} MB holds no expert "
+                f"(one expert is {item_bytes / 2**20:.3f} MB); raise --cache-mb to at least "
+                f"{(item_bytes + 2**20 - 1) // 2**20}"
+            )
+        self.budget_bytes = budget_bytes
+        self.policy = policy
+        self.stats = CacheStats()
+        self.bytes_used = 0
+        self._lock = threading.Lock()
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._counts: dict[Hashable, int] = {}
+        self._last: dict[Hashable, int] = {}
+        self._heap: list[tuple[int, int, Hashable]] = []
+        self._tick = 0
+        capacity = max(1, budget_bytes // max(1, item_bytes))
+        self._aging_interval = aging_interval or 16 * capacity + 1024
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def get(self, key: Hashable) -> Any | None:
+        """Returns the cached value or None, and counts the access."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self._count_access(key)
+                self.stats.misses += 1
+                return None
+            self.stats.hits += 1
+            if self.policy == "lru":
+                self._items.move_to_end(key)
+            elif not self._count_access(key):
+                self._push(key)
+            return item[0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> bool:
+        """Caches the value if the policy admits it; returns whether it did."""
+        with self._lock:
+            if key in self._items or nbytes > self.budget_bytes:
+                return key in self._items
+            victims = []
+            free = self.budget_bytes - self.bytes_used
+            candidates = self._eviction_order()
+            while free < nbytes:
+                victim = next(candidates)
+                if self.policy == "lfu" and self._counts.get(victim, 0) > self._counts.get(key, 0):
+                    self.stats.rejected += 1
+                    for v in victims + [victim]:
+                        self._push(v)
+                    return False
+                victims.append(victim)
+                free += self._items[victim][1]
+            for victim in victims:
+                _, size = self._items.pop(victim)
+                self.bytes_used -= size
+                self.stats.evictions += 1
+            self._items[key] = (value, nbytes)
+            self.bytes_used += nbytes
+            if self.policy == "lfu":
+                self._push(key)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._heap.clear()
+            self.bytes_used = 0
+
+    def _count_access(self, key: Hashable) -> bool:
+        """Counts one access; returns True if that aged the counts and rebuilt the heap."""
+        self._tick += 1
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._last[key] = self._tick
+        if self._tick % self._aging_interval == 0:
+            self._counts = {k: c // 2 for k, c in self._counts.items() if c // 2 or k in self._items}
+            self._heap = [(self._counts.get(k, 0), self._last.get(k, 0), k) for k in self._items]
+            heapq.heapify(self._heap)
+            return True
+        return False
+
+    def _push(self, key: Hashable) -> None:
+        heapq.heappush(self._heap, (self._counts.get(key, 0), self._last.get(key, 0), key))
+        if len(self._heap) > 4 * len(self._items) + 64:
+            self._heap = [(self._counts.get(k, 0), self._last.get(k, 0), k) for k in self._items]
+            heapq.heapify(self._heap)
+
+    def _eviction_order(self):
+        if self.policy == "lru":
+            yield from list(self._items)
+            return
+        while self._heap:
+            count, last, key = heapq.heappop(self._heap)
+            # Entries go stale when a key is touched again; only the newest counts.
+            if key in self._items and count == self._counts.get(key, 0) and last == self._last.get(key, 0):
+                yield key
