@@ -1,0 +1,141 @@
+"""`edgemoe`: pack, generate, bench and the demo model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from node.errors import EdgemoeError
+
+log = logging.getLogger("edgemoe")
+
+
+def _cache_bytes(args: argparse.Namespace) -> int | None:
+    if args.cache_mb is None:
+        return None
+    if args.cache_mb <= 0:
+        raise EdgemoeError(f"--cache-mb {args.cache_mb} must be positive")
+    return int(args.cache_mb * 2**20)
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from .pack import pack
+
+    result = pack(Path(args.src), Path(args.dst), in_place=args.in_place, force=args.force, progress=args.progress)
+    mode = "in place (experts read from the source files)" if result.in_place else "experts repacked"
+    print(
+        f"packed {result.layers} MoE layers, {result.experts} experts "
+        f"({result.expert_bytes / 2**20:.1f} MiB experts, {result.dense_bytes / 2**20:.1f} MiB dense), "
+        f"{mode}, in {result.seconds:.1f}s -> {result.dst}"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import build_prompt, generate
+    from .streaming import load_streaming_model
+
+    if args.max_tokens < 1:
+        raise EdgemoeError(f"--max-tokens {args.max_tokens} must be at least 1")
+    sm = load_streaming_model(
+        Path(args.model),
+        cache_bytes=_cache_bytes(args),
+        experts_per_token=args.experts_per_token,
+        cache_policy=args.cache_policy,
+    )
+    try:
+        prompt = build_prompt(sm, args.prompt, chat_template=not args.no_chat_template)
+        stream = None if args.json else (lambda text: print(text, end="", flush=True))
+        result = generate(sm, prompt, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, on_text=stream)
+    finally:
+        sm.close()
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}))
+    else:
+        print()
+        print(result.stats.summary(), file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import format_report, run_bench
+
+    report = run_bench(
+        Path(args.model),
+        cache_bytes=_cache_bytes(args),
+        tokens=args.tokens,
+        prompt=args.prompt,
+        experts_per_token=args.experts_per_token,
+        compare_mlx_lm=not args.no_mlx_lm,
+        in_place_source=Path(args.in_place) if args.in_place else None,
+    )
+    print(json.dumps(report) if args.json else format_report(report))
+
+
+def cmd_demo_model(args: argparse.Namespace) -> None:
+    from .demo_model import write_demo_model
+
+    dst = write_demo_model(Path(args.dst))
+    print(f"wrote the demo model to {dst}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgemoe", description="Run MoE models larger than RAM by streaming experts.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what edgemoe does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="pack an mlx-lm MoE model directory for streaming")
+    p.add_argument("src", help="mlx-lm model directory (config.json, model*.safetensors, tokenizer)")
+    p.add_argument("dst", help="directory to write the packed model to")
+    p.add_argument("--in-place", action="store_true", help="write no expert copy: read experts from SRC's files")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=cmd_pack)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="packed model directory (from `edgemoe pack`)")
+        p.add_argument("--cache-mb", type=float, help="RAM budget for cached experts, in MiB")
+        p.add_argument("--experts-per-token", type=int, metavar="K", help="route each token to K experts (fewer is faster)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    g = sub.add_parser("generate", help="generate text")
+    model_options(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=100)
+    g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")
+    g.add_argument("--cache-policy", choices=("lfu", "lru"), default="lfu")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="measure disk, expert reads and tok/s against the SSD bound and mlx-lm")
+    model_options(b)
+    b.add_argument("--tokens", type=int, default=64, help="tokens to generate per run")
+    b.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
+    b.add_argument("--no-mlx-lm", action="store_true", help="skip the plain mlx-lm comparison")
+    b.add_argument("--in-place", metavar="DIR", help="also bench an --in-place pack of DIR (the model's source)")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo-model", help="write the built-in demo model (an mlx-lm directory)")
+    d.add_argument("dst")
+    d.set_defaults(func=cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        args.func(args)
+    except EdgemoeError as exc:
+        print(f"edgemoe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgemoe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
