@@ -28,21 +28,46 @@ class ExpertSource(Protocol):
     def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]: ...
 
 
+# A prompt can route to every expert of a layer at once; holding them all would
+# break the memory bound, so a layer's experts are fetched this many at a time.
+MAX_INFLIGHT_EXPERTS = 32
+
+
 class StreamingExperts(nn.Module):
     """Stands in for mlx-lm's SwitchGLU/SwitchMLP: same call, weights fetched per call."""
 
-    def __init__(self, layer: int, kernel: ExpertKernel, source: ExpertSource):
+    def __init__(self, layer: int, kernel: ExpertKernel, source: ExpertSource, max_inflight: int = MAX_INFLIGHT_EXPERTS):
         super().__init__()
         self.layer = layer
         self.kernel = kernel
         self.source = source
+        self.max_inflight = max_inflight
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # The one host sync per layer: which experts the router chose.
         chosen = np.array(indices)
         needed = np.unique(chosen).tolist()
-        weights = self.source.fetch(self.layer, needed)
-        return self.kernel(x, chosen, weights)
+        if len(needed) <= self.max_inflight:
+            return self.kernel(x, chosen, self.source.fetch(self.layer, needed))
+        return self._chunked(x, chosen, needed)
+
+    def _chunked(self, x: mx.array, chosen: np.ndarray, needed: list[int]) -> mx.array:
+        """Computes the (token, slot) rows of a few experts at a time and scatters them back."""
+        k = chosen.shape[-1]
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_idx = chosen.reshape(-1)
+        out = None
+        for start in range(0, len(needed), self.max_inflight):
+            group = needed[start : start + self.max_inflight]
+            rows = np.flatnonzero(np.isin(flat_idx, group))
+            y = self.kernel(flat_x[mx.array(rows // k)], flat_idx[rows][:, None], self.source.fetch(self.layer, group))
+            y = y.reshape(len(rows), -1)
+            if out is None:
+                out = mx.zeros((flat_idx.size, y.shape[-1]), dtype=y.dtype)
+            out[mx.array(rows)] = y
+            # Evaluate before the next group is fetched so only one group's weights are alive.
+            mx.eval(out)
+        return out.reshape(*chosen.shape, -1)
 
 
 @dataclass
@@ -71,6 +96,7 @@ def load_streaming_model(
     experts_per_token: int | None = None,
     cache_policy: str = "lfu",
     io_threads: int = 4,
+    max_inflight_experts: int = MAX_INFLIGHT_EXPERTS,
 ) -> StreamingModel:
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -89,7 +115,7 @@ def load_streaming_model(
     try:
         for spec in manifest.layers:
             kernel = ExpertKernel(modules[spec.module_path], spec)
-            replace_module(model, spec.module_path, StreamingExperts(spec.layer, kernel, local))
+            replace_module(model, spec.module_path, StreamingExperts(spec.layer, kernel, local, max_inflight_experts))
         quantized = manifest.dense_quantization
         nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
         dense_path = model_dir / DENSE_NAME
