@@ -55,6 +55,15 @@ class GenerationResult:
 
 
 def peak_rss_bytes() -> int:
+    # ru_maxrss on Linux carries over the parent's peak across fork+exec, so a
+    # small process started by a big one would report the parent's figure.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
@@ -73,6 +82,7 @@ def generate(
     temp: float = 0.0,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     if seed is not None:
         mx.random.seed(seed)
@@ -90,6 +100,8 @@ def generate(
         text.append(response.text)
         if on_text is not None and response.text:
             on_text(response.text)
+        if on_token is not None:
+            on_token(response.token)
     seconds = time.perf_counter() - start
     hits = cache.stats.hits - before[0]
     misses = cache.stats.misses - before[1]

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SUPPORTED_ARCHS: tuple[str, ...] = (
     "qwen3_moe",
@@ -42,6 +43,7 @@ _HEAD_DIM = 16
 _BOS_TOKEN = "<|endoftext|>"
 _IM_START = "<|im_start|>"
 _EOS_TOKEN = "<|im_end|>"
+# BpeTrainer gives special tokens the first ids, in this order
 _SPECIAL_TOKENS = (_BOS_TOKEN, _IM_START, _EOS_TOKEN)
 _TOKENIZER_VOCAB_SIZE = 512
 
@@ -137,8 +139,8 @@ def _common(d: _Dims, model_type: str) -> dict[str, Any]:
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
+        "bos_token_id": _SPECIAL_TOKENS.index(_BOS_TOKEN),
+        "eos_token_id": _SPECIAL_TOKENS.index(_EOS_TOKEN),
     }
 
 
@@ -253,7 +255,7 @@ def _qwen3_5_moe_config(d: _Dims) -> dict[str, Any]:
         "norm_topk_prob": True,
         # every full_attention_interval-th layer is softmax attention, the
         # rest are gated-delta linear attention; keep at least one of each
-        "full_attention_interval": max(1, min(4, d.num_layers)),
+        "full_attention_interval": min(4, d.num_layers),
         "linear_num_key_heads": 2,
         "linear_num_value_heads": 4,
         "linear_key_head_dim": 16,
@@ -320,11 +322,14 @@ def _init_param(name: str, p: mx.array, norm_modules: set[str]) -> mx.array:
         return mx.ones(p.shape)
     if p.ndim == 1:
         return 0.02 * mx.random.normal(p.shape)
+    if leaf == "weight" and owner.endswith("embed_tokens"):
+        # unit-scale embeddings keep the token identity visible next to the
+        # layer outputs, so routing and next-token choice vary per token
+        return mx.random.normal(p.shape)
     if "conv1d" in owner:
         fan_in = math.prod(p.shape[1:])
     else:
-        # [.., out, in] for Linear, SwitchLinear, MultiLinear, MoEGate;
-        # [vocab, hidden] for Embedding
+        # [.., out, in] for Linear, SwitchLinear, MultiLinear, MoEGate
         fan_in = p.shape[-1]
     return mx.random.normal(p.shape) / math.sqrt(fan_in)
 
@@ -337,7 +342,21 @@ def _init_weights(model: nn.Module) -> None:
         for name, p in tree_flatten(model.parameters())
     ]
     model.update(tree_unflatten(params))
+    _discourage_repeats(model)
     mx.eval(model.parameters())
+
+
+def _discourage_repeats(model: nn.Module) -> None:
+    """Point each lm_head row away from its own token's embedding.
+
+    A random model's next token is mostly a function of the current one, so
+    greedy decoding often locks onto a fixed point; this keeps outputs varied.
+    """
+    params = dict(tree_flatten(model.parameters()))
+    head = next(k for k in params if k.endswith("lm_head.weight"))
+    embed = params[next(k for k in params if k.endswith("embed_tokens.weight"))]
+    unit = embed / mx.linalg.norm(embed, axis=-1, keepdims=True)
+    model.update(tree_unflatten([(head, params[head] - unit)]))
 
 
 def _quant_predicate(model: nn.Module) -> Callable[[str, nn.Module], Any]:
@@ -368,8 +387,6 @@ def _quantize(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tokenizer_vocab_size(dst: Path) -> int:
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_file(str(dst / "tokenizer.json")).get_vocab_size(
         with_added_tokens=True
     )
@@ -392,6 +409,10 @@ def write_tiny_model(
     """
     if arch not in _CONFIG_BUILDERS:
         raise ValueError(f"unsupported arch {arch!r}; expected one of {SUPPORTED_ARCHS}")
+    if num_layers < 2:
+        # deepseek_v3/glm4_moe need a dense first layer plus a MoE layer;
+        # gpt_oss and qwen3_5_moe need one layer of each attention kind
+        raise ValueError("num_layers must be at least 2")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     write_tokenizer(dst)
@@ -418,9 +439,7 @@ def write_tiny_model(
     return dst
 
 
-def _train_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+def _train_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
