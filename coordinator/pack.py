@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_model
 
 from node.compute import array_bytes, dtype_name
@@ -247,14 +247,14 @@ def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: 
     total = sum(spec.record_bytes * spec.num_experts for spec in specs)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="packing experts", disable=not progress)
     (work / "experts").mkdir()
-    for spec, (own, stored) in zip(specs, sources_by_layer):
+    for (path, module), spec, (own, stored) in zip(modules, specs, sources_by_layer):
         sources = {}
-        for name, arr in own.items():
+        for name in own:
             if stored[name] is not None:
                 sources[name] = stored[name]
             else:
-                mx.eval(arr)
-                sources[name] = bytes(array_bytes(arr))
+                mx.eval(own[name])
+                sources[name] = array_bytes(own[name])
         record = np.zeros(spec.record_bytes, dtype=np.uint8)
         if in_place:
             full = {name: f"{spec.module_path}.{name}" for name in own}
@@ -280,6 +280,13 @@ def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: 
                     bar.update(spec.record_bytes)
                 f.flush()
                 os.fsync(f.fileno())
+        # A tensor mlx-lm had to build (stacked from per-expert tensors, cast) is
+        # materialised now: drop every reference to it, so pack holds one layer's
+        # experts at a time, never the model's.
+        module.update(tree_unflatten([(name, mx.zeros((0,))) for name in own]))
+        for name in own:
+            params.pop(f"{path}.{name}", None)
+        own.clear()
         del sources
         mx.clear_cache()
     bar.close()
@@ -302,7 +309,11 @@ def _install(work: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         os.rename(dst, old)
-        os.rename(work, dst)
+        try:
+            os.rename(work, dst)
+        except BaseException:
+            os.rename(old, dst)  # the old pack stays in place
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(work, dst)

@@ -145,9 +145,18 @@ def read_manifest(model_dir: Path) -> Manifest:
             "repack the model with this edgemoe (`edgemoe pack SRC DST --force`)"
         )
     try:
-        return manifest_from_dict(data)
+        manifest = manifest_from_dict(data)
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"{path} is damaged (missing {exc}); pack the model again") from exc
+    for spec in manifest.layers:
+        if len(spec.experts) != spec.num_experts or any(
+            not 0 <= seg.file < len(manifest.files) for e in spec.experts for seg in e.segments
+        ):
+            raise ManifestError(
+                f"{path} is damaged (layer {spec.layer} lists {len(spec.experts)} of its "
+                f"{spec.num_experts} experts, or names files it does not have); pack the model again"
+            )
+    return manifest
 
 
 def resolve_file(model_dir: Path, name: str) -> Path:

@@ -152,12 +152,15 @@ def write_large_moe_source(
     num_experts: int = 32,
     hidden_size: int = 512,
     moe_intermediate_size: int = 256,
+    stacked: bool = True,
 ) -> Path:
     """An unquantized qwen3_moe mlx-lm dir with `num_experts` per layer, never whole in RAM.
 
     The config and tokenizer come from a tiny model of the same arch and shape
     with only 2 experts per layer; the weights are written one expert slice at a
-    time in mlx-lm's stacked layout (`...switch_mlp.gate_proj.weight` [E, I, H]).
+    time in mlx-lm's stacked layout (`...switch_mlp.gate_proj.weight` [E, I, H]),
+    or with `stacked=False` in the Hugging Face layout mlx-lm's `sanitize` stacks
+    on load (`...mlp.experts.{e}.gate_proj.weight` [I, H]).
     """
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
@@ -183,6 +186,13 @@ def write_large_moe_source(
     # nothing of the model's size is allocated here.
     model_class, args_class = _get_classes(config)
     names_shapes = sorted((n, tuple(p.shape)) for n, p in tree_flatten(model_class(args_class.from_dict(config)).parameters()))
+    if not stacked:
+        names_shapes = sorted(
+            (f"{n.replace('.switch_mlp.', '.experts.{}.')}".format(e), shape[1:])
+            for n, shape in names_shapes
+            if ".switch_mlp." in n
+            for e in range(shape[0])
+        ) + [(n, shape) for n, shape in names_shapes if ".switch_mlp." not in n]
     header: dict = {"__metadata__": {"format": "mlx"}}
     offset = 0
     for name, shape in names_shapes:

@@ -1,0 +1,324 @@
+"""The packed, streaming model generates exactly what mlx-lm generates from the source model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import (
+    LONG_PROMPT,
+    MAX_TOKENS,
+    PROMPT,
+    SUPPORTED_ARCHS,
+    encode,
+    mlx_lm_experts_per_token_config,
+    mlx_lm_tokens,
+    run_cli,
+)
+from coordinator.generate import generate
+from coordinator.streaming import load_streaming_model
+
+QUANT = [pytest.param(True, id="q4"), pytest.param(False, id="f32")]
+BUDGETS = ("one", "middle", "all")
+STATS_KEYS = (
+    "prompt_tokens",
+    "generated_tokens",
+    "tokens_per_s",
+    "cache_hit_rate",
+    "ssd_bytes_read",
+    "ssd_read_gbps",
+    "peak_rss_bytes",
+)
+
+
+def budget_bytes(manifest, which: str) -> int:
+    return {
+        "one": manifest.expert_bytes,
+        "middle": manifest.total_expert_bytes // 4,
+        "all": manifest.total_expert_bytes,
+    }[which]
+
+
+def stream(packed, prompt_ids, which="all", policy="lfu", experts_per_token=None, max_inflight=None, **kw):
+    """Generates on the packed model; returns (result, the streaming model's cache/store counters)."""
+    from node.manifest import read_manifest
+
+    cache_bytes = budget_bytes(read_manifest(packed), which)
+    extra = {} if max_inflight is None else {"max_inflight_experts": max_inflight}
+    sm = load_streaming_model(packed, cache_bytes=cache_bytes, cache_policy=policy,
+                              experts_per_token=experts_per_token, **extra)
+    try:
+        result = generate(sm, prompt_ids, max_tokens=kw.pop("max_tokens", MAX_TOKENS), **kw)
+        return result, sm
+    finally:
+        sm.close()
+
+
+@pytest.fixture
+def chunked_calls(monkeypatch):
+    """Counts calls of the streaming layer's path that fetches a layer's experts in groups."""
+    from coordinator.streaming import StreamingExperts
+
+    calls = {"n": 0}
+    original = StreamingExperts._chunked
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingExperts, "_chunked", counting)
+    return calls
+
+
+# (cache policy, experts fetched at once: None is the default, larger than a tiny model's 16)
+RUNS = [("lfu", None), ("lru", None), ("lfu", 3), ("lru", 1)]
+
+
+@pytest.mark.parametrize("quantized", QUANT)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_same_tokens_as_mlx_lm_for_every_cache_budget(models, arch, quantized, chunked_calls):
+    src = models.src(arch, quantized)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    assert len(expected) > 1
+    packed = models.packed(arch, quantized)
+    for which in BUDGETS:
+        for policy, inflight in RUNS:
+            chunked_calls["n"] = 0
+            result, sm = stream(packed, prompt, which, policy, max_inflight=inflight)
+            assert result.token_ids == expected, f"budget {which}, policy {policy}, max inflight {inflight}"
+            # K=4 experts per token: a group of 3 or 1 splits every layer call.
+            assert (chunked_calls["n"] > 0) == (inflight is not None)
+            cache, store = sm.local.cache, sm.local.store
+            assert cache.bytes_used <= cache.budget_bytes
+            assert cache.stats.hits + cache.stats.misses == sm.local.stats.experts_from_cache + sm.local.stats.experts_from_ssd
+            assert store.stats.reads == sm.local.stats.experts_from_ssd
+            if which == "all":
+                # Everything fits: every expert comes off the SSD at most once.
+                assert store.stats.reads == store.stats.verified
+                assert result.stats.ssd_bytes_read <= sm.manifest.total_expert_bytes
+            if which == "one":
+                # One expert of cache cannot hold a layer's K experts: experts are re-read.
+                assert store.stats.reads > store.stats.verified
+                assert len(cache) <= 1
+
+
+@pytest.mark.parametrize("quantized", QUANT)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_in_place_pack_same_tokens_as_mlx_lm(models, arch, quantized):
+    src = models.src(arch, quantized)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    packed = models.packed(arch, quantized, in_place=True)
+    for which in BUDGETS:
+        result, _ = stream(packed, prompt, which)
+        assert result.token_ids == expected, f"budget {which}"
+
+
+@pytest.mark.parametrize("quantized", QUANT)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_fewer_experts_per_token_same_as_mlx_lm_with_that_k(models, arch, quantized):
+    src = models.src(arch, quantized)
+    prompt = encode(models, src, PROMPT)
+    packed = models.packed(arch, quantized)
+    full_k, _ = mlx_lm_tokens(src, prompt, models=models)
+    answers = {}
+    for k in (1, 2):
+        expected, _ = mlx_lm_tokens(src, prompt, model_config=mlx_lm_experts_per_token_config(src, k))
+        result, sm = stream(packed, prompt, "middle", experts_per_token=k)
+        assert result.token_ids == expected, f"K={k}"
+        answers[k] = expected
+    # The override really changed the routing (else this test could not fail).
+    assert answers[1] != full_k or answers[2] != full_k
+
+
+@pytest.mark.parametrize("quantized", QUANT)
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_long_prompt_takes_mlx_lms_sorted_gather_path(models, arch, quantized, monkeypatch):
+    from mlx_lm.models import switch_layers
+
+    calls = {"n": 0}
+    original = switch_layers._gather_sort
+
+    def counting(x, indices):
+        calls["n"] += 1
+        return original(x, indices)
+
+    monkeypatch.setattr(switch_layers, "_gather_sort", counting)
+    src = models.src(arch, quantized)
+    prompt = encode(models, src, LONG_PROMPT)
+    # Prefill runs prompt[:-1] in one chunk; at K=1 that is still > 64 token-expert pairs.
+    assert len(prompt) - 1 > 64
+    packed = models.packed(arch, quantized)
+    for k in (None, 1):
+        model_config = None if k is None else mlx_lm_experts_per_token_config(src, k)
+        calls["n"] = 0
+        expected, _ = mlx_lm_tokens(src, prompt, max_tokens=8, model_config=model_config, models=models)
+        assert calls["n"] > 0, "mlx-lm did not sort: the prompt is too short to test the sorted path"
+        for inflight in (None, 5):
+            calls["n"] = 0
+            result, _ = stream(packed, prompt, "middle", experts_per_token=k, max_tokens=8, max_inflight=inflight)
+            if inflight is None or k is None:
+                # (a group of 5 of 16 experts at K=1 gets fewer than 64 rows: no sort there)
+                assert calls["n"] > 0, "the streaming model did not take the sorted path"
+            assert result.token_ids == expected, f"K={k}, max inflight {inflight}"
+
+
+def test_sampling_with_temperature_and_seed_same_as_mlx_lm(models):
+    src = models.src("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, temp=1.0, seed=7, models=models)
+    greedy, _ = mlx_lm_tokens(src, prompt, models=models)
+    assert expected != greedy
+    result, _ = stream(models.packed("qwen3_moe", True), prompt, "middle", temp=1.0, seed=7)
+    assert result.token_ids == expected
+
+
+def test_comparison_detects_a_wrong_expert(models, monkeypatch):
+    """Guards the tests above: handing compute a neighbouring expert's weights changes the tokens."""
+    from node.local import LocalExperts
+
+    src = models.src("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    original = LocalExperts.fetch
+
+    def shifted(self, layer, experts):
+        num = self.manifest.layer(layer).num_experts
+        got = original(self, layer, [(e + 1) % num for e in experts])
+        return {e: got[(e + 1) % num] for e in experts}
+
+    monkeypatch.setattr(LocalExperts, "fetch", shifted)
+    result, _ = stream(models.packed("qwen3_moe", True), prompt, "all")
+    assert result.token_ids != expected
+
+
+def test_stats_count_what_happened(models):
+    src = models.src("mixtral", True)
+    prompt = encode(models, src, PROMPT)
+    packed = models.packed("mixtral", True)
+    result, sm = stream(packed, prompt, "all")
+    s = result.stats
+    assert s.prompt_tokens == len(prompt)
+    assert s.generated_tokens == len(result.token_ids)
+    assert s.cache_hits + s.cache_misses == s.experts_from_cache + s.experts_from_ssd
+    assert s.cache_hit_rate == pytest.approx(s.cache_hits / (s.cache_hits + s.cache_misses))
+    assert s.experts_from_ssd == s.cache_misses
+    record = sm.manifest.layers[0].record_bytes
+    assert all(spec.record_bytes == record for spec in sm.manifest.layers)
+    assert s.ssd_bytes_read == s.experts_from_ssd * record
+    # A second generation on the same (warm, all-holding) cache reads nothing new
+    # for experts it already has.
+    sm2 = load_streaming_model(packed, cache_bytes=sm.manifest.total_expert_bytes)
+    try:
+        first = generate(sm2, prompt, max_tokens=MAX_TOKENS)
+        second = generate(sm2, prompt, max_tokens=MAX_TOKENS)
+    finally:
+        sm2.close()
+    assert second.token_ids == first.token_ids == result.token_ids
+    assert second.stats.ssd_bytes_read == 0
+    assert second.stats.cache_hit_rate == 1.0
+    assert first.stats.cache_hit_rate < 1.0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli_packed(models, tmp_path_factory):
+    """A model packed by the real `edgemoe pack`."""
+    src = models.src("qwen3_moe", True)
+    dst = tmp_path_factory.mktemp("cli") / "packed"
+    out = run_cli("pack", src, dst)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    return src, dst
+
+
+def test_cli_generate_json_same_tokens_as_mlx_lm(models, cli_packed):
+    src, dst = cli_packed
+    out = run_cli("generate", "--model", dst, "--prompt", PROMPT, "--json", "--no-chat-template",
+                  "--max-tokens", MAX_TOKENS, "--cache-mb", 0.05)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) >= {"text", "token_ids", "stats"}
+    assert set(data["stats"]) >= set(STATS_KEYS)
+    prompt = encode(models, src, PROMPT)
+    expected, expected_text = mlx_lm_tokens(src, prompt, models=models)
+    assert data["token_ids"] == expected
+    assert data["text"] == expected_text
+    stats = data["stats"]
+    assert stats["prompt_tokens"] == len(prompt)
+    assert stats["generated_tokens"] == len(expected)
+    assert 0.0 <= stats["cache_hit_rate"] <= 1.0
+    assert stats["ssd_bytes_read"] > 0
+    assert stats["tokens_per_s"] > 0 and stats["ssd_read_gbps"] > 0
+    assert stats["peak_rss_bytes"] > 0
+
+
+def test_cli_generate_with_chat_template_same_as_mlx_lm(models, cli_packed):
+    src, dst = cli_packed
+    out = run_cli("generate", "--model", dst, "--prompt", PROMPT, "--json", "--max-tokens", MAX_TOKENS)
+    assert out.returncode == 0, out.stderr
+    tokenizer = models.mlx_lm_model(src)[1]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    assert prompt != encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    data = json.loads(out.stdout)
+    assert data["token_ids"] == expected
+    assert data["stats"]["prompt_tokens"] == len(prompt)
+
+
+def test_cli_experts_per_token_same_as_mlx_lm(models, cli_packed):
+    src, dst = cli_packed
+    out = run_cli("generate", "--model", dst, "--prompt", LONG_PROMPT, "--json", "--no-chat-template",
+                  "--max-tokens", 12, "--experts-per-token", 2)
+    assert out.returncode == 0, out.stderr
+    prompt = encode(models, src, LONG_PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=12, model_config={"num_experts_per_tok": 2})
+    assert json.loads(out.stdout)["token_ids"] == expected
+
+
+def test_cli_in_place_pack_same_tokens_as_mlx_lm(models, tmp_path):
+    src = models.src("gpt_oss", False)
+    dst = tmp_path / "inplace"
+    out = run_cli("pack", src, dst, "--in-place")
+    assert out.returncode == 0, out.stderr
+    assert "in place" in out.stdout
+    assert not list((dst / "experts").glob("*.bin"))
+    out = run_cli("generate", "--model", dst, "--prompt", PROMPT, "--json", "--no-chat-template",
+                  "--max-tokens", MAX_TOKENS)
+    assert out.returncode == 0, out.stderr
+    expected, _ = mlx_lm_tokens(src, encode(models, src, PROMPT), models=models)
+    assert json.loads(out.stdout)["token_ids"] == expected
+
+
+def test_cli_text_streaming_prints_text_and_one_summary_line(models, cli_packed):
+    src, dst = cli_packed
+    out = run_cli("generate", "--model", dst, "--prompt", PROMPT, "--no-chat-template", "--max-tokens", MAX_TOKENS)
+    assert out.returncode == 0, out.stderr
+    expected, expected_text = mlx_lm_tokens(src, encode(models, src, PROMPT), models=models)
+    assert expected_text.strip()
+    assert out.stdout == expected_text + "\n"
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"{len(expected)} tokens at ")
+    assert "tok/s" in lines[0] and "cache hit rate" in lines[0]
+
+
+def test_hugging_face_layout_source_same_tokens_as_mlx_lm(models, tmp_path):
+    """A source with per-expert tensors (mlx-lm stacks them on load) packs to the same answers."""
+    from conftest import write_large_moe_source
+    from coordinator.pack import pack
+
+    src = write_large_moe_source(tmp_path / "hf", num_layers=3, num_experts=8, hidden_size=64,
+                                 moe_intermediate_size=32, stacked=False)
+    assert not any(".switch_mlp." in line for line in (src / "model.safetensors").open("rb").read(1 << 16).decode("latin-1").split('"'))
+    pack(src, tmp_path / "packed")
+    prompt = encode(models, models.src(), PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt)
+    for which in BUDGETS:
+        result, _ = stream(tmp_path / "packed", prompt, which)
+        assert result.token_ids == expected, f"budget {which}"
