@@ -31,15 +31,17 @@ def read_config(model_dir: Path) -> dict:
         raise SourceModelError(f"{model_dir / 'config.json'} is unreadable ({exc}); fix or re-download it") from exc
     if "model_type" not in config:
         raise SourceModelError(f"{model_dir / 'config.json'} names no model_type: not an mlx-lm model config")
+    model_classes(config, model_dir / "config.json")
     return config
 
 
-def model_classes(config: dict) -> tuple[type, type]:
+def model_classes(config: dict, config_path: Path | None = None) -> tuple[type, type]:
     try:
         return _get_classes(config)
     except ValueError as exc:
+        where = f" (in {config_path})" if config_path else ""
         raise UnsupportedArchitectureError(
-            f"architecture {config.get('model_type')!r} is unknown to mlx-lm; "
+            f"architecture {config.get('model_type')!r}{where} is unknown to mlx-lm; "
             "upgrade mlx-lm (`pip install -U mlx-lm`) or use a supported MoE model"
         ) from exc
 

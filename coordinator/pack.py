@@ -33,7 +33,7 @@ from node.manifest import (
     fsync_dir,
 )
 
-from .architecture import layer_index, model_classes, read_config, routed_expert_modules
+from .architecture import layer_index, read_config, routed_expert_modules
 from .safetensors_io import StoredTensor, copy_range, index_files, write_header
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,11 @@ def _load_source(src: Path) -> tuple[nn.Module, dict, list[Path]]:
     files = sorted(src.glob(WEIGHT_GLOB))
     if not files:
         raise SourceModelError(f"{src} has no {WEIGHT_GLOB} files: not an mlx-lm model directory")
-    model_classes(config)
     try:
         model, config = load_model(src, lazy=True, strict=True)
     except (ValueError, KeyError, OSError) as exc:
-        raise SourceModelError(f"mlx-lm cannot load {src} ({str(exc).splitlines()[0]}); check it loads with mlx_lm") from exc
+        detail = " ".join(str(exc).split())[:300]
+        raise SourceModelError(f"mlx-lm cannot load {src} ({detail}); check that it loads with mlx_lm.load") from exc
     return model, config, files
 
 
@@ -180,6 +180,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 def pack(src: Path, dst: Path, in_place: bool = False, force: bool = False, progress: bool = False) -> PackResult:
     src, dst = Path(src).resolve(), Path(dst).resolve()
     start = time.perf_counter()
+    _recover_interrupted_swap(dst)
     if dst.exists() and not force:
         raise SourceModelError(f"{dst} already exists; pass --force to replace it or choose another DST")
     if dst == src:
@@ -303,6 +304,16 @@ def _fingerprint(config_path: Path, dense_sha: str, manifest: Manifest) -> str:
         for entry in spec.experts:
             digest.update(entry.checksum.encode())
     return digest.hexdigest()
+
+
+def _recover_interrupted_swap(dst: Path) -> None:
+    """A pack killed between its two renames left the previous pack aside: put it back."""
+    olds = sorted(dst.parent.glob(f".{dst.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not dst.exists():
+        os.rename(olds.pop(), dst)
+        log.warning("restored %s from an interrupted pack", dst)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _install(work: Path, dst: Path) -> None:

@@ -48,6 +48,11 @@ class ExpertStore:
             return os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
             self.close()
+            if self.manifest.in_place:
+                raise ExpertFileError(
+                    f"source model file {path} is missing: this pack reads experts from it (--in-place); "
+                    "restore the source model or repack"
+                ) from exc
             raise ExpertFileError(
                 f"expert file {path} is missing; repack the model (`edgemoe pack SRC DST --force`)"
             ) from exc
