@@ -47,6 +47,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     try:
         prompt = build_prompt(sm, args.prompt, chat_template=not args.no_chat_template)
+        if not prompt:
+            raise EdgemoeError(
+                f"--prompt {args.prompt!r} encodes to no tokens with the tokenizer in {args.model}; pass some text "
+                "(if you did, the model's tokenizer files may be missing: repack it)"
+            )
         stream = None if args.json else (lambda text: print(text, end="", flush=True))
         result = generate(sm, prompt, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, on_text=stream)
     finally:
