@@ -43,7 +43,6 @@ import numpy as np
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from node.cache import ExpertCache
 from node.compute import record_to_arrays
 from node.errors import EdgemoeError
 from node.manifest import DENSE_NAME, Manifest, align, read_manifest, resolve_file
@@ -309,7 +308,7 @@ class FirstReads:
 
     Reading a record again finds it in the page cache (RAM permitting), so only
     first reads reach the disk; the store cannot tell the two apart, so the bench
-    wraps its `read` on this one instance.
+    wraps its `read_into` on this one instance.
     """
 
     def __init__(self, store: ExpertStore):
@@ -318,24 +317,23 @@ class FirstReads:
         self._seen: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._store = store
-        self._read = store.read
-        store.read = self._tracked
+        self._read = store.read_into
+        store.read_into = self._tracked
 
-    def _tracked(self, layer: int, expert: int) -> np.ndarray:
-        record = self._read(layer, expert)
+    def _tracked(self, layer: int, expert: int, views: list[memoryview]) -> None:
+        self._read(layer, expert, views)
         with self._lock:
             if (layer, expert) not in self._seen:
                 self._seen.add((layer, expert))
                 self.reads += 1
-                self.bytes += record.nbytes
-        return record
+                self.bytes += self._store.manifest.layer(layer).record_bytes
 
     def forget(self) -> None:
         with self._lock:
             self._seen.clear()
 
     def close(self) -> None:
-        del self._store.read
+        del self._store.read_into
 
 
 def disk_read_bytes() -> int | None:
@@ -391,7 +389,7 @@ def mark(sm: StreamingModel | None = None, first: FirstReads | None = None) -> M
     t = time.perf_counter()
     if sm is None:
         return Mark(t)
-    store, cache = sm.local.store.stats, sm.local.cache.stats
+    store, cache = sm.local.store.stats, sm.local.cache_stats
     m = Mark(t, store.bytes_read, store.read_seconds, store.reads, store.verified, cache.hits, cache.misses,
              disk_bytes=disk_read_bytes())
     if first is not None:
@@ -440,7 +438,7 @@ def ignore_eos(tokenizer: Any) -> Iterator[None]:
 
 def fresh_cache(sm: StreamingModel, budget_bytes: int) -> None:
     """An empty expert cache, so one loaded model serves runs of several budgets."""
-    sm.local.cache = ExpertCache(budget_bytes, sm.manifest.expert_bytes, sm.local.cache.policy)
+    sm.local.reset_cache(budget_bytes)
 
 
 def timed_generate(
@@ -604,7 +602,7 @@ def run_bench(
     sm = load_streaming_model(model_dir, cache_bytes=cache_bytes, experts_per_token=experts_per_token)
     try:
         report.update(_disk_figures(manifest, paths, notes))
-        budget = sm.local.cache.budget_bytes
+        budget = sm.local.budget_bytes
         prompt_tokens = build_prompt(sm, prompt)
         if not prompt_tokens:
             raise EdgemoeError(f"--prompt {prompt!r} encodes to no tokens; pass some text")
@@ -637,7 +635,7 @@ def run_bench(
         )
 
         warm = _warm_eighth_run(sm, paths, prompt_tokens, tokens)
-        report["warm_eighth_cache_budget_bytes"] = sm.local.cache.budget_bytes
+        report["warm_eighth_cache_budget_bytes"] = sm.local.budget_bytes
         report.update(_run_keys("warm_eighth_", warm))
         report["warm_eighth_relative_to_mlx_lm"] = _ratio(warm.tokens_per_s, mlx_lm.tokens_per_s) if mlx_lm else None
         report["warm_eighth_same_tokens"] = warm.token_ids == cold.token_ids

@@ -86,8 +86,8 @@ def generate(
 ) -> GenerationResult:
     if seed is not None:
         mx.random.seed(seed)
-    cache, store, local = sm.local.cache, sm.local.store, sm.local
-    before = (cache.stats.hits, cache.stats.misses, store.stats.bytes_read, store.stats.read_seconds,
+    store, local = sm.local.store, sm.local
+    before = (local.cache_stats.hits, local.cache_stats.misses, store.stats.bytes_read, store.stats.read_seconds,
               local.stats.experts_from_cache, local.stats.experts_from_ssd)
     start = time.perf_counter()
     text, tokens, last = [], [], None
@@ -103,8 +103,8 @@ def generate(
         if on_token is not None:
             on_token(response.token)
     seconds = time.perf_counter() - start
-    hits = cache.stats.hits - before[0]
-    misses = cache.stats.misses - before[1]
+    hits = local.cache_stats.hits - before[0]
+    misses = local.cache_stats.misses - before[1]
     read_bytes = store.stats.bytes_read - before[2]
     read_seconds = store.stats.read_seconds - before[3]
     generated = len(tokens)
@@ -116,8 +116,8 @@ def generate(
         cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
         cache_hits=hits,
         cache_misses=misses,
-        cache_bytes_used=cache.bytes_used,
-        cache_budget_bytes=cache.budget_bytes,
+        cache_bytes_used=local.cache_bytes_used,
+        cache_budget_bytes=local.budget_bytes,
         experts_from_cache=local.stats.experts_from_cache - before[4],
         experts_from_ssd=local.stats.experts_from_ssd - before[5],
         ssd_bytes_read=read_bytes,

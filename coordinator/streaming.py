@@ -12,8 +12,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import load_tokenizer
 
-from node.cache import ExpertCache
-from node.compute import ExpertKernel, ExpertWeights
+from node.compute import ExpertKernel
 from node.errors import ManifestError
 from node.local import LocalExperts
 from node.manifest import DENSE_NAME, Manifest, read_manifest
@@ -25,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class ExpertSource(Protocol):
-    def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]: ...
+    def arrays(self, layer: int) -> dict[str, mx.array]: ...
+
+    def slots(self, layer: int, experts: list[int]) -> np.ndarray: ...
 
 
 # A prompt can route to every expert of a layer at once; holding them all would
@@ -34,7 +35,7 @@ MAX_INFLIGHT_EXPERTS = 32
 
 
 class StreamingExperts(nn.Module):
-    """Stands in for mlx-lm's SwitchGLU/SwitchMLP: same call, weights fetched per call."""
+    """Stands in for mlx-lm's SwitchGLU/SwitchMLP: same call, experts fetched into slots per call."""
 
     def __init__(self, layer: int, kernel: ExpertKernel, source: ExpertSource, max_inflight: int = MAX_INFLIGHT_EXPERTS):
         super().__init__()
@@ -42,14 +43,20 @@ class StreamingExperts(nn.Module):
         self.kernel = kernel
         self.source = source
         self.max_inflight = max_inflight
+        self._bound = None
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        arrays = self.source.arrays(self.layer)
+        if arrays is not self._bound:
+            self.kernel.bind(arrays)
+            self._bound = arrays
         # The one host sync per layer: which experts the router chose.
         chosen = np.array(indices)
-        needed = np.unique(chosen).tolist()
+        needed, inverse = np.unique(chosen, return_inverse=True)
         if len(needed) <= self.max_inflight:
-            return self.kernel(x, chosen, self.source.fetch(self.layer, needed))
-        return self._chunked(x, chosen, needed)
+            slots = self.source.slots(self.layer, needed.tolist())
+            return self.kernel(x, slots[inverse].reshape(chosen.shape))
+        return self._chunked(x, chosen, needed.tolist())
 
     def _chunked(self, x: mx.array, chosen: np.ndarray, needed: list[int]) -> mx.array:
         """Computes the (token, slot) rows of a few experts at a time and scatters them back."""
@@ -60,12 +67,13 @@ class StreamingExperts(nn.Module):
         for start in range(0, len(needed), self.max_inflight):
             group = needed[start : start + self.max_inflight]
             rows = np.flatnonzero(np.isin(flat_idx, group))
-            y = self.kernel(flat_x[mx.array(rows // k)], flat_idx[rows][:, None], self.source.fetch(self.layer, group))
-            y = y.reshape(len(rows), -1)
+            slot_of = dict(zip(group, self.source.slots(self.layer, group).tolist()))
+            slots = np.array([slot_of[e] for e in flat_idx[rows]], dtype=np.uint32)
+            y = self.kernel(flat_x[mx.array(rows // k)], slots[:, None]).reshape(len(rows), -1)
             if out is None:
                 out = mx.zeros((flat_idx.size, y.shape[-1]), dtype=y.dtype)
             out[mx.array(rows)] = y
-            # Evaluate before the next group is fetched so only one group's weights are alive.
+            # The next group's reads reuse scratch slots: this group must be computed first.
             mx.eval(out)
         return out.reshape(*chosen.shape, -1)
 
@@ -110,11 +118,16 @@ def load_streaming_model(
         raise ManifestError(
             f"{model_dir}: manifest and config.json disagree on the MoE layers; repack the model"
         )
-    cache = ExpertCache(cache_bytes if cache_bytes is not None else default_cache_bytes(manifest), manifest.expert_bytes, cache_policy)
-    local = LocalExperts(ExpertStore(model_dir, manifest, io_threads), cache)
+    store = ExpertStore(model_dir, manifest, io_threads)
+    try:
+        budget = cache_bytes if cache_bytes is not None else default_cache_bytes(manifest)
+        local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts)
+    except BaseException:
+        store.close()
+        raise
     try:
         for spec in manifest.layers:
-            kernel = ExpertKernel(modules[spec.module_path], spec)
+            kernel = ExpertKernel(modules[spec.module_path], spec, local.arrays(spec.layer))
             replace_module(model, spec.module_path, StreamingExperts(spec.layer, kernel, local, max_inflight_experts))
         quantized = manifest.dense_quantization
         nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))

@@ -15,7 +15,7 @@ import heapq
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any, Callable, Collection, Hashable
 
 from .errors import CacheBudgetError
 
@@ -36,7 +36,14 @@ class CacheStats:
 
 
 class ExpertCache:
-    def __init__(self, budget_bytes: int, item_bytes: int, policy: str = "lfu", aging_interval: int | None = None):
+    def __init__(
+        self,
+        budget_bytes: int,
+        item_bytes: int,
+        policy: str = "lfu",
+        aging_interval: int | None = None,
+        on_evict: Callable[[Hashable, Any], None] | None = None,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"unknown cache policy {policy!r}; use one of {', '.join(POLICIES)}")
         if budget_bytes < item_bytes:
@@ -55,6 +62,7 @@ class ExpertCache:
         self._last: dict[Hashable, int] = {}
         self._heap: list[tuple[int, int, Hashable]] = []
         self._tick = 0
+        self._on_evict = on_evict
         capacity = max(1, budget_bytes // max(1, item_bytes))
         self._aging_interval = aging_interval or 16 * capacity + 1024
 
@@ -79,35 +87,57 @@ class ExpertCache:
                 self._push(key)
             return item[0]
 
-    def put(self, key: Hashable, value: Any, nbytes: int) -> bool:
-        """Caches the value if the policy admits it; returns whether it did."""
+    def put(self, key: Hashable, value: Any, nbytes: int, protect: Collection[Hashable] = ()) -> bool:
+        """Caches the value if the policy admits it; returns whether it did.
+
+        Keys in `protect` (the experts a layer is computing with right now) are
+        never evicted to make room.
+        """
         with self._lock:
             if key in self._items or nbytes > self.budget_bytes:
                 return key in self._items
-            victims = []
+            victims, skipped = [], []
             free = self.budget_bytes - self.bytes_used
             candidates = self._eviction_order()
             while free < nbytes:
-                victim = next(candidates)
-                if self.policy == "lfu" and self._counts.get(victim, 0) > self._counts.get(key, 0):
+                victim = next(candidates, None)
+                if victim is not None and victim in protect:
+                    skipped.append(victim)
+                    continue
+                if victim is None or (
+                    self.policy == "lfu" and self._counts.get(victim, 0) > self._counts.get(key, 0)
+                ):
                     self.stats.rejected += 1
-                    for v in victims + [victim]:
-                        self._push(v)
+                    self._restore(victims + skipped + ([victim] if victim is not None else []))
                     return False
                 victims.append(victim)
                 free += self._items[victim][1]
+            self._restore(skipped)
             for victim in victims:
-                _, size = self._items.pop(victim)
+                evicted, size = self._items.pop(victim)
                 self.bytes_used -= size
                 self.stats.evictions += 1
+                if self._on_evict is not None:
+                    self._on_evict(victim, evicted)
             self._items[key] = (value, nbytes)
             self.bytes_used += nbytes
             if self.policy == "lfu":
                 self._push(key)
             return True
 
+    def remove(self, key: Hashable) -> None:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is not None:
+                self.bytes_used -= item[1]
+                if self._on_evict is not None:
+                    self._on_evict(key, item[0])
+
     def clear(self) -> None:
         with self._lock:
+            if self._on_evict is not None:
+                for key, (value, _) in self._items.items():
+                    self._on_evict(key, value)
             self._items.clear()
             self._heap.clear()
             self.bytes_used = 0
@@ -129,6 +159,12 @@ class ExpertCache:
         if len(self._heap) > 4 * len(self._items) + 64:
             self._heap = [(self._counts.get(k, 0), self._last.get(k, 0), k) for k in self._items]
             heapq.heapify(self._heap)
+
+    def _restore(self, keys: list[Hashable]) -> None:
+        """Puts back eviction candidates that were looked at but not evicted."""
+        if self.policy == "lfu":
+            for key in keys:
+                self._push(key)
 
     def _eviction_order(self):
         if self.policy == "lru":

@@ -1,15 +1,13 @@
-"""Expert compute: mlx-lm's own routed-expert module, run on the experts at hand.
+"""Expert compute: mlx-lm's own routed-expert module, run on experts in a slot pool.
 
 A `SwitchGLU`/`SwitchMLP` computes `x` against stacked weights `[E, ...]` picked by
-`indices`. The kernel keeps one such module as a template with no weights of its
-own, stacks just the experts a call needs, renumbers the indices into that stack
-and runs the template: the arithmetic is mlx-lm's, so the outputs are the ones
-mlx-lm computes with every expert in RAM.
+`indices`. The kernel keeps one such module as a template whose weights are the
+slot pool's `[slots, ...]` arrays, and calls it with slot ids instead of expert
+ids: the arithmetic is mlx-lm's, so the outputs are the ones mlx-lm computes
+with every expert in RAM.
 """
 
 from __future__ import annotations
-
-from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,7 +28,6 @@ _NUMPY_DTYPES = {
 }
 
 ExpertWeights = dict[str, mx.array]
-_EMPTY = mx.zeros((0,))
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
@@ -58,39 +55,25 @@ def array_bytes(arr: mx.array) -> memoryview:
 class ExpertKernel:
     """Computes one MoE layer's routed experts with mlx-lm's module for that layer."""
 
-    def __init__(self, template: nn.Module, spec: LayerSpec):
+    def __init__(self, template: nn.Module, spec: LayerSpec, pool_arrays: dict[str, mx.array]):
         self.spec = spec
         for child, params in spec.quantization.items():
             linear = template[child]
             template[child] = linear.to_quantized(
                 group_size=params["group_size"], bits=params["bits"], mode=params.get("mode", "affine")
             )
-        self._slots = []
-        for t in spec.tensors:
+        self.template = template
+        self.bind(pool_arrays)
+
+    def bind(self, pool_arrays: dict[str, mx.array]) -> None:
+        """Points the template's weights at a slot pool (replacing its random, never evaluated ones)."""
+        for t in self.spec.tensors:
             owner_path, _, attr = t.name.rpartition(".")
-            owner = template
+            owner = self.template
             for part in owner_path.split(".") if owner_path else []:
                 owner = owner[part]
-            self._slots.append((t.name, owner, attr))
-        # Drop the template's own (random, never evaluated) weights.
-        for _, owner, attr in self._slots:
-            owner[attr] = _EMPTY
-        self.template = template
+            owner[attr] = pool_arrays[t.name]
 
-    def __call__(self, x: mx.array, indices: np.ndarray, weights: Mapping[int, ExpertWeights]) -> mx.array:
-        """`indices` are global expert ids, shape `x.shape[:-1] + (k,)`; `weights` holds each one."""
-        experts = sorted(weights)
-        remap = np.zeros(self.spec.num_experts, dtype=np.uint32)
-        remap[experts] = np.arange(len(experts), dtype=np.uint32)
-        local = mx.array(remap[indices])
-        for name, owner, attr in self._slots:
-            if len(experts) == 1:
-                owner[attr] = mx.expand_dims(weights[experts[0]][name], 0)
-            else:
-                owner[attr] = mx.stack([weights[e][name] for e in experts])
-        out = self.template(x, local)
-        # The lazy graph of `out` keeps the stacked weights alive until it is
-        # evaluated; the template must not hold them past that.
-        for _, owner, attr in self._slots:
-            owner[attr] = _EMPTY
-        return out
+    def __call__(self, x: mx.array, slots: np.ndarray) -> mx.array:
+        """`slots` has the shape of mlx-lm's `indices` (`x.shape[:-1] + (k,)`), holding slot ids."""
+        return self.template(x, mx.array(slots))

@@ -1,12 +1,16 @@
-"""The device's own experts: RAM cache in front of the SSD store."""
+"""The device's own experts: slot pools in RAM, filled from the SSD store on a miss."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cache import ExpertCache
-from .compute import ExpertWeights, record_to_arrays
+import mlx.core as mx
+import numpy as np
+
+from .cache import CacheStats, ExpertCache
+from .errors import CacheBudgetError, EdgemoeError
 from .manifest import Manifest
+from .pool import SlotPool, layout_key
 from .store import ExpertStore
 
 
@@ -16,34 +20,121 @@ class FetchStats:
     experts_from_ssd: int = 0
 
 
-class LocalExperts:
-    """Hands out expert weights: cache hits at once, misses read in parallel."""
+class _Group:
+    """Layers sharing one tensor layout: one pool, one cache over its first `cache_slots` slots."""
 
-    def __init__(self, store: ExpertStore, cache: ExpertCache):
+    def __init__(self, spec, budget_bytes: int, scratch_slots: int, policy: str):
+        self.record_bytes = spec.record_bytes
+        self.cache_slots = budget_bytes // spec.record_bytes
+        self.scratch_slots = scratch_slots
+        self.pool = SlotPool(spec, self.cache_slots + scratch_slots)
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.free = list(range(self.cache_slots - 1, -1, -1))
+        self.cache = ExpertCache(self.cache_slots * spec.record_bytes, spec.record_bytes, policy, on_evict=self._evicted)
+
+    def _evicted(self, key, _value) -> None:
+        self.free.append(self.slot_of.pop(key))
+
+
+class LocalExperts:
+    """Finds each requested expert a slot: a cache hit, or a miss read from SSD into a free
+    (or evicted) cache slot, or into a scratch slot when the cache does not admit it."""
+
+    def __init__(self, store: ExpertStore, cache_bytes: int, policy: str = "lfu", scratch_slots: int = 32):
         self.store = store
-        self.cache = cache
         self.manifest: Manifest = store.manifest
         self.stats = FetchStats()
+        self.policy = policy
+        self.scratch_slots = scratch_slots
+        self._build(cache_bytes)
 
-    def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
-        found: dict[int, ExpertWeights] = {}
-        missing = []
-        for e in experts:
-            value = self.cache.get((layer, e))
-            if value is None:
-                missing.append(e)
+    def _build(self, cache_bytes: int) -> None:
+        by_layout: dict[tuple, list] = {}
+        for spec in self.manifest.layers:
+            by_layout.setdefault(layout_key(spec), []).append(spec)
+        total = self.manifest.total_expert_bytes
+        self._groups: list[_Group] = []
+        self._group_of: dict[int, _Group] = {}
+        for specs in by_layout.values():
+            share = sum(s.record_bytes * s.num_experts for s in specs) / total
+            budget = min(int(cache_bytes * share), sum(s.record_bytes * s.num_experts for s in specs))
+            if budget < specs[0].record_bytes:
+                raise CacheBudgetError(
+                    f"cache budget of {cache_bytes / 2**20:.3f} MB holds no expert of layer {specs[0].layer} "
+                    f"(one expert is {specs[0].record_bytes / 2**20:.3f} MB); raise --cache-mb to at least "
+                    f"{(specs[0].record_bytes / share + 2**20 - 1) // 2**20:.0f}"
+                )
+            group = _Group(specs[0], budget, self.scratch_slots, self.policy)
+            self._groups.append(group)
+            for spec in specs:
+                self._group_of[spec.layer] = group
+        self.budget_bytes = cache_bytes
+
+    def reset_cache(self, cache_bytes: int) -> None:
+        """A fresh, empty cache of another budget (the pools are rebuilt)."""
+        self._build(cache_bytes)
+
+    def arrays(self, layer: int) -> dict[str, mx.array]:
+        """The pool tensors a layer's experts live in, indexed by slot."""
+        return self._group_of[layer].pool.arrays
+
+    def slots(self, layer: int, experts: list[int]) -> np.ndarray:
+        """Slot ids holding `experts` (at most `scratch_slots` of them), reading misses in parallel."""
+        if len(experts) > self.scratch_slots:
+            raise ValueError(f"{len(experts)} experts at once; at most {self.scratch_slots}")
+        group = self._group_of[layer]
+        protect = {(layer, e) for e in experts}
+        slots = np.empty(len(experts), dtype=np.uint32)
+        targets: dict[int, list[memoryview]] = {}
+        scratch = group.cache_slots
+        for i, e in enumerate(experts):
+            key = (layer, e)
+            if group.cache.get(key) is not None:
+                slots[i] = group.slot_of[key]
+                continue
+            if group.cache.put(key, True, group.record_bytes, protect):
+                slot = group.free.pop()
+                group.slot_of[key] = slot
             else:
-                found[e] = value
-        self.stats.experts_from_cache += len(found)
-        if missing:
-            spec = self.manifest.layer(layer)
-            records = self.store.read_many(layer, missing)
-            for e, record in records.items():
-                weights = record_to_arrays(spec, record)
-                self.cache.put((layer, e), weights, spec.record_bytes)
-                found[e] = weights
-            self.stats.experts_from_ssd += len(missing)
-        return found
+                slot, scratch = scratch, scratch + 1
+            slots[i] = slot
+            targets[e] = group.pool.views(slot)
+        self.stats.experts_from_cache += len(experts) - len(targets)
+        if targets:
+            try:
+                self.store.read_many_into(layer, targets)
+            except EdgemoeError:
+                # Slots of a failed read hold bad bytes: they must never serve a hit.
+                for e in targets:
+                    if (layer, e) in group.slot_of:
+                        group.cache.remove((layer, e))
+                raise
+            self.stats.experts_from_ssd += len(targets)
+        return slots
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        total = CacheStats()
+        for g in self._groups:
+            for field in ("hits", "misses", "evictions", "rejected"):
+                setattr(total, field, getattr(total, field) + getattr(g.cache.stats, field))
+        return total
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        group = self._group_of.get(key[0])
+        return group is not None and key in group.cache
+
+    @property
+    def cached_experts(self) -> int:
+        return sum(len(g.cache) for g in self._groups)
+
+    @property
+    def cache_bytes_used(self) -> int:
+        return sum(g.cache.bytes_used for g in self._groups)
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(g.pool.nbytes for g in self._groups)
 
     def close(self) -> None:
         self.store.close()

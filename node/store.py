@@ -76,12 +76,25 @@ class ExpertStore:
                 )
 
     def read(self, layer: int, expert: int) -> np.ndarray:
+        """One expert's whole record, as it is on disk."""
         spec = self.manifest.layer(layer)
-        entry = spec.experts[expert]
         record = np.zeros(spec.record_bytes, dtype=np.uint8)
         view = memoryview(record)
+        self.read_into(layer, expert, [view[t.offset : t.offset + t.nbytes] for t in spec.tensors])
+        return record
+
+    def read_into(self, layer: int, expert: int, views: list[memoryview]) -> None:
+        """Reads an expert's tensors into `views` (one per tensor of the layer spec), one syscall a segment.
+
+        On the first read of an expert its checksum is verified before this returns;
+        on a mismatch the views hold bad bytes and the caller must discard them.
+        """
+        spec = self.manifest.layer(layer)
+        entry = spec.experts[expert]
+        pieces = _record_pieces(spec, views)
         for seg in entry.segments:
-            got = os.preadv(self._fds[seg.file], [view[seg.record_offset : seg.record_offset + seg.length]], seg.offset)
+            iov = _slice_pieces(pieces, seg.record_offset, seg.record_offset + seg.length)
+            got = os.preadv(self._fds[seg.file], iov, seg.offset)
             if got != seg.length:
                 raise ExpertFileError(
                     f"expert file {self._paths[seg.file]} ended early reading layer {layer} expert {expert}; "
@@ -89,7 +102,10 @@ class ExpertStore:
                 )
         key = (layer, expert)
         if key not in self._verified:
-            if hashlib.sha256(record).hexdigest() != entry.checksum:
+            digest = hashlib.sha256()
+            for _, piece in pieces:
+                digest.update(piece)
+            if digest.hexdigest() != entry.checksum:
                 files = sorted({str(self._paths[s.file]) for s in entry.segments})
                 raise ChecksumError(
                     f"layer {layer} expert {expert} in {', '.join(files)} fails its checksum; "
@@ -101,19 +117,25 @@ class ExpertStore:
         with self._lock:
             self.stats.reads += 1
             self.stats.bytes_read += spec.record_bytes
-        return record
 
-    def read_many(self, layer: int, experts: list[int]) -> dict[int, np.ndarray]:
-        """Reads the experts in parallel; `read_seconds` counts the batch's wall time."""
+    def read_many_into(self, layer: int, targets: dict[int, list[memoryview]]) -> None:
+        """Reads several experts in parallel, each into its views; `read_seconds` counts wall time."""
         start = time.perf_counter()
         try:
-            if len(experts) == 1:
-                return {experts[0]: self.read(layer, experts[0])}
-            futures = {e: self._pool.submit(self.read, layer, e) for e in experts}
-            return {e: f.result() for e, f in futures.items()}
+            if len(targets) == 1:
+                (expert, views), = targets.items()
+                self.read_into(layer, expert, views)
+                return
+            futures = [self._pool.submit(self.read_into, layer, e, views) for e, views in targets.items()]
+            for f in futures:
+                f.result()
         finally:
             with self._lock:
                 self.stats.read_seconds += time.perf_counter() - start
+
+    def forget_verified(self, layer: int, expert: int) -> None:
+        with self._lock:
+            self._verified.discard((layer, expert))
 
     def close(self) -> None:
         for fd in getattr(self, "_fds", []):
@@ -128,3 +150,25 @@ class ExpertStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _record_pieces(spec, views: list[memoryview]) -> list[tuple[int, memoryview]]:
+    """The record's byte ranges in order: the tensors' views and fresh buffers for the padding between them."""
+    pieces, pos = [], 0
+    for t, view in zip(spec.tensors, views):
+        if t.offset > pos:
+            pieces.append((pos, memoryview(bytearray(t.offset - pos))))
+        pieces.append((t.offset, view))
+        pos = t.offset + t.nbytes
+    if spec.record_bytes > pos:
+        pieces.append((pos, memoryview(bytearray(spec.record_bytes - pos))))
+    return pieces
+
+
+def _slice_pieces(pieces: list[tuple[int, memoryview]], start: int, end: int) -> list[memoryview]:
+    out = []
+    for offset, piece in pieces:
+        lo, hi = max(start, offset), min(end, offset + len(piece))
+        if lo < hi:
+            out.append(piece[lo - offset : hi - offset])
+    return out

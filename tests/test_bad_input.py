@@ -66,17 +66,17 @@ def first_expert_used(packed: Path, prompt_ids: list[int]) -> tuple[int, int]:
 
     sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
     seen = []
-    original = LocalExperts.fetch
+    original = LocalExperts.slots
 
     def recording(self, layer, experts):
         seen.extend((layer, e) for e in experts)
         return original(self, layer, experts)
 
     try:
-        LocalExperts.fetch = recording
+        LocalExperts.slots = recording
         generate(sm, prompt_ids, max_tokens=1)
     finally:
-        LocalExperts.fetch = original
+        LocalExperts.slots = original
         sm.close()
     return seen[0]
 
@@ -125,30 +125,31 @@ def test_flipped_byte_in_an_expert_fails_the_run(models, packed_copy, json_outpu
 
 
 def test_corrupted_expert_is_never_computed_with(models, packed_copy, monkeypatch):
-    import node.local
+    from node.compute import ExpertKernel
 
     src = models.src("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
     layer, expert = first_expert_used(packed_copy, prompt)
-    _, bad_sha = corrupt_expert(packed_copy, layer, expert)
-    converted = []
-    real = node.local.record_to_arrays
+    corrupt_expert(packed_copy, layer, expert)
+    computed_layers = []
+    real = ExpertKernel.__call__
 
-    def spying(spec, record):
-        converted.append(hashlib.sha256(record).hexdigest())
-        return real(spec, record)
+    def spying(self, x, slots):
+        computed_layers.append(self.spec.layer)
+        return real(self, x, slots)
 
-    monkeypatch.setattr(node.local, "record_to_arrays", spying)
+    monkeypatch.setattr(ExpertKernel, "__call__", spying)
     tokens = []
     sm = load_streaming_model(packed_copy, cache_bytes=read_manifest(packed_copy).total_expert_bytes)
     try:
         with pytest.raises(ChecksumError):
             generate(sm, prompt, max_tokens=8, on_token=tokens.append)
-        assert (layer, expert) not in sm.local.cache
+        assert (layer, expert) not in sm.local
     finally:
         sm.close()
     assert tokens == []
-    assert bad_sha not in converted
+    # The layer whose expert failed its checksum computed nothing.
+    assert layer not in computed_layers
 
 
 def test_flipped_byte_in_an_in_place_source(models, tmp_path):

@@ -24,7 +24,7 @@ sm = load_streaming_model(Path(sys.argv[1]), cache_bytes=int(sys.argv[2]), max_i
 prompt = sm.tokenizer.encode("The quick brown fox jumps over the lazy dog, again and again and again.")
 r = generate(sm, prompt, max_tokens=24)
 print(json.dumps({"peak": r.stats.peak_rss_bytes, "dense": sm.dense_bytes, "read": r.stats.ssd_bytes_read,
-                  "cache_used": sm.local.cache.bytes_used, "expert": sm.manifest.expert_bytes,
+                  "cache_used": sm.local.cache_bytes_used, "expert": sm.manifest.expert_bytes,
                   "total": sm.manifest.total_expert_bytes}))
 """
 

@@ -91,9 +91,9 @@ def test_same_tokens_as_mlx_lm_for_every_cache_budget(models, arch, quantized, c
             assert result.token_ids == expected, f"budget {which}, policy {policy}, max inflight {inflight}"
             # K=4 experts per token: a group of 3 or 1 splits every layer call.
             assert (chunked_calls["n"] > 0) == (inflight is not None)
-            cache, store = sm.local.cache, sm.local.store
-            assert cache.bytes_used <= cache.budget_bytes
-            assert cache.stats.hits + cache.stats.misses == sm.local.stats.experts_from_cache + sm.local.stats.experts_from_ssd
+            local, store = sm.local, sm.local.store
+            assert local.cache_bytes_used <= local.budget_bytes
+            assert local.cache_stats.hits + local.cache_stats.misses == local.stats.experts_from_cache + local.stats.experts_from_ssd
             assert store.stats.reads == sm.local.stats.experts_from_ssd
             if which == "all":
                 # Everything fits: every expert comes off the SSD at most once.
@@ -102,7 +102,7 @@ def test_same_tokens_as_mlx_lm_for_every_cache_budget(models, arch, quantized, c
             if which == "one":
                 # One expert of cache cannot hold a layer's K experts: experts are re-read.
                 assert store.stats.reads > store.stats.verified
-                assert len(cache) <= 1
+                assert local.cached_experts <= 1
 
 
 @pytest.mark.parametrize("quantized", QUANT)
@@ -183,14 +183,13 @@ def test_comparison_detects_a_wrong_expert(models, monkeypatch):
     src = models.src("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
     expected, _ = mlx_lm_tokens(src, prompt, models=models)
-    original = LocalExperts.fetch
+    original = LocalExperts.slots
 
     def shifted(self, layer, experts):
         num = self.manifest.layer(layer).num_experts
-        got = original(self, layer, [(e + 1) % num for e in experts])
-        return {e: got[(e + 1) % num] for e in experts}
+        return original(self, layer, [(e + 1) % num for e in experts])
 
-    monkeypatch.setattr(LocalExperts, "fetch", shifted)
+    monkeypatch.setattr(LocalExperts, "slots", shifted)
     result, _ = stream(models.packed("qwen3_moe", True), prompt, "all")
     assert result.token_ids != expected
 
