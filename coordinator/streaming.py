@@ -52,11 +52,16 @@ class StreamingExperts(nn.Module):
             self._bound = arrays
         # The one host sync per layer: which experts the router chose.
         chosen = np.array(indices)
-        needed, inverse = np.unique(chosen, return_inverse=True)
+        flat = chosen.ravel().tolist()
+        needed = sorted(set(flat))
         if len(needed) <= self.max_inflight:
-            slots = self.source.slots(self.layer, needed.tolist())
-            return self.kernel(x, slots[inverse].reshape(chosen.shape))
-        return self._chunked(x, chosen, needed.tolist())
+            slot_of = dict(zip(needed, self.source.slots(self.layer, needed).tolist()))
+            slots = np.array([slot_of[e] for e in flat], dtype=np.uint32).reshape(chosen.shape)
+            out = self.kernel(x, slots)
+            # Start computing now, while Python builds the next layer's graph.
+            mx.async_eval(out)
+            return out
+        return self._chunked(x, chosen, needed)
 
     def _chunked(self, x: mx.array, chosen: np.ndarray, needed: list[int]) -> mx.array:
         """Computes the (token, slot) rows of a few experts at a time and scatters them back."""

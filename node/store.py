@@ -16,6 +16,9 @@ from .errors import ChecksumError, ExpertFileError
 from .manifest import Manifest, resolve_file
 
 
+INLINE_READ_BYTES = 1 << 20
+
+
 @dataclass
 class StoreStats:
     reads: int = 0
@@ -122,9 +125,11 @@ class ExpertStore:
         """Reads several experts in parallel, each into its views; `read_seconds` counts wall time."""
         start = time.perf_counter()
         try:
-            if len(targets) == 1:
-                (expert, views), = targets.items()
-                self.read_into(layer, expert, views)
+            spec = self.manifest.layer(layer)
+            # Handing a small read to a thread costs more than the read itself.
+            if len(targets) == 1 or spec.record_bytes * len(targets) <= INLINE_READ_BYTES:
+                for expert, views in targets.items():
+                    self.read_into(layer, expert, views)
                 return
             futures = [self._pool.submit(self.read_into, layer, e, views) for e, views in targets.items()]
             for f in futures:
