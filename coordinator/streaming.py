@@ -108,7 +108,7 @@ def load_streaming_model(
     cache_bytes: int | None = None,
     experts_per_token: int | None = None,
     cache_policy: str = "lfu",
-    io_threads: int = 4,
+    io_threads: int = 8,
     max_inflight_experts: int = MAX_INFLIGHT_EXPERTS,
 ) -> StreamingModel:
     model_dir = Path(model_dir)

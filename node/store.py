@@ -6,7 +6,7 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from .manifest import Manifest, resolve_file
 
 
 INLINE_READ_BYTES = 1 << 20
+READ_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ExpertStore:
     disk, which keeps the checksum off the steady-state read path.
     """
 
-    def __init__(self, model_dir: Path, manifest: Manifest, io_threads: int = 4):
+    def __init__(self, model_dir: Path, manifest: Manifest, io_threads: int = 8):
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.stats = StoreStats()
@@ -48,7 +49,12 @@ class ExpertStore:
 
     def _open(self, path: Path) -> int:
         try:
-            return os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
+            # Experts are read whole and at random: kernel readahead would only
+            # pull in neighbours nobody asked for.
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            return fd
         except FileNotFoundError as exc:
             self.close()
             if self.manifest.in_place:
@@ -87,60 +93,80 @@ class ExpertStore:
         return record
 
     def read_into(self, layer: int, expert: int, views: list[memoryview]) -> None:
-        """Reads an expert's tensors into `views` (one per tensor of the layer spec), one syscall a segment.
+        """Reads an expert's tensors into `views` (one per tensor of the layer spec).
 
         On the first read of an expert its checksum is verified before this returns;
         on a mismatch the views hold bad bytes and the caller must discard them.
         """
-        spec = self.manifest.layer(layer)
-        entry = spec.experts[expert]
-        pieces = _record_pieces(spec, views)
-        for seg in entry.segments:
-            iov = _slice_pieces(pieces, seg.record_offset, seg.record_offset + seg.length)
-            got = os.preadv(self._fds[seg.file], iov, seg.offset)
-            if got != seg.length:
-                raise ExpertFileError(
-                    f"expert file {self._paths[seg.file]} ended early reading layer {layer} expert {expert}; "
-                    "repack the model (`edgemoe pack SRC DST --force`)"
-                )
-        key = (layer, expert)
-        if key not in self._verified:
-            digest = hashlib.sha256()
-            for _, piece in pieces:
-                digest.update(piece)
-            if digest.hexdigest() != entry.checksum:
-                files = sorted({str(self._paths[s.file]) for s in entry.segments})
-                raise ChecksumError(
-                    f"layer {layer} expert {expert} in {', '.join(files)} fails its checksum; "
-                    "the file is corrupted: repack the model (`edgemoe pack SRC DST --force`)"
-                )
-            with self._lock:
-                self._verified.add(key)
-                self.stats.verified += 1
-        with self._lock:
-            self.stats.reads += 1
-            self.stats.bytes_read += spec.record_bytes
+        self.read_many_into(layer, {expert: views})
 
     def read_many_into(self, layer: int, targets: dict[int, list[memoryview]]) -> None:
-        """Reads several experts in parallel, each into its views; `read_seconds` counts wall time."""
+        """Reads several experts, each into its views, in chunks spread over the I/O threads.
+
+        Large records are split so that even one or two misses keep several reads
+        in flight; small batches run inline, where a thread hand-off would cost
+        more than the read. `read_seconds` counts wall time.
+        """
         start = time.perf_counter()
+        spec = self.manifest.layer(layer)
+        pieces = {e: _record_pieces(spec, views) for e, views in targets.items()}
+        jobs = [(e, job) for e in targets for job in self._chunks(spec, e, pieces[e])]
+        unverified = [e for e in targets if (layer, e) not in self._verified]
         try:
-            spec = self.manifest.layer(layer)
-            # Handing a small read to a thread costs more than the read itself.
-            if len(targets) == 1 or spec.record_bytes * len(targets) <= INLINE_READ_BYTES:
-                for expert, views in targets.items():
-                    self.read_into(layer, expert, views)
-                return
-            futures = [self._pool.submit(self.read_into, layer, e, views) for e, views in targets.items()]
-            for f in futures:
-                f.result()
+            if spec.record_bytes * len(targets) <= INLINE_READ_BYTES:
+                for e, job in jobs:
+                    self._read_chunk(layer, e, *job)
+                for e in unverified:
+                    self._verify(layer, e, pieces[e])
+            else:
+                self._run_all([(self._read_chunk, (layer, e, *job)) for e, job in jobs])
+                self._run_all([(self._verify, (layer, e, pieces[e])) for e in unverified])
         finally:
             with self._lock:
                 self.stats.read_seconds += time.perf_counter() - start
-
-    def forget_verified(self, layer: int, expert: int) -> None:
         with self._lock:
-            self._verified.discard((layer, expert))
+            self.stats.reads += len(targets)
+            self.stats.bytes_read += spec.record_bytes * len(targets)
+
+    def _run_all(self, calls: list) -> None:
+        """Runs the calls on the pool; waits for every one (they write into the caller's
+        buffers) before raising the first error."""
+        futures = [self._pool.submit(fn, *args) for fn, args in calls]
+        wait(futures)
+        for f in futures:
+            f.result()
+
+    def _chunks(self, spec, expert: int, pieces) -> list[tuple[int, list[memoryview], int, int]]:
+        out = []
+        for seg in spec.experts[expert].segments:
+            end = seg.record_offset + seg.length
+            for lo in range(seg.record_offset, end, READ_CHUNK_BYTES):
+                hi = min(lo + READ_CHUNK_BYTES, end)
+                out.append((seg.file, _slice_pieces(pieces, lo, hi), seg.offset + lo - seg.record_offset, hi - lo))
+        return out
+
+    def _read_chunk(self, layer: int, expert: int, file: int, iov: list[memoryview], offset: int, length: int) -> None:
+        got = os.preadv(self._fds[file], iov, offset)
+        if got != length:
+            raise ExpertFileError(
+                f"expert file {self._paths[file]} ended early reading layer {layer} expert {expert}; "
+                "repack the model (`edgemoe pack SRC DST --force`)"
+            )
+
+    def _verify(self, layer: int, expert: int, pieces) -> None:
+        entry = self.manifest.layer(layer).experts[expert]
+        digest = hashlib.sha256()
+        for _, piece in pieces:
+            digest.update(piece)
+        if digest.hexdigest() != entry.checksum:
+            files = sorted({str(self._paths[s.file]) for s in entry.segments})
+            raise ChecksumError(
+                f"layer {layer} expert {expert} in {', '.join(files)} fails its checksum; "
+                "the file is corrupted: repack the model (`edgemoe pack SRC DST --force`)"
+            )
+        with self._lock:
+            self._verified.add((layer, expert))
+            self.stats.verified += 1
 
     def close(self) -> None:
         for fd in getattr(self, "_fds", []):
