@@ -308,7 +308,7 @@ class FirstReads:
 
     Reading a record again finds it in the page cache (RAM permitting), so only
     first reads reach the disk; the store cannot tell the two apart, so the bench
-    wraps its `read_into` on this one instance.
+    wraps its `read_many_into` on this one instance.
     """
 
     def __init__(self, store: ExpertStore):
@@ -317,23 +317,24 @@ class FirstReads:
         self._seen: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._store = store
-        self._read = store.read_into
-        store.read_into = self._tracked
+        self._read = store.read_many_into
+        store.read_many_into = self._tracked
 
-    def _tracked(self, layer: int, expert: int, views: list[memoryview]) -> None:
-        self._read(layer, expert, views)
+    def _tracked(self, layer: int, targets: dict[int, list[memoryview]]) -> None:
+        self._read(layer, targets)
         with self._lock:
-            if (layer, expert) not in self._seen:
-                self._seen.add((layer, expert))
-                self.reads += 1
-                self.bytes += self._store.manifest.layer(layer).record_bytes
+            for expert in targets:
+                if (layer, expert) not in self._seen:
+                    self._seen.add((layer, expert))
+                    self.reads += 1
+                    self.bytes += self._store.manifest.layer(layer).record_bytes
 
     def forget(self) -> None:
         with self._lock:
             self._seen.clear()
 
     def close(self) -> None:
-        del self._store.read_into
+        del self._store.read_many_into
 
 
 def disk_read_bytes() -> int | None:
