@@ -44,6 +44,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         cache_bytes=_cache_bytes(args),
         experts_per_token=args.experts_per_token,
         cache_policy=args.cache_policy,
+        io_mode=args.io,
     )
     try:
         prompt = build_prompt(sm, args.prompt, chat_template=not args.no_chat_template)
@@ -74,6 +75,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         experts_per_token=args.experts_per_token,
         compare_mlx_lm=not args.no_mlx_lm,
         in_place_source=Path(args.in_place) if args.in_place else None,
+        io_mode=args.io,
     )
     print(json.dumps(report) if args.json else format_report(report))
 
@@ -103,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-mb", type=float, help="RAM budget for cached experts, in MiB")
         p.add_argument("--experts-per-token", type=int, metavar="K", help="route each token to K experts (fewer is faster)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument(
+            "--io",
+            choices=("auto", "direct", "buffered"),
+            default="auto",
+            help="expert reads through the page cache (buffered) or around it (direct); "
+            "auto: direct when the experts exceed half the RAM",
+        )
 
     g = sub.add_parser("generate", help="generate text")
     model_options(g)

@@ -34,6 +34,7 @@ class GenerationStats:
     ssd_bytes_per_token: float
     peak_rss_bytes: int
     seconds: float
+    direct_io: bool
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,5 +127,6 @@ def generate(
         ssd_bytes_per_token=read_bytes / generated if generated else 0.0,
         peak_rss_bytes=peak_rss_bytes(),
         seconds=seconds,
+        direct_io=store.direct,
     )
     return GenerationResult("".join(text), tokens, stats)

@@ -110,6 +110,7 @@ def load_streaming_model(
     cache_policy: str = "lfu",
     io_threads: int = 8,
     max_inflight_experts: int = MAX_INFLIGHT_EXPERTS,
+    io_mode: str = "auto",
 ) -> StreamingModel:
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -123,7 +124,7 @@ def load_streaming_model(
         raise ManifestError(
             f"{model_dir}: manifest and config.json disagree on the MoE layers; repack the model"
         )
-    store = ExpertStore(model_dir, manifest, io_threads)
+    store = ExpertStore(model_dir, manifest, io_threads, io_mode)
     try:
         budget = cache_bytes if cache_bytes is not None else default_cache_bytes(manifest)
         local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import mmap
 import os
 import threading
 import time
@@ -15,9 +17,36 @@ import numpy as np
 from .errors import ChecksumError, ExpertFileError
 from .manifest import Manifest, resolve_file
 
+log = logging.getLogger(__name__)
+
 
 INLINE_READ_BYTES = 1 << 20
 READ_CHUNK_BYTES = 1 << 20
+DIRECT_ALIGNMENT = 4096
+# auto: bypass the page cache when it could not hold the experts anyway.
+IO_MODES = ("auto", "direct", "buffered")
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def _ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _bypass_page_cache(fd: int, path: Path) -> int:
+    """Reopens with O_DIRECT (Linux) or sets F_NOCACHE (macOS); keeps buffered I/O where neither works."""
+    if _O_DIRECT:
+        try:
+            direct = os.open(path, os.O_RDONLY | _O_DIRECT)
+        except OSError:
+            log.warning("%s does not support direct I/O; reading it through the page cache", path)
+            return fd
+        os.close(fd)
+        return direct
+    import fcntl
+
+    if hasattr(fcntl, "F_NOCACHE"):
+        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+    return fd
 
 
 @dataclass
@@ -36,16 +65,29 @@ class ExpertStore:
     disk, which keeps the checksum off the steady-state read path.
     """
 
-    def __init__(self, model_dir: Path, manifest: Manifest, io_threads: int = 8):
+    def __init__(self, model_dir: Path, manifest: Manifest, io_threads: int = 8, io_mode: str = "auto"):
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.stats = StoreStats()
         self._lock = threading.Lock()
         self._verified: set[tuple[int, int]] = set()
+        self._bounce = threading.local()
         self._paths = [resolve_file(self.model_dir, name) for name in manifest.files]
-        self._fds = [self._open(path) for path in self._paths]
+        self._fds: list[int] = []
+        self.set_io_mode(io_mode)
         self._check_sizes()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="expert-io")
+
+    def set_io_mode(self, io_mode: str) -> None:
+        """Reopens the files for direct or buffered reads (not while reads are in flight)."""
+        if io_mode not in IO_MODES:
+            raise ValueError(f"unknown I/O mode {io_mode!r}; use one of {', '.join(IO_MODES)}")
+        self.direct = io_mode == "direct" or (io_mode == "auto" and self.manifest.total_expert_bytes > _ram_bytes() // 2)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        for path in self._paths:
+            self._fds.append(self._open(path))
 
     def _open(self, path: Path) -> int:
         try:
@@ -54,6 +96,8 @@ class ExpertStore:
             # pull in neighbours nobody asked for.
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            if self.direct:
+                fd = _bypass_page_cache(fd, path)
             return fd
         except FileNotFoundError as exc:
             self.close()
@@ -146,12 +190,32 @@ class ExpertStore:
         return out
 
     def _read_chunk(self, layer: int, expert: int, file: int, iov: list[memoryview], offset: int, length: int) -> None:
-        got = os.preadv(self._fds[file], iov, offset)
+        if self.direct and _O_DIRECT:
+            got = self._read_direct(self._fds[file], iov, offset, length)
+        else:
+            got = os.preadv(self._fds[file], iov, offset)
         if got != length:
             raise ExpertFileError(
                 f"expert file {self._paths[file]} ended early reading layer {layer} expert {expert}; "
                 "repack the model (`edgemoe pack SRC DST --force`)"
             )
+
+    def _read_direct(self, fd: int, iov: list[memoryview], offset: int, length: int) -> int:
+        """O_DIRECT wants block-aligned offsets, lengths and buffers: read the aligned
+        window into this thread's page-aligned bounce buffer, then copy out."""
+        start = offset - offset % DIRECT_ALIGNMENT
+        end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        bounce = getattr(self._bounce, "buf", None)
+        if bounce is None or len(bounce) < end - start:
+            self._bounce.buf = bounce = memoryview(mmap.mmap(-1, max(end - start, READ_CHUNK_BYTES + 2 * DIRECT_ALIGNMENT)))
+        got = os.preadv(fd, [bounce[: end - start]], start) - (offset - start)
+        if got < length:
+            return max(got, 0)
+        pos = offset - start
+        for piece in iov:
+            piece[:] = bounce[pos : pos + len(piece)]
+            pos += len(piece)
+        return length
 
     def _verify(self, layer: int, expert: int, pieces) -> None:
         entry = self.manifest.layer(layer).experts[expert]

@@ -41,14 +41,15 @@ def budget_bytes(manifest, which: str) -> int:
     }[which]
 
 
-def stream(packed, prompt_ids, which="all", policy="lfu", experts_per_token=None, max_inflight=None, **kw):
+def stream(packed, prompt_ids, which="all", policy="lfu", experts_per_token=None, max_inflight=None,
+           io_mode="auto", **kw):
     """Generates on the packed model; returns (result, the streaming model's cache/store counters)."""
     from node.manifest import read_manifest
 
     cache_bytes = budget_bytes(read_manifest(packed), which)
     extra = {} if max_inflight is None else {"max_inflight_experts": max_inflight}
     sm = load_streaming_model(packed, cache_bytes=cache_bytes, cache_policy=policy,
-                              experts_per_token=experts_per_token, **extra)
+                              experts_per_token=experts_per_token, io_mode=io_mode, **extra)
     try:
         result = generate(sm, prompt_ids, max_tokens=kw.pop("max_tokens", MAX_TOKENS), **kw)
         return result, sm
@@ -114,6 +115,20 @@ def test_in_place_pack_same_tokens_as_mlx_lm(models, arch, quantized):
     packed = models.packed(arch, quantized, in_place=True)
     for which in BUDGETS:
         result, _ = stream(packed, prompt, which)
+        assert result.token_ids == expected, f"budget {which}"
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["packed", "in-place"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_direct_io_same_tokens_as_mlx_lm(models, arch, in_place):
+    """Direct I/O reads aligned windows through a bounce buffer; in place the tensors sit at unaligned offsets."""
+    src = models.src(arch, True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    for which in ("one", "all"):
+        result, sm = stream(models.packed(arch, True, in_place=in_place), prompt, which, io_mode="direct")
+        assert sm.local.store.direct
+        assert result.stats.direct_io
         assert result.token_ids == expected, f"budget {which}"
 
 
