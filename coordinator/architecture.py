@@ -64,15 +64,39 @@ def layer_index(module_path: str) -> int:
     return int(match.group(1))
 
 
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    module = model
+    for part in path.split("."):
+        module = module[int(part)] if isinstance(module, list) else module[part]
+    return module
+
+
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
-    parent = model
-    for part in parent_path.split("."):
-        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-    parent[name] = module
+    module_at(model, parent_path)[name] = module
+
+
+ROUTER_NAMES = ("gate", "router")
+
+
+def router_of(model: nn.Module, experts_path: str) -> nn.Module | None:
+    """The router of the MoE block whose routed experts live at `experts_path`."""
+    block = module_at(model, experts_path.rpartition(".")[0])
+    for name in ROUTER_NAMES:
+        if isinstance(block.get(name), nn.Module):
+            return block[name]
+    return None
 
 
 EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")
+
+
+def routed_experts_per_token(config: dict) -> int | None:
+    for target in (config, config.get("text_config") or {}):
+        for key in EXPERTS_PER_TOKEN_KEYS:
+            if key in target:
+                return int(target[key])
+    return None
 
 
 def with_experts_per_token(config: dict, k: int) -> dict:

@@ -48,7 +48,7 @@ from node.errors import EdgemoeError
 from node.manifest import DENSE_NAME, Manifest, align, read_manifest, resolve_file
 from node.store import ExpertStore
 
-from .architecture import EXPERTS_PER_TOKEN_KEYS, build_model
+from .architecture import build_model, routed_experts_per_token
 from .generate import build_prompt, generate
 from .streaming import StreamingModel, load_streaming_model
 
@@ -567,14 +567,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def routed_experts_per_token(config: dict) -> int | None:
-    for target in (config, config.get("text_config") or {}):
-        for key in EXPERTS_PER_TOKEN_KEYS:
-            if key in target:
-                return int(target[key])
-    return None
-
-
 def _run_keys(prefix: str, run: DecodeRun | None) -> dict[str, Any]:
     names = ("tokens_per_s", "prompt_tokens_per_s", "cache_hit_rate", "ssd_bytes_read", "ssd_bytes_per_token",
              "expert_read_gbps", "decode_tokens")
@@ -590,6 +582,7 @@ def run_bench(
     compare_mlx_lm: bool = True,
     in_place_source: Path | None = None,
     io_mode: str = "auto",
+    prefetch: bool = False,
 ) -> dict[str, Any]:
     if tokens < 2:
         raise EdgemoeError(f"--tokens {tokens} must be at least 2: decode is timed from the first token to the last")
@@ -601,7 +594,8 @@ def run_bench(
     report: dict[str, Any] = {"model": str(model_dir), "model_type": manifest.model_type, "in_place_pack": manifest.in_place}
 
     # Loaded first so a bad budget or model fails before the disk is timed.
-    sm = load_streaming_model(model_dir, cache_bytes=cache_bytes, experts_per_token=experts_per_token, io_mode=io_mode)
+    sm = load_streaming_model(model_dir, cache_bytes=cache_bytes, experts_per_token=experts_per_token, io_mode=io_mode,
+                              prefetch=prefetch)
     try:
         report.update(_disk_figures(manifest, paths, notes))
         budget = sm.local.budget_bytes
@@ -616,6 +610,7 @@ def run_bench(
             dense_bytes=sm.dense_bytes,
             cache_budget_bytes=budget,
             direct_io=sm.local.store.direct,
+            prefetch=prefetch,
             tokens=tokens,
             prompt_tokens=len(prompt_tokens),
             repeats=REPEATS,
@@ -645,7 +640,8 @@ def run_bench(
     finally:
         sm.close()
 
-    report.update(_in_place_figures(in_place_source, cold, budget, prompt_tokens, tokens, experts_per_token, manifest, notes, io_mode))
+    report.update(_in_place_figures(in_place_source, cold, budget, prompt_tokens, tokens, experts_per_token, manifest, notes,
+                                     {"io_mode": io_mode, "prefetch": prefetch}))
     report["notes"] = notes.items
     report["bench_seconds"] = time.perf_counter() - began
     return report
@@ -787,7 +783,8 @@ def _warm_eighth_run(sm: StreamingModel, paths: list[Path], prompt_tokens: list[
 
 
 def _in_place_figures(src: Path | None, cold: DecodeRun, budget: int, prompt_tokens: list[int], tokens: int,
-                      experts_per_token: int | None, manifest: Manifest, notes: _Notes, io_mode: str) -> dict[str, Any]:
+                      experts_per_token: int | None, manifest: Manifest, notes: _Notes,
+                      load_options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "in_place_tokens_per_s": None,
         "in_place_expert_read_gbps": None,
@@ -806,7 +803,7 @@ def _in_place_figures(src: Path | None, cold: DecodeRun, budget: int, prompt_tok
         try:
             log.info("packing %s in place", src)
             pack(Path(src), dst, in_place=True)
-            sm = load_streaming_model(dst, cache_bytes=budget, experts_per_token=experts_per_token, io_mode=io_mode)
+            sm = load_streaming_model(dst, cache_bytes=budget, experts_per_token=experts_per_token, **load_options)
         except EdgemoeError as exc:
             notes.add(f"in-place bench skipped: {exc}")
             return out
@@ -860,7 +857,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"({r['raw_record_read_method']}, {_f(r['raw_record_read_block_bytes'] / 1024, '{:.0f}', ' KiB')} reads)",
         f"  fio --direct=1        {_f(r['fio_read_gbps'], unit=' GB/s')}",
         "",
-        f"cold decode ({'direct' if r['direct_io'] else 'buffered'} I/O, cache {_mib(r['cache_budget_bytes'])}, page cache dropped: {r['page_cache_drop_method'] or 'no'}, "
+        f"cold decode ({'direct' if r['direct_io'] else 'buffered'} I/O{', prefetch' if r['prefetch'] else ''}, cache {_mib(r['cache_budget_bytes'])}, page cache dropped: {r['page_cache_drop_method'] or 'no'}, "
         f"resident at start {_pct(r['page_cache_resident_at_start'])})",
         f"  decode                {_f(r['tokens_per_s'], unit=' tok/s')}  ({r['decode_tokens']} tokens; "
         f"prompt {r['prompt_tokens']} tokens at {_f(r['prompt_tokens_per_s'], '{:.1f}', ' tok/s')})",

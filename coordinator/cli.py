@@ -45,6 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         experts_per_token=args.experts_per_token,
         cache_policy=args.cache_policy,
         io_mode=args.io,
+        prefetch=args.prefetch,
     )
     try:
         prompt = build_prompt(sm, args.prompt, chat_template=not args.no_chat_template)
@@ -76,6 +77,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         compare_mlx_lm=not args.no_mlx_lm,
         in_place_source=Path(args.in_place) if args.in_place else None,
         io_mode=args.io,
+        prefetch=args.prefetch,
     )
     print(json.dumps(report) if args.json else format_report(report))
 
@@ -111,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
             default="auto",
             help="expert reads through the page cache (buffered) or around it (direct); "
             "auto: direct when the experts exceed half the RAM",
+        )
+        p.add_argument(
+            "--prefetch",
+            action="store_true",
+            help="guess each next layer's experts with its router and start reading them early",
         )
 
     g = sub.add_parser("generate", help="generate text")

@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from .streaming import StreamingModel
+from .streaming import StreamingModel, guesses
 
 
 @dataclass
@@ -35,6 +35,9 @@ class GenerationStats:
     peak_rss_bytes: int
     seconds: float
     direct_io: bool
+    experts_prefetched: int
+    experts_prefetch_used: int
+    prefetch_accuracy: float | None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +56,11 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     stats: GenerationStats
+
+
+def _accuracy(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    guessed, right = after[0] - before[0], after[1] - before[1]
+    return right / guessed if guessed else None
 
 
 def peak_rss_bytes() -> int:
@@ -89,7 +97,8 @@ def generate(
         mx.random.seed(seed)
     store, local = sm.local.store, sm.local
     before = (local.cache_stats.hits, local.cache_stats.misses, store.stats.bytes_read, store.stats.read_seconds,
-              local.stats.experts_from_cache, local.stats.experts_from_ssd)
+              local.stats.experts_from_cache, local.stats.experts_from_ssd,
+              local.stats.prefetched, local.stats.prefetch_used, guesses(sm.model))
     start = time.perf_counter()
     text, tokens, last = [], [], None
     responses: Iterator = stream_generate(
@@ -128,5 +137,8 @@ def generate(
         peak_rss_bytes=peak_rss_bytes(),
         seconds=seconds,
         direct_io=store.direct,
+        experts_prefetched=local.stats.prefetched - before[6],
+        experts_prefetch_used=local.stats.prefetch_used - before[7],
+        prefetch_accuracy=_accuracy(before[8], guesses(sm.model)),
     )
     return GenerationResult("".join(text), tokens, stats)

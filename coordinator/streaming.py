@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,16 @@ from node.local import LocalExperts
 from node.manifest import DENSE_NAME, Manifest, read_manifest
 from node.store import ExpertStore
 
-from .architecture import build_model, read_config, replace_module, routed_expert_modules, with_experts_per_token
+from .architecture import (
+    build_model,
+    module_at,
+    read_config,
+    replace_module,
+    routed_expert_modules,
+    routed_experts_per_token,
+    router_of,
+    with_experts_per_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +37,32 @@ class ExpertSource(Protocol):
 
     def slots(self, layer: int, experts: list[int]) -> np.ndarray: ...
 
+    def prefetch(self, layer: int, experts: list[int]) -> None: ...
+
 
 # A prompt can route to every expert of a layer at once; holding them all would
 # break the memory bound, so a layer's experts are fetched this many at a time.
 MAX_INFLIGHT_EXPERTS = 32
+
+
+def router_logits(router: nn.Module | None) -> Callable[[mx.array], mx.array] | None:
+    """Router logits of a MoE block's gate: a (quantized) Linear, or a gate module
+    holding an `[experts, hidden]` weight (DeepSeek's MoEGate). None if neither."""
+    if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
+        return router
+    weight = router.get("weight") if isinstance(router, nn.Module) else None
+    if isinstance(weight, mx.array) and weight.ndim == 2:
+        return lambda x: x @ router["weight"].T
+    return None
+
+
+@dataclass
+class Prefetch:
+    """How a layer's call guesses the next MoE layer's experts: that layer's router
+    applied to this layer's input (an approximation: the residual has not changed yet)."""
+
+    next_module: "StreamingExperts"
+    logits: Callable[[mx.array], mx.array]
 
 
 class StreamingExperts(nn.Module):
@@ -43,6 +74,11 @@ class StreamingExperts(nn.Module):
         self.kernel = kernel
         self.source = source
         self.max_inflight = max_inflight
+        self.prefetch: Prefetch | None = None
+        # What the previous layer guessed this one would ask for, and how well it did.
+        self.guess: set[int] | None = None
+        self.guessed = 0
+        self.guessed_right = 0
         self._bound = None
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
@@ -54,14 +90,27 @@ class StreamingExperts(nn.Module):
         chosen = np.array(indices)
         flat = chosen.ravel().tolist()
         needed = sorted(set(flat))
+        if self.guess is not None:
+            self.guessed += len(self.guess)
+            self.guessed_right += len(self.guess.intersection(needed))
+            self.guess = None
         if len(needed) <= self.max_inflight:
             slot_of = dict(zip(needed, self.source.slots(self.layer, needed).tolist()))
             slots = np.array([slot_of[e] for e in flat], dtype=np.uint32).reshape(chosen.shape)
             out = self.kernel(x, slots)
             # Start computing now, while Python builds the next layer's graph.
             mx.async_eval(out)
+            if self.prefetch is not None and chosen.size // chosen.shape[-1] == 1:
+                self._prefetch_next(x, chosen.shape[-1])
             return out
         return self._chunked(x, chosen, needed)
+
+    def _prefetch_next(self, x: mx.array, k: int) -> None:
+        logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1])
+        guess = np.argpartition(-np.array(logits.astype(mx.float32)), k - 1)[:k].tolist()
+        following = self.prefetch.next_module
+        self.source.prefetch(following.layer, guess)
+        following.guess = set(guess)
 
     def _chunked(self, x: mx.array, chosen: np.ndarray, needed: list[int]) -> mx.array:
         """Computes the (token, slot) rows of a few experts at a time and scatters them back."""
@@ -96,6 +145,22 @@ class StreamingModel:
         self.local.close()
 
 
+def _wire_prefetch(model: nn.Module, manifest: Manifest) -> None:
+    specs = sorted(manifest.layers, key=lambda spec: spec.layer)
+    for spec, following in zip(specs, specs[1:]):
+        logits = router_logits(router_of(model, following.module_path))
+        if logits is None:
+            log.info("no router found for layer %d: no prefetch into it", following.layer)
+            continue
+        module_at(model, spec.module_path).prefetch = Prefetch(module_at(model, following.module_path), logits)
+
+
+def guesses(model: nn.Module) -> tuple[int, int]:
+    """Prefetch guesses made so far, and how many of them the next layer did ask for."""
+    modules = [m for _, m in model.named_modules() if isinstance(m, StreamingExperts)]
+    return sum(m.guessed for m in modules), sum(m.guessed_right for m in modules)
+
+
 def default_cache_bytes(manifest: Manifest) -> int:
     import os
 
@@ -111,6 +176,7 @@ def load_streaming_model(
     io_threads: int = 8,
     max_inflight_experts: int = MAX_INFLIGHT_EXPERTS,
     io_mode: str = "auto",
+    prefetch: bool = False,
 ) -> StreamingModel:
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -127,7 +193,8 @@ def load_streaming_model(
     store = ExpertStore(model_dir, manifest, io_threads, io_mode)
     try:
         budget = cache_bytes if cache_bytes is not None else default_cache_bytes(manifest)
-        local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts)
+        k = (routed_experts_per_token(config) or 0) if prefetch else 0
+        local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k)
     except BaseException:
         store.close()
         raise
@@ -148,6 +215,8 @@ def load_streaming_model(
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as exc:
             raise ManifestError(f"{dense_path} does not fit the model ({str(exc).splitlines()[0]}); repack the model") from exc
+        if prefetch:
+            _wire_prefetch(model, manifest)
         model.eval()
         mx.eval(model.parameters())
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -18,34 +19,52 @@ from .store import ExpertStore
 class FetchStats:
     experts_from_cache: int = 0
     experts_from_ssd: int = 0
+    prefetched: int = 0
+    prefetch_used: int = 0
 
 
 class _Group:
-    """Layers sharing one tensor layout: one pool, one cache over its first `cache_slots` slots."""
+    """Layers sharing one tensor layout, and their pool's slots:
+    [0, cache) the cache's, then `scratch` slots for misses the cache does not
+    admit, then two banks of `prefetch` slots used alternately (a bank being
+    filled for the next layer is never one the current layer computes from)."""
 
-    def __init__(self, spec, budget_bytes: int, scratch_slots: int, policy: str):
+    def __init__(self, spec, budget_bytes: int, scratch_slots: int, prefetch_slots: int, policy: str):
         self.record_bytes = spec.record_bytes
         self.cache_slots = budget_bytes // spec.record_bytes
-        self.scratch_slots = scratch_slots
-        self.pool = SlotPool(spec, self.cache_slots + scratch_slots)
+        self.scratch_start = self.cache_slots
+        self.prefetch_start = self.cache_slots + scratch_slots
+        self.prefetch_slots = prefetch_slots
+        self.pool = SlotPool(spec, self.cache_slots + scratch_slots + 2 * prefetch_slots)
         self.slot_of: dict[tuple[int, int], int] = {}
         self.free = list(range(self.cache_slots - 1, -1, -1))
         self.cache = ExpertCache(self.cache_slots * spec.record_bytes, spec.record_bytes, policy, on_evict=self._evicted)
+        self.bank = 0
 
     def _evicted(self, key, _value) -> None:
         self.free.append(self.slot_of.pop(key))
 
+    def copy_slot(self, src: int, dst: int) -> None:
+        for a, b in zip(self.pool.views(src), self.pool.views(dst)):
+            b[:] = a
+
 
 class LocalExperts:
-    """Finds each requested expert a slot: a cache hit, or a miss read from SSD into a free
-    (or evicted) cache slot, or into a scratch slot when the cache does not admit it."""
+    """Finds each requested expert a slot: a cache hit, a prefetched expert, or a miss
+    read from SSD into a free (or evicted) cache slot, or into a scratch slot when
+    the cache does not admit it."""
 
-    def __init__(self, store: ExpertStore, cache_bytes: int, policy: str = "lfu", scratch_slots: int = 32):
+    def __init__(self, store: ExpertStore, cache_bytes: int, policy: str = "lfu", scratch_slots: int = 32,
+                 prefetch_slots: int = 0):
         self.store = store
         self.manifest: Manifest = store.manifest
         self.stats = FetchStats()
         self.policy = policy
         self.scratch_slots = scratch_slots
+        self.prefetch_slots = prefetch_slots
+        # (layer, expert) -> prefetch slot, and the read filling it.
+        self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
         self._build(cache_bytes)
 
     def _build(self, cache_bytes: int) -> None:
@@ -64,7 +83,7 @@ class LocalExperts:
                     f"(one expert is {specs[0].record_bytes / 2**20:.3f} MB); raise --cache-mb to at least "
                     f"{(specs[0].record_bytes / share + 2**20 - 1) // 2**20:.0f}"
                 )
-            group = _Group(specs[0], budget, self.scratch_slots, self.policy)
+            group = _Group(specs[0], budget, self.scratch_slots, self.prefetch_slots, self.policy)
             self._groups.append(group)
             for spec in specs:
                 self._group_of[spec.layer] = group
@@ -72,34 +91,83 @@ class LocalExperts:
 
     def reset_cache(self, cache_bytes: int) -> None:
         """A fresh, empty cache of another budget (the pools are rebuilt)."""
+        self._drain()
+        self._prefetched.clear()
         self._build(cache_bytes)
 
     def arrays(self, layer: int) -> dict[str, mx.array]:
         """The pool tensors a layer's experts live in, indexed by slot."""
         return self._group_of[layer].pool.arrays
 
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Starts reading experts that `layer` will probably ask for next into a prefetch bank.
+
+        Called once the current layer's compute is queued; its reads overlap that
+        compute, and `slots` waits for them before it touches any slot.
+        """
+        group = self._group_of[layer]
+        if not group.prefetch_slots:
+            return
+        self._drain()
+        self._prefetched.clear()
+        group.bank ^= 1
+        first = group.prefetch_start + group.bank * group.prefetch_slots
+        targets: dict[int, list[memoryview]] = {}
+        slots = {}
+        for e in experts[: group.prefetch_slots]:
+            if (layer, e) in group.cache:
+                continue
+            slots[e] = first + len(targets)
+            targets[e] = group.pool.views(slots[e])
+        if targets:
+            future = self._prefetcher.submit(self.store.read_many_into, layer, targets)
+            for e, slot in slots.items():
+                self._prefetched[(layer, e)] = (slot, future)
+            self.stats.prefetched += len(targets)
+
+    def _drain(self) -> None:
+        """Waits for the prefetch in flight; a failed one is forgotten, so that a real
+        read of that expert reports the error if it is ever needed."""
+        for key, (_, future) in list(self._prefetched.items()):
+            try:
+                future.result()
+            except EdgemoeError:
+                del self._prefetched[key]
+
     def slots(self, layer: int, experts: list[int]) -> np.ndarray:
         """Slot ids holding `experts` (at most `scratch_slots` of them), reading misses in parallel."""
         if len(experts) > self.scratch_slots:
             raise ValueError(f"{len(experts)} experts at once; at most {self.scratch_slots}")
+        self._drain()
         group = self._group_of[layer]
         protect = {(layer, e) for e in experts}
         slots = np.empty(len(experts), dtype=np.uint32)
         targets: dict[int, list[memoryview]] = {}
-        scratch = group.cache_slots
+        used_prefetch = 0
+        scratch = group.scratch_start
         for i, e in enumerate(experts):
             key = (layer, e)
             if group.cache.get(key) is not None:
                 slots[i] = group.slot_of[key]
                 continue
-            if group.cache.put(key, True, group.record_bytes, protect):
+            prefetched = self._prefetched.pop(key, None)
+            admitted = group.cache.put(key, True, group.record_bytes, protect)
+            if admitted:
                 slot = group.free.pop()
                 group.slot_of[key] = slot
+            if prefetched is not None:
+                used_prefetch += 1
+                if admitted:
+                    group.copy_slot(prefetched[0], slot)
+                else:
+                    slot = prefetched[0]
             else:
-                slot, scratch = scratch, scratch + 1
+                if not admitted:
+                    slot, scratch = scratch, scratch + 1
+                targets[e] = group.pool.views(slot)
             slots[i] = slot
-            targets[e] = group.pool.views(slot)
-        self.stats.experts_from_cache += len(experts) - len(targets)
+        self.stats.experts_from_cache += len(experts) - len(targets) - used_prefetch
+        self.stats.prefetch_used += used_prefetch
         if targets:
             try:
                 self.store.read_many_into(layer, targets)
@@ -112,14 +180,6 @@ class LocalExperts:
             self.stats.experts_from_ssd += len(targets)
         return slots
 
-    @property
-    def cache_stats(self) -> CacheStats:
-        total = CacheStats()
-        for g in self._groups:
-            for field in ("hits", "misses", "evictions", "rejected"):
-                setattr(total, field, getattr(total, field) + getattr(g.cache.stats, field))
-        return total
-
     def __contains__(self, key: tuple[int, int]) -> bool:
         group = self._group_of.get(key[0])
         return group is not None and key in group.cache
@@ -127,6 +187,14 @@ class LocalExperts:
     @property
     def cached_experts(self) -> int:
         return sum(len(g.cache) for g in self._groups)
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        total = CacheStats()
+        for g in self._groups:
+            for field in ("hits", "misses", "evictions", "rejected"):
+                setattr(total, field, getattr(total, field) + getattr(g.cache.stats, field))
+        return total
 
     @property
     def cache_bytes_used(self) -> int:
@@ -137,4 +205,6 @@ class LocalExperts:
         return sum(g.pool.nbytes for g in self._groups)
 
     def close(self) -> None:
+        self._drain()
+        self._prefetcher.shutdown(wait=True)
         self.store.close()

@@ -42,14 +42,15 @@ def budget_bytes(manifest, which: str) -> int:
 
 
 def stream(packed, prompt_ids, which="all", policy="lfu", experts_per_token=None, max_inflight=None,
-           io_mode="auto", **kw):
+           io_mode="auto", prefetch=False, **kw):
     """Generates on the packed model; returns (result, the streaming model's cache/store counters)."""
     from node.manifest import read_manifest
 
     cache_bytes = budget_bytes(read_manifest(packed), which)
     extra = {} if max_inflight is None else {"max_inflight_experts": max_inflight}
     sm = load_streaming_model(packed, cache_bytes=cache_bytes, cache_policy=policy,
-                              experts_per_token=experts_per_token, io_mode=io_mode, **extra)
+                              experts_per_token=experts_per_token, io_mode=io_mode, prefetch=prefetch,
+                              **extra)
     try:
         result = generate(sm, prompt_ids, max_tokens=kw.pop("max_tokens", MAX_TOKENS), **kw)
         return result, sm
@@ -116,6 +117,25 @@ def test_in_place_pack_same_tokens_as_mlx_lm(models, arch, quantized):
     for which in BUDGETS:
         result, _ = stream(packed, prompt, which)
         assert result.token_ids == expected, f"budget {which}"
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_prefetch_same_tokens_as_mlx_lm(models, arch):
+    """Prefetch reads guessed experts early into spare slots; a wrong guess must cost only time."""
+    src = models.src(arch, True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    for which in BUDGETS:
+        result, sm = stream(models.packed(arch, True), prompt, which, prefetch=True)
+        assert result.token_ids == expected, f"budget {which}"
+        s = result.stats
+        assert s.prefetch_accuracy is not None
+        if which == "one":
+            assert s.experts_prefetched > 0
+        assert 0 <= s.experts_prefetch_used <= s.experts_prefetched
+        # Every expert a layer asked for came from exactly one place.
+        asked = sm.local.stats.experts_from_cache + sm.local.stats.experts_from_ssd + sm.local.stats.prefetch_used
+        assert asked == sm.local.cache_stats.hits + sm.local.cache_stats.misses
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["packed", "in-place"])
