@@ -24,7 +24,7 @@ test: setup
 bench: setup
 	$(BIN)/edgemoe demo-model $(DEMO_DIR)/src
 	$(BIN)/edgemoe pack $(DEMO_DIR)/src $(DEMO_DIR)/packed --force
-	$(BIN)/edgemoe bench --model $(DEMO_DIR)/packed
+	$(BIN)/edgemoe bench --model $(DEMO_DIR)/packed --cache-mb 4.5 --in-place $(DEMO_DIR)/src
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

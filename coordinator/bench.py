@@ -48,7 +48,7 @@ from node.errors import EdgemoeError
 from node.manifest import DENSE_NAME, Manifest, align, read_manifest, resolve_file
 from node.store import ExpertStore
 
-from .architecture import build_model, routed_experts_per_token
+from node.architecture import build_model, routed_experts_per_token
 from .generate import build_prompt, generate
 from .streaming import StreamingModel, load_streaming_model
 

@@ -85,8 +85,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_demo_model(args: argparse.Namespace) -> None:
     from .demo_model import write_demo_model
 
-    dst = write_demo_model(Path(args.dst))
+    dst = write_demo_model(Path(args.dst), args.size)
     print(f"wrote the demo model to {dst}")
+
+
+def cmd_cluster_init(args: argparse.Namespace) -> None:
+    from node.credentials import init_cluster
+
+    result = init_cluster(Path(args.dir).expanduser() if args.dir else None, rotate=args.rotate)
+    if result.replaced_cluster_id:
+        print(f"re-keyed the cluster: {result.replaced_cluster_id} -> {result.cluster_id}; the old token no longer "
+              "joins: restart the coordinator and every edge-node with the new token")
+    else:
+        print(f"made cluster {result.cluster_id}")
+    print(f"stored its join token in {result.path} (only you can read it; anyone holding it is a cluster member)")
+    print("on every other device run:  edge-node --join TOKEN   with this token:")
+    print(result.token)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo-model", help="write the built-in demo model (an mlx-lm directory)")
     d.add_argument("dst")
+    d.add_argument("--size", choices=("small", "large"), default="small",
+                   help="small: 36 MiB of 4-bit experts; large: 768 MiB of 6 MiB float32 experts, for disk benchmarks")
     d.set_defaults(func=cmd_demo_model)
+
+    c = sub.add_parser("cluster", help="the cluster's credentials")
+    csub = c.add_subparsers(dest="cluster_command", required=True)
+    ci = csub.add_parser("init", help="make the cluster secret and print its join token (the last line)")
+    ci.add_argument("--dir", help="where to keep the token (default: $EDGEMOE_HOME/cluster or ~/.config/edgemoe/cluster)")
+    ci.add_argument("--rotate", action="store_true", help="replace an existing token: re-keys the cluster")
+    ci.set_defaults(func=cmd_cluster_init)
     return parser
 
 

@@ -33,7 +33,7 @@ from node.manifest import (
     fsync_dir,
 )
 
-from .architecture import layer_index, read_config, routed_expert_modules
+from node.architecture import layer_index, read_config, routed_expert_modules
 from .safetensors_io import StoredTensor, copy_range, index_files, write_header
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from node.local import LocalExperts
 from node.manifest import DENSE_NAME, Manifest, read_manifest
 from node.store import ExpertStore
 
-from .architecture import (
+from node.architecture import (
     build_model,
     module_at,
     read_config,

@@ -27,3 +27,19 @@ class SourceModelError(EdgemoeError):
 
 class UnsupportedArchitectureError(EdgemoeError):
     """mlx-lm has no architecture of that name, or it has no routed experts."""
+
+
+class DuplicateNodeError(EdgemoeError):
+    """Another node on the network already advertises this node id."""
+
+
+class PeerAddressError(EdgemoeError):
+    """A static peer address (`--peers HOST:PORT,...`) is malformed."""
+
+
+class JoinTokenError(EdgemoeError):
+    """A join token is malformed, truncated, mistyped or of an unknown version."""
+
+
+class ClusterConfigError(EdgemoeError):
+    """The cluster's config dir is missing its token, already has one, or is open to other users."""

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from mlx_lm.utils import _get_classes, load_config
 
-from node.errors import SourceModelError, UnsupportedArchitectureError
+from .errors import SourceModelError, UnsupportedArchitectureError
 
 ROUTED_EXPERT_CLASSES = (SwitchGLU, SwitchMLP)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -1,0 +1,201 @@
+"""Advertise an edge-node over zeroconf (mDNS) as `_edgemoe._tcp.local.` on one interface.
+
+The service instance name is the node id, so a second node with the same id is
+a name conflict: it is looked up before registering and caught while probing,
+and reported as DuplicateNodeError.
+
+The API is synchronous (python-zeroconf runs its own event-loop thread); from
+asyncio code call `register`/`close` through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+from dataclasses import dataclass, field
+
+from zeroconf import (
+    DNSQuestionType,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceInfo,
+    Zeroconf,
+)
+
+from node.errors import DuplicateNodeError
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_edgemoe._tcp.local."
+# One TXT string is at most 255 bytes (RFC 6763 6.1), "key=" included.
+TXT_STRING_MAX = 255
+FINGERPRINT_PREFIX_LEN = 16
+# How long to listen for an existing node with our id before registering. The
+# probes zeroconf sends while registering catch a conflict too; this lookup
+# asks with a multicast (QM) question, whose answer every socket on the host
+# sees, while the probes' unicast (QU) answers can land on another process's
+# socket when several share port 5353 on one address.
+DUPLICATE_CHECK_MS = 2000
+RECORD_TTL_S = 120
+
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+
+
+def _truncate_utf8(text: str, max_bytes: int) -> str:
+    return text.encode()[:max_bytes].decode(errors="ignore")
+
+
+def models_txt(fingerprints: list[str]) -> str:
+    """Comma-separated fingerprint prefixes that fit one TXT string; the rest are left out (logged)."""
+    budget = TXT_STRING_MAX - len("models=")
+    kept: list[str] = []
+    used = 0
+    for fp in fingerprints:
+        prefix = fp[:FINGERPRINT_PREFIX_LEN]
+        cost = len(prefix.encode()) + (1 if kept else 0)
+        if used + cost > budget:
+            log.warning(
+                "advertising %d of %d model fingerprints (TXT record limit); "
+                "coordinators learn the rest from the node's info RPC",
+                len(kept), len(fingerprints),
+            )
+            break
+        kept.append(prefix)
+        used += cost
+    return ",".join(kept)
+
+
+def build_txt(
+    node_id: str, name: str, protocol_version: int, cluster_id: str, fingerprints: list[str]
+) -> dict[str, str]:
+    """The TXT records of a node's advertisement; every string fits in 255 bytes."""
+    if len(f"cluster={cluster_id}".encode()) > TXT_STRING_MAX:
+        raise ValueError(f"cluster id is longer than {TXT_STRING_MAX - len('cluster=')} bytes")
+    return {
+        "id": node_id,
+        "name": _truncate_utf8(name, TXT_STRING_MAX - len("name=")),
+        "proto": str(int(protocol_version)),
+        "cluster": cluster_id,
+        "models": models_txt(fingerprints),
+    }
+
+
+def ip_version_of(address: str) -> IPVersion:
+    return IPVersion.V6Only if ipaddress.ip_address(address).version == 6 else IPVersion.V4Only
+
+
+@dataclass
+class NodeAdvertisement:
+    """A node's mDNS advertisement, bound to one interface address only.
+
+    `register()` raises DuplicateNodeError when another node already advertises
+    `node_id`; `close()` withdraws the advertisement (sends goodbyes) and is safe
+    to call more than once.
+    """
+
+    node_id: str
+    name: str
+    port: int
+    address: str
+    protocol_version: int
+    cluster_id: str
+    fingerprints: list[str] = field(default_factory=list)
+    duplicate_check_ms: int = DUPLICATE_CHECK_MS
+    _zc: Zeroconf | None = field(default=None, init=False, repr=False)
+    _info: ServiceInfo | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not _NODE_ID_RE.match(self.node_id):
+            raise ValueError(f"node id {self.node_id!r} must be 1-63 letters, digits or '-'")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range 1-65535")
+        ipaddress.ip_address(self.address)
+
+    @property
+    def service_name(self) -> str:
+        return f"{self.node_id}.{SERVICE_TYPE}"
+
+    def service_info(self) -> ServiceInfo:
+        return ServiceInfo(
+            SERVICE_TYPE,
+            self.service_name,
+            port=self.port,
+            properties=build_txt(
+                self.node_id, self.name, self.protocol_version, self.cluster_id, self.fingerprints
+            ),
+            server=f"edgemoe-{self.node_id}.local.",
+            # Short TTLs so a node that dies without a goodbye leaves the
+            # coordinators' view within minutes, not zeroconf's default 75.
+            host_ttl=RECORD_TTL_S,
+            other_ttl=RECORD_TTL_S,
+            addresses=[socket.inet_pton(_family(self.address), self.address)],
+        )
+
+    def register(self) -> None:
+        """Announce the node; raises DuplicateNodeError if its id is already on the network."""
+        if self._zc is not None:
+            return
+        zc = Zeroconf(interfaces=[self.address], ip_version=ip_version_of(self.address))
+        try:
+            self._check_not_advertised(zc)
+            info = self.service_info()
+            try:
+                zc.register_service(info, allow_name_change=False)
+            except NonUniqueNameException:
+                raise self._duplicate_error(None) from None
+        except BaseException:
+            zc.close()
+            raise
+        self._zc, self._info = zc, info
+        log.info(
+            "advertising node %s (%s) at %s:%d as %s",
+            self.node_id, self.name, self.address, self.port, SERVICE_TYPE,
+        )
+
+    def _check_not_advertised(self, zc: Zeroconf) -> None:
+        other = zc.get_service_info(
+            SERVICE_TYPE,
+            self.service_name,
+            timeout=self.duplicate_check_ms,
+            question_type=DNSQuestionType.QM,
+        )
+        if other is not None:
+            raise self._duplicate_error(other)
+
+    def _duplicate_error(self, other: ServiceInfo | None) -> DuplicateNodeError:
+        where = ""
+        if other is not None:
+            hosts = other.parsed_addresses()
+            where = f" at {hosts[0] if hosts else other.server}:{other.port}"
+        return DuplicateNodeError(
+            f"node id {self.node_id} is already advertised by another node{where}; "
+            "stop that node, or give this one its own --data-dir (the node id is kept there)"
+        )
+
+    def unregister(self) -> None:
+        """Withdraw the advertisement (goodbye packets) and release the sockets."""
+        zc, info = self._zc, self._info
+        self._zc = self._info = None
+        if zc is None:
+            return
+        try:
+            if info is not None:
+                zc.unregister_service(info)
+        finally:
+            zc.close()
+        log.info("withdrew advertisement of node %s", self.node_id)
+
+    close = unregister
+
+    def __enter__(self) -> NodeAdvertisement:
+        self.register()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
