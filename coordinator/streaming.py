@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import load_tokenizer
 
-from node.compute import ExpertKernel
+from node.compute import ExpertKernel, compute_pairs
 from node.errors import ManifestError
 from node.local import LocalExperts
 from node.manifest import DENSE_NAME, Manifest, read_manifest
@@ -75,6 +75,7 @@ class StreamingExperts(nn.Module):
         self.source = source
         self.max_inflight = max_inflight
         self.prefetch: Prefetch | None = None
+        self.cluster = None
         # What the previous layer guessed this one would ask for, and how well it did.
         self.guess: set[int] | None = None
         self.guessed = 0
@@ -88,6 +89,8 @@ class StreamingExperts(nn.Module):
             self._bound = arrays
         # The one host sync per layer: which experts the router chose.
         chosen = np.array(indices)
+        if self.cluster is not None:
+            return self.cluster.run_layer(self.layer, self.kernel, x, chosen, self.max_inflight)
         flat = chosen.ravel().tolist()
         needed = sorted(set(flat))
         if self.guess is not None:
@@ -103,7 +106,7 @@ class StreamingExperts(nn.Module):
             if self.prefetch is not None and chosen.size // chosen.shape[-1] == 1:
                 self._prefetch_next(x, chosen.shape[-1])
             return out
-        return self._chunked(x, chosen, needed)
+        return self._chunked(x, chosen)
 
     def _prefetch_next(self, x: mx.array, k: int) -> None:
         logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1])
@@ -112,23 +115,12 @@ class StreamingExperts(nn.Module):
         self.source.prefetch(following.layer, guess)
         following.guess = set(guess)
 
-    def _chunked(self, x: mx.array, chosen: np.ndarray, needed: list[int]) -> mx.array:
-        """Computes the (token, slot) rows of a few experts at a time and scatters them back."""
+    def _chunked(self, x: mx.array, chosen: np.ndarray) -> mx.array:
+        """Every (token, slot) pair as a row, a group of experts at a time."""
         k = chosen.shape[-1]
-        flat_x = x.reshape(-1, x.shape[-1])
-        flat_idx = chosen.reshape(-1)
-        out = None
-        for start in range(0, len(needed), self.max_inflight):
-            group = needed[start : start + self.max_inflight]
-            rows = np.flatnonzero(np.isin(flat_idx, group))
-            slot_of = dict(zip(group, self.source.slots(self.layer, group).tolist()))
-            slots = np.array([slot_of[e] for e in flat_idx[rows]], dtype=np.uint32)
-            y = self.kernel(flat_x[mx.array(rows // k)], slots[:, None]).reshape(len(rows), -1)
-            if out is None:
-                out = mx.zeros((flat_idx.size, y.shape[-1]), dtype=y.dtype)
-            out[mx.array(rows)] = y
-            # The next group's reads reuse scratch slots: this group must be computed first.
-            mx.eval(out)
+        flat = chosen.reshape(-1)
+        out = compute_pairs(self.kernel, lambda group: self.source.slots(self.layer, group),
+                            x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, self.max_inflight)
         return out.reshape(*chosen.shape, -1)
 
 
@@ -140,8 +132,11 @@ class StreamingModel:
     manifest: Manifest
     local: LocalExperts
     dense_bytes: int
+    cluster: object = None
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
         self.local.close()
 
 
@@ -177,6 +172,8 @@ def load_streaming_model(
     max_inflight_experts: int = MAX_INFLIGHT_EXPERTS,
     io_mode: str = "auto",
     prefetch: bool = False,
+    peers: list[str] | None = None,
+    credentials=None,
 ) -> StreamingModel:
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -224,4 +221,11 @@ def load_streaming_model(
         local.close()
         raise
     dense_bytes = sum(a.nbytes for a in weights.values())
-    return StreamingModel(model, tokenizer, config, manifest, local, dense_bytes)
+    sm = StreamingModel(model, tokenizer, config, manifest, local, dense_bytes)
+    if peers:
+        from .cluster import Cluster
+
+        sm.cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers)
+        for spec in manifest.layers:
+            module_at(model, spec.module_path).cluster = sm.cluster
+    return sm

@@ -9,6 +9,8 @@ with every expert in RAM.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -77,3 +79,38 @@ class ExpertKernel:
     def __call__(self, x: mx.array, slots: np.ndarray) -> mx.array:
         """`slots` has the shape of mlx-lm's `indices` (`x.shape[:-1] + (k,)`), holding slot ids."""
         return self.template(x, mx.array(slots))
+
+
+def input_dims(kernel: ExpertKernel) -> int:
+    """The hidden size the layer's experts take."""
+    first = next(m for m in kernel.template.children().values() if hasattr(m, "input_dims"))
+    return first.input_dims
+
+
+def compute_pairs(
+    kernel: ExpertKernel,
+    slots_for: Callable[[list[int]], np.ndarray],
+    x: mx.array,
+    rows: np.ndarray,
+    experts: np.ndarray,
+    max_inflight: int,
+) -> mx.array:
+    """Output row i is expert `experts[i]` applied to `x[rows[i]]`; `[len(rows), hidden]`.
+
+    Experts are brought into slots `max_inflight` at a time (`slots_for` returns the
+    slot of each expert it is given), each group computed before the next is fetched,
+    since a later group may reuse the earlier group's scratch slots.
+    """
+    needed = sorted(set(experts.tolist()))
+    out = None
+    for start in range(0, len(needed), max_inflight):
+        group = needed[start : start + max_inflight]
+        picked = np.flatnonzero(np.isin(experts, group))
+        slot_of = dict(zip(group, slots_for(group).tolist()))
+        slots = np.array([slot_of[e] for e in experts[picked].tolist()], dtype=np.uint32)
+        y = kernel(x[mx.array(rows[picked])], slots[:, None]).reshape(len(picked), -1)
+        if out is None:
+            out = mx.zeros((len(rows), y.shape[-1]), dtype=y.dtype)
+        out[mx.array(picked)] = y
+        mx.eval(out)
+    return out

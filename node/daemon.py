@@ -1,17 +1,132 @@
-"""`edge-node`: the daemon other devices run. Cluster mode is not built yet."""
+"""`edge-node`: serves this device's experts to the cluster's coordinator."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
 import sys
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import edgemoe_node_pb2_grpc as pb_grpc
+
+from .credentials import ClusterCredentials, parse_token, server_credentials
+from .errors import EdgemoeError
+from .holdings import NodeHoldings
+from .service import NodeIdentity, NodeService
+from .version import PROTOCOL_VERSION
+
+log = logging.getLogger("edge-node")
+
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+class ListenError(EdgemoeError):
+    """The address to listen on is malformed or taken."""
+
+
+def node_id(data_dir: Path) -> str:
+    """A random id, made once and kept in the data dir, so a restarted node is the same node."""
+    path = data_dir / "node_id"
+    if path.exists():
+        return path.read_text().strip()
+    value = uuid.uuid4().hex[:16]
+    path.write_text(value + "\n")
+    return value
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ListenError(f"--listen {text!r} is not HOST:PORT (e.g. 0.0.0.0:7070)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    secret = parse_token(args.join)
+    data_dir = Path(args.data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    identity = NodeIdentity(node_id(data_dir), args.name or socket.gethostname(), int(args.cache_mb * 2**20))
+    credentials = ClusterCredentials.create(secret, identity.name)
+    holdings = NodeHoldings(data_dir)
+    service = NodeService(identity, holdings)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    pb_grpc.add_EdgeNodeServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host, port = parse_listen(args.listen)
+    try:
+        port = server.add_secure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                                      server_credentials(credentials))
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {args.listen} (in use?); pick another port with --listen") from exc
+    if port == 0:
+        raise ListenError(f"cannot listen on {args.listen} (in use?); pick another port with --listen")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    advertisement = _advertise(args, identity, port, credentials.cluster_id, holdings)
+    print(f"edge-node {identity.name} ({identity.node_id}) listening on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        if advertisement is not None:
+            await asyncio.to_thread(advertisement.close)
+        await server.stop(grace=1.0)
+        service.close()
+
+
+def _advertise(args, identity: NodeIdentity, port: int, cluster_id: str, holdings: NodeHoldings):
+    address = args.interface or (None if parse_listen(args.listen)[0] in ("0.0.0.0", "::") else parse_listen(args.listen)[0])
+    if address is None or args.no_advertise:
+        log.warning("not advertising over mDNS: pass --interface ADDR (this device's LAN address) to be found")
+        return None
+    from .advertise import NodeAdvertisement
+
+    ad = NodeAdvertisement(identity.node_id, identity.name, port, address, PROTOCOL_VERSION, cluster_id,
+                           list(holdings.models))
+    ad.register()
+    return ad
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-node", description="Serve this device's experts to an edgemoe cluster.")
+    p.add_argument("--join", required=True, metavar="TOKEN", help="the join token `edgemoe cluster init` printed")
+    p.add_argument("--listen", default="0.0.0.0:7070", metavar="HOST:PORT")
+    p.add_argument("--cache-mb", type=float, default=1024, help="RAM budget for this node's experts, in MiB")
+    p.add_argument("--data-dir", default="~/.local/share/edgemoe-node", help="where pushed experts are kept")
+    p.add_argument("--interface", metavar="ADDR", help="LAN address to advertise on (mDNS)")
+    p.add_argument("--name", help="a name for this node (default: the host name)")
+    p.add_argument("--no-advertise", action="store_true", help="do not advertise over mDNS")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(
-        "edge-node: cluster mode is not available in this edgemoe version yet; "
-        "run models on one machine with `edgemoe generate`",
-        file=sys.stderr,
-    )
-    return 2
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if args.cache_mb <= 0:
+            raise EdgemoeError(f"--cache-mb {args.cache_mb} must be positive")
+        asyncio.run(serve(args))
+    except EdgemoeError as exc:
+        print(f"edge-node: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

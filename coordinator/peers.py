@@ -1,0 +1,169 @@
+"""One edge node as the coordinator sees it: a TLS channel, a long-lived compute stream,
+health with growing back-off, and round-trip times."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+
+from node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials
+from node.version import PROTOCOL_VERSION
+from protos import edgemoe_node_pb2 as pb
+from protos import edgemoe_node_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+PUSH_CHUNK_BYTES = 1 << 20
+
+
+class PeerDown(Exception):
+    """The peer's stream is broken; its pending calls go to the SSD path."""
+
+
+@dataclass
+class PeerStats:
+    calls: int = 0
+    failures: int = 0
+    experts: int = 0
+    rtt_ms: list[float] = field(default_factory=list)
+
+    @property
+    def mean_rtt_ms(self) -> float | None:
+        return sum(self.rtt_ms) / len(self.rtt_ms) if self.rtt_ms else None
+
+
+class Peer:
+    def __init__(self, address: str, credentials: ClusterCredentials):
+        self.address = address
+        self.node_id = ""
+        self.name = address
+        self.stats = PeerStats()
+        self.held: set[tuple[int, int]] = set()
+        self.info: pb.NodeInfo | None = None
+        self._channel = grpc.secure_channel(address, channel_credentials(credentials), options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.EdgeNodeStub(self._channel)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[Future, float]] = {}
+        self._requests: queue.Queue | None = None
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self.last_error = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self._requests is not None
+
+    def due_for_retry(self) -> bool:
+        return not self.healthy and time.monotonic() >= self._retry_at
+
+    def connect(self, fingerprint: str, timeout: float = 2.0) -> bool:
+        """Asks the node what it is and holds, then opens the compute stream. False if it is unusable."""
+        try:
+            info = self._stub.Info(pb.InfoRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            self._failed(f"cannot reach node at {self.address}: {exc.code().name} {_detail(exc)}")
+            return False
+        if info.protocol_version != PROTOCOL_VERSION:
+            self._failed(f"node {info.name or self.address} speaks protocol {info.protocol_version}, "
+                         f"this coordinator {PROTOCOL_VERSION}: upgrade edgemoe on both")
+            return False
+        self.info, self.node_id, self.name = info, info.node_id, info.name or self.address
+        self.held = _held(info, fingerprint)
+        requests: queue.Queue = queue.Queue()
+        replies = self._stub.Compute(iter(requests.get, None))
+        with self._lock:
+            self._requests = requests
+        threading.Thread(target=self._read_replies, args=(replies,), daemon=True, name=f"peer-{self.name}").start()
+        self._backoff = 0.0
+        log.info("node %s (%s) holds %d experts of this model", self.name, self.address, len(self.held))
+        return True
+
+    def refresh(self, fingerprint: str, timeout: float = 2.0) -> None:
+        try:
+            info = self._stub.Info(pb.InfoRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return
+        self.info = info
+        self.held = _held(info, fingerprint)
+
+    def compute(self, request: pb.ComputeRequest) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._requests is None:
+                future.set_exception(PeerDown(self.last_error or "not connected"))
+                return future
+            request.request_id = next(self._ids)
+            self._pending[request.request_id] = (future, time.perf_counter())
+            self._requests.put(request)
+        self.stats.calls += 1
+        return future
+
+    def mark_failed(self, reason: str) -> None:
+        self._failed(reason)
+
+    def _read_replies(self, replies) -> None:
+        try:
+            for reply in replies:
+                with self._lock:
+                    entry = self._pending.pop(reply.request_id, None)
+                if entry is not None:
+                    future, sent = entry
+                    self.stats.rtt_ms.append((time.perf_counter() - sent) * 1e3)
+                    future.set_result(reply)
+            self._failed(f"node {self.name} closed its stream")
+        except grpc.RpcError as exc:
+            self._failed(f"node {self.name} failed: {exc.code().name} {_detail(exc)}")
+
+    def _failed(self, reason: str) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, None
+            pending, self._pending = self._pending, {}
+            if requests is not None:
+                requests.put(None)
+                self._backoff = min(MAX_BACKOFF_S, max(MIN_BACKOFF_S, self._backoff * 2))
+                self._retry_at = time.monotonic() + self._backoff
+                self.stats.failures += 1
+        if reason != self.last_error:
+            log.warning("%s; using the local SSD for its experts (retry in %.1fs)", reason, self._backoff)
+        self.last_error = reason
+        for future, _ in pending.values():
+            if not future.done():
+                future.set_exception(PeerDown(reason))
+
+    def push(self, spec: pb.ModelSpec, records) -> pb.PushReply:
+        """Streams experts to the node: `records` yields (layer, expert, checksum, record bytes)."""
+
+        def chunks():
+            yield pb.PushChunk(model=spec)
+            for layer, expert, checksum, record in records:
+                for offset in range(0, len(record), PUSH_CHUNK_BYTES):
+                    yield pb.PushChunk(layer=layer, expert=expert, checksum=checksum, record_bytes=len(record),
+                                       offset=offset, data=bytes(record[offset : offset + PUSH_CHUNK_BYTES]))
+
+        return self._stub.PushExperts(chunks(), timeout=600)
+
+    def close(self) -> None:
+        self._failed("closed")
+        self._channel.close()
+
+
+def _held(info: pb.NodeInfo, fingerprint: str) -> set[tuple[int, int]]:
+    for model in info.models:
+        if model.fingerprint == fingerprint:
+            return set(zip(model.layers, model.experts))
+    return set()
+
+
+def _detail(exc: grpc.RpcError) -> str:
+    details = exc.details() if hasattr(exc, "details") else ""
+    return (details or "").splitlines()[0][:200] if details else ""

@@ -1,0 +1,39 @@
+"""Arrays on the wire: raw little-endian bytes with dtype and shape, checked before use."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from protos import edgemoe_node_pb2 as pb
+
+from .errors import EdgemoeError
+
+WIRE_DTYPES = {"float32": (np.float32, None), "float16": (np.float16, None), "bfloat16": (np.uint16, mx.bfloat16)}
+
+
+class WireError(EdgemoeError):
+    """A message from a peer is malformed: wrong dtype, shape, size or ids."""
+
+
+def tensor_from_array(arr: mx.array) -> pb.Tensor:
+    name = str(arr.dtype).removeprefix("mlx.core.")
+    if name not in WIRE_DTYPES:
+        arr, name = arr.astype(mx.float32), "float32"
+    mx.eval(arr)
+    return pb.Tensor(dtype=name, shape=list(arr.shape), data=bytes(memoryview(arr).cast("B")))
+
+
+def array_from_tensor(tensor: pb.Tensor, max_rows: int) -> mx.array:
+    if tensor.dtype not in WIRE_DTYPES:
+        raise WireError(f"tensor dtype {tensor.dtype[:20]!r} is not one of {', '.join(WIRE_DTYPES)}")
+    shape = list(tensor.shape)
+    if not 1 <= len(shape) <= 3 or any(d <= 0 for d in shape) or shape[0] > max_rows:
+        raise WireError(f"tensor shape {shape[:4]} is not allowed")
+    np_dtype, mx_view = WIRE_DTYPES[tensor.dtype]
+    if len(tensor.data) != math.prod(shape) * np.dtype(np_dtype).itemsize:
+        raise WireError(f"tensor of shape {shape} and dtype {tensor.dtype} carries {len(tensor.data)} bytes")
+    arr = mx.array(np.frombuffer(tensor.data, dtype=np_dtype).reshape(shape))
+    return arr.view(mx_view) if mx_view is not None else arr
