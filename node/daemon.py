@@ -58,7 +58,8 @@ async def serve(args: argparse.Namespace) -> None:
     credentials = ClusterCredentials.create(secret, identity.name)
     holdings = NodeHoldings(data_dir)
     service = NodeService(identity, holdings)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # so_reuseport off: a second node on a taken port must fail, not share it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     pb_grpc.add_EdgeNodeServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

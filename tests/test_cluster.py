@@ -1,0 +1,249 @@
+"""Edge nodes on loopback: real `edge-node` processes, mutual TLS, the coordinator's fallback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import encode, mlx_lm_tokens
+from coordinator.generate import generate
+from coordinator.streaming import load_streaming_model
+from node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials, format_token, new_secret
+from node.manifest import read_manifest
+from protos import edgemoe_node_pb2 as pb
+from protos import edgemoe_node_pb2_grpc as pb_grpc
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+MAX_TOKENS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NodeProcess:
+    def __init__(self, token: str, data_dir: Path, cache_mb: float = 1, port: int | None = None):
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.daemon", "--join", token, "--listen", self.address, "--data-dir",
+             str(data_dir), "--cache-mb", str(cache_mb), "--no-advertise", "--name", data_dir.name],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()
+        assert "listening" in line, self.proc.stderr.read()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def token() -> str:
+    return format_token(new_secret())
+
+
+@pytest.fixture
+def nodes(token, tmp_path):
+    started: list[NodeProcess] = []
+
+    def start(n: int, **kw) -> list[NodeProcess]:
+        for _ in range(n):
+            started.append(NodeProcess(kw.pop("token", token), tmp_path / f"node{len(started)}", **kw))
+        return started[-n:]
+
+    yield start
+    for node in started:
+        node.stop(signal.SIGKILL)
+
+
+def coordinator(packed: Path, token: str, addresses: list[str], cache_bytes: int):
+    creds = ClusterCredentials.from_token(token, "coordinator")
+    return load_streaming_model(packed, cache_bytes=cache_bytes, peers=addresses, credentials=creds)
+
+
+def wait_for_placement(sm, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(p.held for p in sm.cluster.peers):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"experts never reached the nodes: {[len(p.held) for p in sm.cluster.peers]}")
+
+
+@pytest.mark.parametrize("n_nodes", [1, 2, 3])
+def test_same_tokens_as_mlx_lm_with_nodes(models, nodes, token, n_nodes):
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    started = nodes(n_nodes)
+    # The coordinator caches two experts, so nearly every expert is the nodes' to compute.
+    sm = coordinator(packed, token, [n.address for n in started], 2 * read_manifest(packed).expert_bytes)
+    try:
+        wait_for_placement(sm)
+        result = generate(sm, prompt, max_tokens=MAX_TOKENS)
+        assert result.token_ids == expected
+        assert sm.cluster.stats.experts_from_peers > 0
+        assert sm.cluster.stats.fallbacks == 0
+        assert all(p.stats.calls > 0 and p.stats.mean_rtt_ms is not None for p in sm.cluster.peers)
+        # One request per involved node per MoE layer per forward pass, never one per expert.
+        assert sm.cluster.stats.peer_calls < sm.cluster.stats.experts_from_peers
+    finally:
+        sm.close()
+
+
+def test_node_killed_mid_generation_same_tokens(models, nodes, token):
+    src, packed = models.src("deepseek_v3", True), models.packed("deepseek_v3", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    started = nodes(2)
+    sm = coordinator(packed, token, [n.address for n in started], read_manifest(packed).expert_bytes)
+    try:
+        wait_for_placement(sm)
+        tokens = []
+
+        def kill_after_four(token_id: int) -> None:
+            tokens.append(token_id)
+            if len(tokens) == 4:
+                started[0].stop(signal.SIGKILL)
+
+        result = generate(sm, prompt, max_tokens=MAX_TOKENS, on_token=kill_after_four)
+        assert result.token_ids == expected
+        assert sm.cluster.stats.fallbacks >= 1 or not sm.cluster.peers[0].healthy
+        assert not sm.cluster.peers[0].healthy
+        assert sm.cluster.peers[1].healthy
+    finally:
+        sm.close()
+
+
+def test_unreachable_and_wrong_cluster_peers_change_nothing(models, nodes, token):
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    stranger = nodes(1, token=format_token(new_secret()))[0]
+    sm = coordinator(packed, token, [f"127.0.0.1:{free_port()}", stranger.address], read_manifest(packed).expert_bytes)
+    try:
+        assert not any(p.healthy for p in sm.cluster.peers)
+        assert all(p.last_error for p in sm.cluster.peers)
+        result = generate(sm, prompt, max_tokens=MAX_TOKENS)
+        assert result.token_ids == expected
+        assert sm.cluster.stats.experts_from_peers == 0
+    finally:
+        sm.close()
+
+
+def test_node_restart_keeps_pushed_experts(models, nodes, token, tmp_path):
+    packed = models.packed("qwen3_moe", True)
+    first = nodes(1)[0]
+    sm = coordinator(packed, token, [first.address], read_manifest(packed).expert_bytes)
+    try:
+        wait_for_placement(sm)
+        held = set(sm.cluster.peers[0].held)
+    finally:
+        sm.close()
+    first.stop()
+    again = NodeProcess(token, tmp_path / "node0")
+    try:
+        stub, channel = _stub(token, again.address)
+        info = stub.Info(pb.InfoRequest(), timeout=5)
+        channel.close()
+        assert {(l, e) for m in info.models for l, e in zip(m.layers, m.experts)} == held
+    finally:
+        again.stop()
+
+
+def _stub(token: str, address: str):
+    creds = ClusterCredentials.from_token(token, "test-client")
+    channel = grpc.secure_channel(address, channel_credentials(creds), options=CHANNEL_OPTIONS)
+    return pb_grpc.EdgeNodeStub(channel), channel
+
+
+def _tensor(arr: np.ndarray, dtype: str = "float32") -> pb.Tensor:
+    return pb.Tensor(dtype=dtype, shape=list(arr.shape), data=arr.tobytes())
+
+
+def test_malformed_compute_requests_get_an_error_reply_and_the_node_keeps_serving(models, nodes, token):
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    node = nodes(1)[0]
+    sm = coordinator(packed, token, [node.address], manifest.expert_bytes)
+    try:
+        wait_for_placement(sm)
+        layer, expert = sorted(sm.cluster.peers[0].held)[0]
+    finally:
+        sm.close()
+    hidden_size = 64
+    good = np.ones((1, hidden_size), dtype=np.float32)
+    fp = manifest.fingerprint
+    bad = [
+        pb.ComputeRequest(fingerprint="0" * 64, layer=layer, hidden=_tensor(good), rows=[0], experts=[expert]),
+        pb.ComputeRequest(fingerprint=fp, layer=999, hidden=_tensor(good), rows=[0], experts=[expert]),
+        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(np.ones((1, 7), np.float32)), rows=[0], experts=[expert]),
+        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=pb.Tensor(dtype="float32", shape=[1, hidden_size], data=b"x"),
+                          rows=[0], experts=[expert]),
+        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good.astype(np.int32), "int32"), rows=[0], experts=[expert]),
+        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good), rows=[5], experts=[expert]),
+        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good), rows=[0], experts=[10_000]),
+        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good), rows=[0, 0], experts=[expert]),
+    ]
+    ok = pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good), rows=[0], experts=[expert])
+    stub, channel = _stub(token, node.address)
+    try:
+        replies = list(stub.Compute(iter(bad + [ok]), timeout=30))
+    finally:
+        channel.close()
+    assert len(replies) == len(bad) + 1
+    for reply in replies[:-1]:
+        assert reply.error and not reply.HasField("output")
+    assert not replies[-1].error
+    assert list(replies[-1].output.shape) == [1, hidden_size]
+    assert node.proc.poll() is None
+
+
+def test_plaintext_client_is_refused(nodes):
+    node = nodes(1)[0]
+    channel = grpc.insecure_channel(node.address)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.EdgeNodeStub(channel).Info(pb.InfoRequest(), timeout=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
+
+
+def test_port_in_use_and_bad_token_give_one_line_errors(nodes, token, tmp_path):
+    busy = nodes(1)[0]
+    for args, words in [
+        (["--join", token, "--listen", busy.address], ["--listen", "in use"]),
+        (["--join", "not-a-token", "--listen", f"127.0.0.1:{free_port()}"], ["join token"]),
+        (["--join", token, "--listen", "nonsense"], ["HOST:PORT"]),
+    ]:
+        out = subprocess.run([sys.executable, "-m", "node.daemon", *args, "--data-dir", str(tmp_path / "x"),
+                              "--no-advertise"], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr
+        lines = [l for l in out.stderr.splitlines() if l.startswith("edge-node: error:")]
+        assert len(lines) == 1 and all(w in lines[0] for w in words), out.stderr
+
+
+def test_generated_protos_match_the_proto(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"--python_out={tmp_path}",
+                    f"--grpc_python_out={tmp_path}", str(root / "protos/edgemoe_node.proto")], check=True)
+    for name in ("edgemoe_node_pb2.py", "edgemoe_node_pb2_grpc.py"):
+        fresh = [l for l in (tmp_path / "protos" / name).read_text().splitlines() if "Protobuf Python Version" not in l]
+        committed = [l for l in (root / "protos" / name).read_text().splitlines() if "Protobuf Python Version" not in l]
+        assert fresh == committed, f"protos/{name} is stale: regenerate it with grpc_tools.protoc"
