@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from node.errors import EdgemoeError
@@ -33,12 +34,47 @@ def cmd_pack(args: argparse.Namespace) -> None:
     )
 
 
+DISCOVERY_SECONDS = 2.0
+
+
+def resolve_peers(args: argparse.Namespace) -> tuple[list[str], object]:
+    """The peer addresses to use and this coordinator's cluster credentials (none without a cluster)."""
+    from node.credentials import ClusterCredentials, default_cluster_dir, load_cluster_secret
+
+    from .discovery import parse_static_peers
+
+    if args.peers == "none":
+        return [], None
+    directory = Path(args.cluster_dir).expanduser() if args.cluster_dir else default_cluster_dir()
+    if args.peers == "auto":
+        if not (directory / "join-token").exists():
+            log.info("no cluster in %s: running on this machine alone", directory)
+            return [], None
+        if not args.interface:
+            log.warning("not browsing for nodes: pass --interface ADDR (this machine's LAN address) or --peers HOST:PORT")
+            return [], None
+    secret = load_cluster_secret(directory)
+    credentials = ClusterCredentials.create(secret, "coordinator")
+    if args.peers != "auto":
+        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in parse_static_peers(args.peers)], credentials
+    from node.version import PROTOCOL_VERSION
+
+    from .discovery import PeerBrowser
+
+    with PeerBrowser(args.interface, credentials.cluster_id, PROTOCOL_VERSION) as browser:
+        time.sleep(DISCOVERY_SECONDS)
+        found = browser.peers()
+    log.info("found %d nodes over mDNS", len(found))
+    return [f"[{p.host}]:{p.port}" if ":" in p.host else f"{p.host}:{p.port}" for p in found], credentials
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import build_prompt, generate
     from .streaming import load_streaming_model
 
     if args.max_tokens < 1:
         raise EdgemoeError(f"--max-tokens {args.max_tokens} must be at least 1")
+    peers, credentials = resolve_peers(args)
     sm = load_streaming_model(
         Path(args.model),
         cache_bytes=_cache_bytes(args),
@@ -46,6 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         cache_policy=args.cache_policy,
         io_mode=args.io,
         prefetch=args.prefetch,
+        peers=peers,
+        credentials=credentials,
     )
     try:
         prompt = build_prompt(sm, args.prompt, chat_template=not args.no_chat_template)
@@ -59,10 +97,61 @@ def cmd_generate(args: argparse.Namespace) -> None:
     finally:
         sm.close()
     if args.json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}))
+        stats = result.stats.to_dict()
+        if sm.cluster is not None:
+            stats.update(cluster_stats(sm.cluster))
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": stats}))
     else:
         print()
         print(result.stats.summary(), file=sys.stderr)
+
+
+def cluster_stats(cluster) -> dict:
+    return {
+        "peer_calls": cluster.stats.peer_calls,
+        "experts_from_peers": cluster.stats.experts_from_peers,
+        "fallbacks": cluster.stats.fallbacks,
+        "nodes": [
+            {"address": p.address, "name": p.name, "node_id": p.node_id, "healthy": p.healthy, "calls": p.stats.calls,
+             "failures": p.stats.failures, "mean_rtt_ms": p.stats.mean_rtt_ms, "experts_held": len(p.held),
+             "error": p.last_error or None}
+            for p in cluster.peers
+        ],
+    }
+
+
+def cmd_peers(args: argparse.Namespace) -> None:
+    from .peers import Peer
+
+    addresses, credentials = resolve_peers(args)
+    rows = []
+    for address in addresses:
+        peer = Peer(address, credentials)
+        start = time.perf_counter()
+        ok = peer.connect(fingerprint="")
+        rtt_ms = (time.perf_counter() - start) * 1e3
+        info = peer.info
+        rows.append({
+            "address": address, "healthy": ok, "rtt_ms": round(rtt_ms, 2) if ok else None,
+            "name": info.name if info else None, "node_id": info.node_id if info else None,
+            "experts_held": sum(len(m.layers) for m in info.models) if info else None,
+            "models": [m.fingerprint[:12] for m in info.models] if info else [],
+            "cache_used_bytes": info.cache_used_bytes if info else None,
+            "cache_free_bytes": info.cache_budget_bytes - info.cache_used_bytes if info else None,
+            "error": None if ok else peer.last_error,
+        })
+        peer.close()
+    if args.json:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        print("no nodes found (start `edge-node --join TOKEN` on other devices; pass --peers HOST:PORT or --interface ADDR)")
+    for r in rows:
+        if r["healthy"]:
+            print(f"{r['address']:<22} {r['name']:<16} healthy  rtt {r['rtt_ms']:.1f} ms  experts {r['experts_held']}  "
+                  f"cache used {r['cache_used_bytes'] / 2**20:.1f} MiB free {r['cache_free_bytes'] / 2**20:.1f} MiB")
+        else:
+            print(f"{r['address']:<22} unreachable: {r['error']}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -134,8 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="guess each next layer's experts with its router and start reading them early",
         )
 
+    def peer_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--peers", default="auto",
+                       help="auto (browse mDNS on --interface), none, or HOST:PORT,HOST:PORT (default: auto)")
+        p.add_argument("--interface", metavar="ADDR", help="this machine's LAN address, to browse for nodes on")
+        p.add_argument("--cluster-dir", help="where `edgemoe cluster init` keeps the token")
+
     g = sub.add_parser("generate", help="generate text")
     model_options(g)
+    peer_options(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=100)
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
@@ -157,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", choices=("small", "large"), default="small",
                    help="small: 36 MiB of 4-bit experts; large: 768 MiB of 6 MiB float32 experts, for disk benchmarks")
     d.set_defaults(func=cmd_demo_model)
+
+    pe = sub.add_parser("peers", help="the nodes this coordinator can use: health, round trip, experts held, cache")
+    peer_options(pe)
+    pe.add_argument("--json", action="store_true", help="print one JSON list")
+    pe.set_defaults(func=cmd_peers)
 
     c = sub.add_parser("cluster", help="the cluster's credentials")
     csub = c.add_subparsers(dest="cluster_command", required=True)

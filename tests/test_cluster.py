@@ -247,3 +247,50 @@ def test_generated_protos_match_the_proto(tmp_path):
         fresh = [l for l in (tmp_path / "protos" / name).read_text().splitlines() if "Protobuf Python Version" not in l]
         committed = [l for l in (root / "protos" / name).read_text().splitlines() if "Protobuf Python Version" not in l]
         assert fresh == committed, f"protos/{name} is stale: regenerate it with grpc_tools.protoc"
+
+
+def _init_cluster(tmp_path: Path) -> tuple[Path, str]:
+    directory = tmp_path / "cluster"
+    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "cluster", "init", "--dir", str(directory)],
+                         capture_output=True, text=True, check=True)
+    return directory, out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("discovery", ["static", "mdns-loopback"])
+def test_cli_generate_and_peers_through_a_node(models, tmp_path, discovery):
+    import json
+
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt_ids = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt_ids, max_tokens=MAX_TOKENS, models=models)
+    directory, token = _init_cluster(tmp_path)
+    port = free_port()
+    node = subprocess.Popen(
+        [sys.executable, "-m", "node.daemon", "--join", token, "--listen", f"127.0.0.1:{port}", "--data-dir",
+         str(tmp_path / "node"), "--cache-mb", "1", "--name", "loop"]
+        + (["--interface", "127.0.0.1"] if discovery == "mdns-loopback" else ["--no-advertise"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert "listening" in node.stdout.readline()
+        where = ["--peers", f"127.0.0.1:{port}"] if discovery == "static" else ["--peers", "auto", "--interface", "127.0.0.1"]
+        common = [*where, "--cluster-dir", str(directory)]
+        peers = subprocess.run([sys.executable, "-m", "coordinator.cli", "peers", *common, "--json"],
+                               capture_output=True, text=True, timeout=60)
+        rows = json.loads(peers.stdout)
+        assert len(rows) == 1 and rows[0]["healthy"] and rows[0]["name"] == "loop", peers.stderr
+        gen = subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", "generate", "--model", str(packed), "--prompt", PROMPT,
+             "--no-chat-template", "--max-tokens", str(MAX_TOKENS), "--json", "--cache-mb", "0.01", *common],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert gen.returncode == 0, gen.stderr
+        out = json.loads(gen.stdout)
+        assert out["token_ids"] == expected
+        stats = out["stats"]
+        for key in ("peer_calls", "experts_from_peers", "experts_from_ssd", "fallbacks", "nodes"):
+            assert key in stats
+        assert stats["nodes"][0]["name"] == "loop"
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=20)
