@@ -104,7 +104,9 @@ def _advertise(args, identity: NodeIdentity, port: int, cluster_id: str, holding
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-node", description="Serve this device's experts to an edgemoe cluster.")
-    p.add_argument("--join", required=True, metavar="TOKEN", help="the join token `edgemoe cluster init` printed")
+    p.add_argument("--join", default=os.environ.get("EDGEMOE_JOIN_TOKEN"), metavar="TOKEN",
+                   help="the join token `edgemoe cluster init` printed (default: $EDGEMOE_JOIN_TOKEN, which keeps "
+                   "it out of the process list)")
     p.add_argument("--listen", default="0.0.0.0:7070", metavar="HOST:PORT")
     p.add_argument("--cache-mb", type=float, default=1024, help="RAM budget for this node's experts, in MiB")
     p.add_argument("--data-dir", default="~/.local/share/edgemoe-node", help="where pushed experts are kept")
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
+        if not args.join:
+            raise EdgemoeError("no join token: pass --join TOKEN or set EDGEMOE_JOIN_TOKEN "
+                               "(the last line of `edgemoe cluster init` on the coordinator)")
         if args.cache_mb <= 0:
             raise EdgemoeError(f"--cache-mb {args.cache_mb} must be positive")
         asyncio.run(serve(args))
