@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
-from node.advertise import SERVICE_TYPE, ip_version_of
+from node.advertise import SERVICE_TYPE, ip_version_of, new_zeroconf
 from node.errors import PeerAddressError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class PeerBrowser:
         self._lock = threading.Lock()
         self._peers: dict[str, DiscoveredPeer] = {}
         self._logged: set[tuple[str, str]] = set()
-        self._zc = Zeroconf(interfaces=[interface_address], ip_version=self._ip_version)
+        self._zc = new_zeroconf(interface_address)
         try:
             self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
         except BaseException:
@@ -127,7 +127,8 @@ class PeerBrowser:
             return
         reason = self._rejection(peer)
         if reason:
-            self._log_once(peer.node_id, reason, f"ignoring node {peer.name} ({peer.node_id}) at {peer.host}:{peer.port}: {reason}")
+            where = f"{peer.name} ({peer.node_id}) at {peer.host}:{peer.port}"
+            self._log_once(peer.node_id, reason, f"ignoring node {where}: {reason}")
             self._drop(name, reason)
             return
         with self._lock:
@@ -194,7 +195,7 @@ def _parse_peer(entry: str, spec: str) -> tuple[str, int]:
         if not sep:
             raise PeerAddressError(f"peer {entry!r} has no port; {PEERS_HELP}")
         if ":" in host:
-            raise PeerAddressError(f"peer {entry!r}: put an IPv6 address in brackets, as [ADDR]:PORT")
+            raise PeerAddressError(f"peer {entry!r}: put the IPv6 address in brackets; {PEERS_HELP}")
         if not host:
             raise PeerAddressError(f"peer {entry!r} has no host; {PEERS_HELP}")
         if not _HOSTNAME_RE.match(host):

@@ -4,16 +4,20 @@ The service instance name is the node id, so a second node with the same id is
 a name conflict: it is looked up before registering and caught while probing,
 and reported as DuplicateNodeError.
 
-The API is synchronous (python-zeroconf runs its own event-loop thread); from
-asyncio code call `register`/`close` through `asyncio.to_thread`.
+The API is synchronous and works from any thread: zeroconf always runs its own
+event-loop thread here. From asyncio code prefer `await adv.async_register()`
+and `await adv.async_close()`, which do not block the caller's loop (registering
+takes about 3 s: the duplicate check, then zeroconf's probes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from zeroconf import (
@@ -32,11 +36,13 @@ SERVICE_TYPE = "_edgemoe._tcp.local."
 # One TXT string is at most 255 bytes (RFC 6763 6.1), "key=" included.
 TXT_STRING_MAX = 255
 FINGERPRINT_PREFIX_LEN = 16
-# How long to listen for an existing node with our id before registering. The
-# probes zeroconf sends while registering catch a conflict too; this lookup
-# asks with a multicast (QM) question, whose answer every socket on the host
-# sees, while the probes' unicast (QU) answers can land on another process's
-# socket when several share port 5353 on one address.
+# How long to listen for an existing node with our id before registering.
+# zeroconf's own probes miss a twin on the same host: their answers come back
+# by unicast to port 5353, which the kernel hands to one of the sockets sharing
+# it (in practice the answering node's own). This lookup asks a multicast (QM)
+# question instead, and the twin may hold its answer up to 1 s (mDNS rate limit
+# per record), hence 2 s. It must refuse before announcing: a duplicate's
+# goodbye would also withdraw the twin's identical PTR record everywhere.
 DUPLICATE_CHECK_MS = 2000
 RECORD_TTL_S = 120
 
@@ -84,6 +90,17 @@ def build_txt(
 
 def ip_version_of(address: str) -> IPVersion:
     return IPVersion.V6Only if ipaddress.ip_address(address).version == 6 else IPVersion.V4Only
+
+
+def new_zeroconf(address: str) -> Zeroconf:
+    """A Zeroconf bound to `address` only, running its own event-loop thread.
+
+    Built in a thread without a running asyncio loop: created inside one (the
+    edge-node daemon's), zeroconf would attach to that loop, and its blocking
+    calls would then raise when made from that loop's thread.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="zeroconf-init") as pool:
+        return pool.submit(Zeroconf, interfaces=[address], ip_version=ip_version_of(address)).result()
 
 
 @dataclass
@@ -137,7 +154,7 @@ class NodeAdvertisement:
         """Announce the node; raises DuplicateNodeError if its id is already on the network."""
         if self._zc is not None:
             return
-        zc = Zeroconf(interfaces=[self.address], ip_version=ip_version_of(self.address))
+        zc = new_zeroconf(self.address)
         try:
             self._check_not_advertised(zc)
             info = self.service_info()
@@ -174,6 +191,15 @@ class NodeAdvertisement:
             "stop that node, or give this one its own --data-dir (the node id is kept there)"
         )
 
+    def update_fingerprints(self, fingerprints: list[str]) -> None:
+        """Re-announce with another list of models (e.g. after the coordinator pushed one)."""
+        self.fingerprints = list(fingerprints)
+        if self._zc is None:
+            return
+        info = self.service_info()
+        self._zc.update_service(info)
+        self._info = info
+
     def unregister(self) -> None:
         """Withdraw the advertisement (goodbye packets) and release the sockets."""
         zc, info = self._zc, self._info
@@ -188,6 +214,14 @@ class NodeAdvertisement:
         log.info("withdrew advertisement of node %s", self.node_id)
 
     close = unregister
+
+    async def async_register(self) -> None:
+        """`register()` without blocking the running event loop."""
+        await asyncio.to_thread(self.register)
+
+    async def async_close(self) -> None:
+        """`close()` without blocking the running event loop."""
+        await asyncio.to_thread(self.close)
 
     def __enter__(self) -> NodeAdvertisement:
         self.register()

@@ -74,7 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
         raise ListenError(f"cannot listen on {args.listen} (in use?); pick another port with --listen")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    advertisement = _advertise(args, identity, port, credentials.cluster_id, holdings)
+    advertisement = await _advertise(args, identity, port, credentials.cluster_id, holdings)
     print(f"edge-node {identity.name} ({identity.node_id}) listening on {host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,12 +84,12 @@ async def serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         if advertisement is not None:
-            await asyncio.to_thread(advertisement.close)
+            await advertisement.async_close()
         await server.stop(grace=1.0)
         service.close()
 
 
-def _advertise(args, identity: NodeIdentity, port: int, cluster_id: str, holdings: NodeHoldings):
+async def _advertise(args, identity: NodeIdentity, port: int, cluster_id: str, holdings: NodeHoldings):
     address = args.interface or (None if parse_listen(args.listen)[0] in ("0.0.0.0", "::") else parse_listen(args.listen)[0])
     if address is None or args.no_advertise:
         log.warning("not advertising over mDNS: pass --interface ADDR (this device's LAN address) to be found")
@@ -98,7 +98,7 @@ def _advertise(args, identity: NodeIdentity, port: int, cluster_id: str, holding
 
     ad = NodeAdvertisement(identity.node_id, identity.name, port, address, PROTOCOL_VERSION, cluster_id,
                            list(holdings.models))
-    ad.register()
+    await ad.async_register()
     return ad
 
 

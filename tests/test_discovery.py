@@ -1,0 +1,601 @@
+"""Discovery: zeroconf advertisement and browsing on loopback and between network namespaces,
+static peers, and the delaying relay the cluster tests use.
+
+Every mDNS socket here is bound to 127.0.0.1 or to an address inside a
+namespace the test made; a passive capture checks that nothing carrying this
+test's ids shows up on the root namespace's other interfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import netns
+from coordinator.discovery import DiscoveredPeer, PeerBrowser, parse_static_peers
+from node.advertise import SERVICE_TYPE, TXT_STRING_MAX, NodeAdvertisement, build_txt, models_txt
+from node.errors import DuplicateNodeError, EdgemoeError, PeerAddressError
+
+PROTO = 7
+TIMEOUT = 15.0
+
+
+def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Sniffer:
+    """Passive capture (AF_PACKET) in the root namespace: packets containing any of `needles`.
+
+    Sends nothing. `allowed_ifaces` are the interfaces where such packets are fine.
+    """
+
+    def __init__(self, needles: list[str], allowed_ifaces: tuple[str, ...] = ()) -> None:
+        self.needles = [n.encode() for n in needles]
+        self.allowed = allowed_ifaces
+        self.leaks: list[str] = []
+        self.seen_allowed = 0
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self._sock.settimeout(0.05)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self._sock.recvfrom(65535)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            if any(n in data for n in self.needles):
+                if addr[0] in self.allowed:
+                    self.seen_allowed += 1
+                else:
+                    self.leaks.append(addr[0])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
+@pytest.fixture
+def sniffer_factory():
+    sniffers: list[Sniffer] = []
+
+    def make(needles: list[str], allowed_ifaces: tuple[str, ...] = ()) -> Sniffer | None:
+        try:
+            s = Sniffer(needles, allowed_ifaces)
+        except PermissionError:
+            return None  # not root: the check is skipped, discovery is still tested
+        sniffers.append(s)
+        return s
+
+    yield make
+    for s in sniffers:
+        s.stop()
+
+
+@pytest.fixture
+def adverts():
+    """NodeAdvertisements made by a test; all withdrawn at the end, whatever happened."""
+    made: list[NodeAdvertisement] = []
+
+    def make(**kw) -> NodeAdvertisement:
+        kw.setdefault("name", "node")
+        kw.setdefault("port", 50051)
+        kw.setdefault("address", "127.0.0.1")
+        kw.setdefault("protocol_version", PROTO)
+        kw.setdefault("fingerprints", [])
+        adv = NodeAdvertisement(**kw)
+        made.append(adv)
+        return adv
+
+    yield make
+    for adv in made:
+        adv.close()
+
+
+@pytest.fixture
+def browsers():
+    made: list[PeerBrowser] = []
+
+    def make(*args, **kw) -> PeerBrowser:
+        b = PeerBrowser(*args, **kw)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+# ---------------------------------------------------------------- loopback
+
+
+def test_loopback_discovery_filters_duplicates_and_withdrawal(adverts, browsers, sniffer_factory, caplog):
+    caplog.set_level(logging.INFO, logger="coordinator.discovery")
+    # Random cluster ids: other test runs on this machine share loopback mDNS.
+    cluster, other_cluster = new_id()[:12], new_id()[:12]
+    fingerprints = ["a1" * 32, "b2" * 32]
+    ours = adverts(node_id=new_id(), name="alpha node", port=50101, cluster_id=cluster, fingerprints=fingerprints)
+    stranger = adverts(node_id=new_id(), name="stranger", port=50102, cluster_id=other_cluster)
+    newer = adverts(node_id=new_id(), name="newer", port=50103, cluster_id=cluster, protocol_version=PROTO + 1)
+    sniffer = sniffer_factory([ours.node_id, stranger.node_id, cluster], allowed_ifaces=("lo",))
+
+    mine = browsers("127.0.0.1", cluster_id=cluster, protocol_version=PROTO)
+    everyone = browsers("127.0.0.1")
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(NodeAdvertisement.register, [ours, stranger, newer]))
+
+    ids = {ours.node_id, stranger.node_id, newer.node_id}
+    wait_until(lambda: ids <= {p.node_id for p in everyone.peers()}, what="the unfiltered browser to see 3 nodes")
+    found = wait_until(lambda: [p for p in mine.peers() if p.node_id == ours.node_id], what="our node")
+    peer = found[0]
+    assert isinstance(peer, DiscoveredPeer)
+    assert (peer.name, peer.host, peer.port, peer.protocol_version, peer.cluster_id) == (
+        "alpha node", "127.0.0.1", 50101, PROTO, cluster,
+    )
+    assert peer.fingerprints == [fp[:16] for fp in fingerprints]
+    assert peer.last_seen <= time.monotonic()
+    # Another cluster's node and another protocol's node are seen on the wire but left out.
+    assert {p.node_id for p in mine.peers()} & ids == {ours.node_id}
+
+    # A second node with the same id is refused before it announces anything.
+    twin = adverts(node_id=ours.node_id, name="twin", port=50104, cluster_id=cluster)
+    with pytest.raises(DuplicateNodeError) as err:
+        twin.register()
+    assert "\n" not in str(err.value) and "already advertised" in str(err.value)
+    assert "127.0.0.1:50101" in str(err.value)
+    assert isinstance(err.value, EdgemoeError)
+    assert [p.port for p in mine.peers() if p.node_id == ours.node_id] == [50101]
+
+    # A changed model list reaches the browser; a rejected node that re-announces is not logged again.
+    ours.update_fingerprints(["c3" * 32])
+    stranger.update_fingerprints(["d4" * 32])
+    wait_until(
+        lambda: [p.fingerprints for p in mine.peers() if p.node_id == ours.node_id] == [["c3" * 8]],
+        what="the updated fingerprints",
+    )
+    wait_until(
+        lambda: [p.fingerprints for p in everyone.peers() if p.node_id == stranger.node_id] == [["d4" * 8]],
+        what="the stranger's update",
+    )
+
+    ours.close()
+    wait_until(lambda: ours.node_id not in {p.node_id for p in mine.peers()}, what="the browser to drop the node")
+
+    # Each rejected node is logged once, however often it re-announces.
+    ignored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignoring")]
+    rejections = [m for m in ignored if stranger.node_id in m]
+    assert len(rejections) == 1 and "another cluster" in rejections[0]
+    proto_rejections = [m for m in ignored if newer.node_id in m]
+    assert len(proto_rejections) == 1 and f"protocol {PROTO + 1}" in proto_rejections[0]
+
+    if sniffer is not None:
+        assert sniffer.seen_allowed > 0, "the capture saw no loopback mDNS at all: it is not working"
+        assert sniffer.leaks == [], f"mDNS carrying this test's ids left on {set(sniffer.leaks)}"
+
+
+async def test_advertise_and_browse_from_an_event_loop(adverts, browsers):
+    """The daemon is asyncio: zeroconf must not attach to its loop and then refuse blocking calls."""
+    cluster = new_id()[:12]
+    browser = browsers("127.0.0.1", cluster_id=cluster)
+    blocking = adverts(node_id=new_id(), cluster_id=cluster, duplicate_check_ms=200)
+    awaited = adverts(node_id=new_id(), cluster_id=cluster, duplicate_check_ms=200)
+    task = asyncio.create_task(awaited.async_register())
+    await asyncio.sleep(0.05)  # its worker thread is running now, in parallel with the next line
+    blocking.register()  # called on the loop's thread: blocks it, but works
+    await task
+    wanted = {blocking.node_id, awaited.node_id}
+    deadline = time.monotonic() + TIMEOUT
+    while {p.node_id for p in browser.peers()} != wanted:
+        assert time.monotonic() < deadline, "the browser did not find both nodes"
+        await asyncio.sleep(0.02)
+    await awaited.async_close()
+    blocking.close()
+
+
+def test_advertisement_close_is_idempotent_and_validates(adverts):
+    adv = adverts(node_id=new_id(), cluster_id="c")
+    adv.close()
+    adv.close()
+    with pytest.raises(ValueError):
+        NodeAdvertisement("bad.id", "n", 1, "127.0.0.1", PROTO, "c", [])
+    with pytest.raises(ValueError):
+        NodeAdvertisement(new_id(), "n", 70000, "127.0.0.1", PROTO, "c", [])
+
+
+def test_txt_strings_fit_255_bytes():
+    fingerprints = [f"{i:064x}" for i in range(40)]
+    models = models_txt(fingerprints)
+    assert len(b"models=" + models.encode()) <= TXT_STRING_MAX
+    kept = models.split(",")
+    assert 10 < len(kept) < 40 and kept == [fp[:16] for fp in fingerprints[: len(kept)]]
+    txt = build_txt("n1", "ü" * 300, PROTO, "cl", fingerprints)
+    for key, value in txt.items():
+        assert len(f"{key}={value}".encode()) <= TXT_STRING_MAX
+    assert txt["name"].startswith("üü") and txt["proto"] == str(PROTO)
+    with pytest.raises(ValueError):
+        build_txt("n1", "n", PROTO, "x" * 300, [])
+
+
+# ---------------------------------------------------------------- static peers
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("10.0.0.2:50051", [("10.0.0.2", 50051)]),
+        ("a.local:1, b:65535", [("a.local", 1), ("b", 65535)]),
+        ("[::1]:7000,[fe80::1]:7001", [("::1", 7000), ("fe80::1", 7001)]),
+        ("h:5,h:5,g:6", [("h", 5), ("g", 6)]),
+    ],
+)
+def test_parse_static_peers(spec, expected):
+    assert parse_static_peers(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("", "no peers"),
+        ("   ", "no peers"),
+        ("host", "no port"),
+        ("host:", "port ''"),
+        ("host:0", "1-65535"),
+        ("host:65536", "1-65535"),
+        ("host:80x", "1-65535"),
+        ("host:-1", "1-65535"),
+        ("a:1,,b:2", "empty entry"),
+        ("a:1,", "empty entry"),
+        (":80", "no host"),
+        ("::1:80", "brackets"),
+        ("[::1]", "no port"),
+        ("[::1]:", "1-65535"),
+        ("[10.0.0.1]:80", "not an IPv6"),
+        ("[::1:80", "no port"),
+        ("bad host:80", "not a host name"),
+    ],
+)
+def test_parse_static_peers_errors(spec, says):
+    with pytest.raises(PeerAddressError) as err:
+        parse_static_peers(spec)
+    message = str(err.value)
+    assert says in message and "\n" not in message and "HOST:PORT" in message
+
+
+# ---------------------------------------------------------------- delaying relay
+
+
+class EchoServer:
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def round_trip(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = bytearray()
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed early"
+        got += chunk
+    return bytes(got)
+
+
+def test_delay_relay_adds_delay_and_keeps_bytes():
+    echo = EchoServer()
+    delay = 0.05
+    try:
+        with netns.DelayRelay(echo.address, delay_s=delay, max_lifetime_s=30) as relay:
+            with socket.create_connection(relay.address, timeout=10) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for _ in range(3):
+                    t = time.perf_counter()
+                    assert round_trip(s, b"ping") == b"ping"
+                    assert time.perf_counter() - t >= 2 * delay
+                payload = uuid.uuid4().bytes * 40000  # 640 KB, many chunks
+                t = time.perf_counter()
+                assert round_trip(s, payload) == payload
+                assert time.perf_counter() - t >= 2 * delay
+        with pytest.raises(OSError):
+            socket.create_connection(relay.address, timeout=2).close()
+    finally:
+        echo.close()
+
+
+def test_delay_relay_stops_itself_after_its_lifetime():
+    echo = EchoServer()
+    try:
+        relay = netns.DelayRelay(echo.address, delay_s=0.001, max_lifetime_s=0.2).start()
+        wait_until(lambda: relay._stopped.is_set(), timeout=5, what="the relay's lifetime to end")
+        with pytest.raises(OSError):
+            socket.create_connection(relay.address, timeout=2).close()
+        relay.stop()
+    finally:
+        echo.close()
+
+
+# ---------------------------------------------------------------- network namespaces
+
+
+ADVERTISE = """
+import json, logging, signal, sys, threading
+from node.advertise import NodeAdvertisement
+from node.errors import DuplicateNodeError
+logging.basicConfig(level=logging.INFO)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+adv = NodeAdvertisement(**json.loads(sys.argv[1]))
+try:
+    adv.register()
+except DuplicateNodeError as e:
+    print("DUPLICATE", e, flush=True)
+    sys.exit(3)
+print("REGISTERED", flush=True)
+done.wait(60)
+adv.close()
+print("WITHDRAWN", flush=True)
+"""
+
+BROWSE = """
+import dataclasses, json, signal, sys, threading
+from coordinator.discovery import PeerBrowser
+cfg = json.loads(sys.argv[1])
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+mine = PeerBrowser(cfg["address"], cluster_id=cfg["cluster"], protocol_version=cfg["proto"])
+everyone = PeerBrowser(cfg["address"])
+def snap(b):
+    return sorted((dict(dataclasses.asdict(p), last_seen=None) for p in b.peers()), key=lambda p: p["node_id"])
+last = None
+while not done.wait(0.05):
+    now = {"mine": snap(mine), "everyone": snap(everyone)}
+    if now != last:
+        print(json.dumps(now), flush=True)
+        last = now
+mine.close(); everyone.close()
+"""
+
+
+def python(script: str, cfg: dict) -> list[str]:
+    return [sys.executable, "-c", script, json.dumps(cfg)]
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.fixture
+def lan():
+    """Three namespaces on a bridge (in a fourth, hub namespace); all removed afterwards."""
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns.Lan(3) as made:
+        names = {ns.name for ns in [made.hub, *made.hosts]}
+        yield made
+    left = names & netns_names()
+    assert not left, f"namespaces left behind: {left}"
+
+
+def node_ids(snapshot: dict, which: str) -> set[str]:
+    return {p["node_id"] for p in snapshot[which]}
+
+
+def test_discovery_between_namespaces(lan, sniffer_factory):
+    a, b, c = lan.hosts
+    cluster = new_id()[:12]
+    node = {"node_id": new_id(), "name": "ns-a", "port": 50051, "address": a.address,
+            "protocol_version": PROTO, "cluster_id": cluster, "fingerprints": ["f" * 64]}
+    stranger = dict(node, node_id=new_id(), name="ns-c", address=c.address, cluster_id="someone-else")
+    # The root namespace must not see a single packet of this test.
+    sniffer = sniffer_factory([node["node_id"], stranger["node_id"], cluster])
+
+    browser = netns.run_in(b, python(BROWSE, {"address": b.address, "cluster": cluster, "proto": PROTO}))
+    advertiser = netns.run_in(a, python(ADVERTISE, node))
+    other = netns.run_in(c, python(ADVERTISE, stranger))
+    advertiser.wait_for_line(lambda s: s == "REGISTERED", TIMEOUT)
+    other.wait_for_line(lambda s: s == "REGISTERED", TIMEOUT)
+
+    line = browser.wait_for_line(
+        lambda s: s.startswith("{")
+        and {node["node_id"], stranger["node_id"]} <= node_ids(json.loads(s), "everyone")
+        and node["node_id"] in node_ids(json.loads(s), "mine"),
+        TIMEOUT,
+    )
+    snapshot = json.loads(line)
+    assert node_ids(snapshot, "mine") == {node["node_id"]}
+    seen = snapshot["mine"][0]
+    assert (seen["host"], seen["port"], seen["name"], seen["cluster_id"], seen["protocol_version"]) == (
+        a.address, 50051, "ns-a", cluster, PROTO,
+    )
+    assert seen["fingerprints"] == ["f" * 16]
+
+    # The same node id from another host is refused over real mDNS.
+    twin = netns.run_in(c, python(ADVERTISE, dict(node, name="twin", address=c.address)))
+    line = twin.wait_for_line(lambda s: s.startswith("DUPLICATE"), TIMEOUT)
+    assert a.address in line
+    assert twin.popen.wait(TIMEOUT) == 3
+
+    # SIGTERM withdraws the advertisement; the browser in the other namespace drops the node.
+    advertiser.popen.terminate()
+    advertiser.wait_for_line(lambda s: s == "WITHDRAWN", TIMEOUT)
+    browser.wait_for_line(
+        lambda s: s.startswith("{") and node["node_id"] not in node_ids(json.loads(s), "everyone"),
+        TIMEOUT,
+    )
+    assert advertiser.popen.wait(TIMEOUT) == 0
+
+    if sniffer is not None:
+        assert sniffer.leaks == [], f"this test's mDNS reached the root namespace on {set(sniffer.leaks)}"
+
+
+ECHO = """
+import socket, sys, threading
+srv = socket.create_server((sys.argv[1], 0))
+print("LISTENING", srv.getsockname()[1], flush=True)
+def echo(c):
+    with c:
+        while d := c.recv(65536):
+            c.sendall(d)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"""
+
+CLIENT = """
+import json, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(3):
+    t = time.perf_counter(); s.sendall(b"x" * 1000); got = b""
+    while len(got) < 1000:
+        got += s.recv(65536)
+    rtts.append(time.perf_counter() - t)
+print(json.dumps({"rtts": rtts, "ok": got == b"x" * 1000}), flush=True)
+"""
+
+
+def test_relay_between_namespaces(lan):
+    """The cluster tests' set-up: node in one namespace, a delaying relay next to the coordinator."""
+    a, b, _ = lan.hosts
+    server = netns.run_in(a, [sys.executable, "-c", ECHO, a.address])
+    port = int(server.wait_for_line(lambda s: s.startswith("LISTENING"), TIMEOUT).split()[1])
+    delay = 0.02
+    relay, relay_port = netns.run_relay_in(b, (a.address, port), delay, listen_host="127.0.0.1")
+    result = b.run([sys.executable, "-c", CLIENT, "127.0.0.1", str(relay_port)], timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"]
+    assert min(report["rtts"]) >= 2 * delay
+    assert relay.stop() == 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_namespace_cleanup_kills_processes():
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns.Namespace() as ns:
+        proc = netns.run_in(ns, [sys.executable, "-c", "import time; print('UP', flush=True); time.sleep(60)"])
+        proc.wait_for_line(lambda s: s == "UP", TIMEOUT)
+        # A grandchild the Proc does not know of is killed too.
+        orphan = int(ns.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"]).stdout)
+        name = ns.name
+    assert proc.popen.poll() is not None
+    wait_until(lambda: not _running(orphan), timeout=5, what="the orphan in the namespace to die")
+    assert name not in netns_names()
+    assert not Path(f"/run/netns/{name}").exists()
+
+
+SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "netns-cluster.sh"
+
+
+def root_links_and_addresses() -> str:
+    return "".join(
+        subprocess.run(["ip", "-o", *args], capture_output=True, text=True, check=True).stdout
+        for args in (["link"], ["addr"])
+    )
+
+
+def test_netns_cluster_script_up_and_down():
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    prefix = f"{netns.PREFIX}{os.getpid()}-{uuid.uuid4().hex[:4]}-"
+    env = dict(os.environ, EDGEMOE_NETNS_PREFIX=prefix)
+
+    def script(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=60)
+
+    before = root_links_and_addresses()
+    try:
+        up = script("up", "2")
+        assert up.returncode == 0, up.stderr
+        assert f"ip netns exec {prefix}node2 " in up.stdout and "--interface 10.213.1.12" in up.stdout
+        assert script("up", "2").returncode == 1  # refuses to stack a second cluster
+        assert {f"{prefix}{n}" for n in ("hub", "coord", "node1", "node2")} <= netns_names()
+        assert root_links_and_addresses() == before, "the script touched the root namespace's interfaces"
+
+        node1 = netns.Namespace(name=f"{prefix}node1")
+        server = netns.run_in(node1, [sys.executable, "-c", ECHO, "10.213.1.11"])
+        port = server.wait_for_line(lambda s: s.startswith("LISTENING"), TIMEOUT).split()[1]
+        coord = netns.Namespace(name=f"{prefix}coord")
+        result = coord.run([sys.executable, "-c", CLIENT, "10.213.1.11", port], timeout=TIMEOUT)
+        assert result.returncode == 0 and json.loads(result.stdout)["ok"], result.stderr
+    finally:
+        down = script("down")
+    assert down.returncode == 0, down.stderr
+    assert not any(name.startswith(prefix) for name in netns_names())
+    assert server.popen.wait(5) is not None
+
+
+def test_stale_namespaces_of_dead_runs_are_swept(monkeypatch):
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{netns.PREFIX}{dead.pid}-{uuid.uuid4().hex[:6]}"
+    live = netns.Namespace()  # named after this (live) process: never swept
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    try:
+        with live:
+            monkeypatch.setattr(netns, "STALE_AFTER_S", 0)
+            assert stale in netns.sweep_stale()
+            assert live.name in netns_names() and stale not in netns_names()
+    finally:
+        subprocess.run(["ip", "netns", "del", stale], capture_output=True)
