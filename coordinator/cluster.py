@@ -60,7 +60,7 @@ class Cluster:
     def _retry_failed(self) -> None:
         for peer in self.peers:
             if peer.due_for_retry():
-                peer.connect(self.manifest.fingerprint, timeout=0.5)
+                peer.reconnect_in_background(self.manifest.fingerprint)
 
     def run_layer(self, layer: int, kernel: ExpertKernel, x: mx.array, chosen: np.ndarray, max_inflight: int) -> mx.array:
         """One MoE layer: each peer gets one request with all its (row, expert) pairs; the rest,

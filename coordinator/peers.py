@@ -58,20 +58,39 @@ class Peer:
         self._backoff = 0.0
         self._retry_at = 0.0
         self.last_error = ""
+        self.connecting = False
 
     @property
     def healthy(self) -> bool:
         return self._requests is not None
 
     def due_for_retry(self) -> bool:
-        return not self.healthy and time.monotonic() >= self._retry_at
+        return not self.healthy and not self.connecting and time.monotonic() >= self._retry_at
+
+    def reconnect_in_background(self, fingerprint: str) -> None:
+        """Tries the node again without holding up generation."""
+        self.connecting = True
+
+        def attempt() -> None:
+            try:
+                self.connect(fingerprint)
+            finally:
+                self.connecting = False
+
+        threading.Thread(target=attempt, daemon=True, name=f"reconnect-{self.address}").start()
 
     def connect(self, fingerprint: str, timeout: float = 2.0) -> bool:
         """Asks the node what it is and holds, then opens the compute stream. False if it is unusable."""
         try:
             info = self._stub.Info(pb.InfoRequest(), timeout=timeout)
         except grpc.RpcError as exc:
-            self._failed(f"cannot reach node at {self.address}: {exc.code().name} {_detail(exc)}")
+            if "handshake" in _detail(exc).lower():
+                self._failed(f"node at {self.address} is not of this cluster (TLS handshake refused): it holds another "
+                             "join token, or an old one since `edgemoe cluster init --rotate`; restart it with the "
+                             "current token")
+            else:
+                self._failed(f"cannot reach node at {self.address} ({exc.code().name}): check that edge-node runs "
+                             "there and the address and port are right")
             return False
         if info.protocol_version != PROTOCOL_VERSION:
             self._failed(f"node {info.name or self.address} speaks protocol {info.protocol_version}, "
@@ -130,9 +149,9 @@ class Peer:
             pending, self._pending = self._pending, {}
             if requests is not None:
                 requests.put(None)
-                self._backoff = min(MAX_BACKOFF_S, max(MIN_BACKOFF_S, self._backoff * 2))
-                self._retry_at = time.monotonic() + self._backoff
-                self.stats.failures += 1
+            self._backoff = min(MAX_BACKOFF_S, max(MIN_BACKOFF_S, self._backoff * 2))
+            self._retry_at = time.monotonic() + self._backoff
+            self.stats.failures += 1
         if reason != self.last_error:
             log.warning("%s; using the local SSD for its experts (retry in %.1fs)", reason, self._backoff)
         self.last_error = reason
@@ -153,7 +172,10 @@ class Peer:
         return self._stub.PushExperts(chunks(), timeout=600)
 
     def close(self) -> None:
-        self._failed("closed")
+        with self._lock:
+            requests, self._requests = self._requests, None
+        if requests is not None:
+            requests.put(None)
         self._channel.close()
 
 

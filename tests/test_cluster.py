@@ -294,3 +294,30 @@ def test_cli_generate_and_peers_through_a_node(models, tmp_path, discovery):
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=20)
+
+
+def test_node_that_returns_comes_back_into_use(models, nodes, token, tmp_path):
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    node = nodes(1)[0]
+    sm = coordinator(packed, token, [node.address], read_manifest(packed).expert_bytes)
+    try:
+        wait_for_placement(sm)
+        node.stop(signal.SIGKILL)
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+        peer = sm.cluster.peers[0]
+        assert not peer.healthy
+        back = NodeProcess(token, tmp_path / "node0", port=node.port)
+        try:
+            before = sm.cluster.stats.experts_from_peers
+            deadline = time.monotonic() + 30
+            while sm.cluster.stats.experts_from_peers == before and time.monotonic() < deadline:
+                assert generate(sm, prompt, max_tokens=4).token_ids == expected[:4]
+                time.sleep(0.2)
+            assert peer.healthy
+            assert sm.cluster.stats.experts_from_peers > before
+        finally:
+            back.stop()
+    finally:
+        sm.close()
