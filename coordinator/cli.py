@@ -94,12 +94,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
             )
         stream = None if args.json else (lambda text: print(text, end="", flush=True))
         result = generate(sm, prompt, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, on_text=stream)
+        # Before close: closing the cluster closes every peer, so none would show as healthy.
+        peer_stats = cluster_stats(sm.cluster) if sm.cluster is not None else {}
     finally:
         sm.close()
     if args.json:
         stats = result.stats.to_dict()
-        if sm.cluster is not None:
-            stats.update(cluster_stats(sm.cluster))
+        stats.update(peer_stats)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": stats}))
     else:
         print()
@@ -155,6 +156,9 @@ def cmd_peers(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.cluster is not None:
+        cmd_cluster_bench(args)
+        return
     from .bench import format_report, run_bench
 
     report = run_bench(
@@ -169,6 +173,21 @@ def cmd_bench(args: argparse.Namespace) -> None:
         prefetch=args.prefetch,
     )
     print(json.dumps(report) if args.json else format_report(report))
+
+
+def cmd_cluster_bench(args: argparse.Namespace) -> None:
+    from .cluster_bench import format_cluster_report, run_cluster_bench
+
+    report = run_cluster_bench(
+        Path(args.model),
+        args.cluster,
+        cache_bytes=_cache_bytes(args),
+        tokens=args.tokens,
+        prompt=args.prompt,
+        experts_per_token=args.experts_per_token,
+        io_mode=args.io,
+    )
+    print(json.dumps(report) if args.json else format_cluster_report(report))
 
 
 def cmd_demo_model(args: argparse.Namespace) -> None:
@@ -246,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
     b.add_argument("--no-mlx-lm", action="store_true", help="skip the plain mlx-lm comparison")
     b.add_argument("--in-place", metavar="DIR", help="also bench an --in-place pack of DIR (the model's source)")
+    b.add_argument("--cluster", type=int, metavar="N",
+                   help="instead: start N edge nodes on 127.0.0.1 and measure tok/s against the cluster bound, "
+                   "with 0, 0.5 and 5 ms added round trips (--cache-mb: the coordinator's cache, default 1/8 "
+                   "of the experts)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo-model", help="write the built-in demo model (an mlx-lm directory)")

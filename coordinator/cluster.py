@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -24,6 +25,76 @@ from .peers import Peer, PeerDown
 log = logging.getLogger(__name__)
 
 REPLY_DEADLINE_S = 2.0
+# Placement is redone at most this often (or at once when the usable nodes change):
+# ranking every expert of a large model holds the GIL for tens of milliseconds.
+REPLAN_S = 5.0
+# Experts pushed to one node per pass of the push loop, so a pass stays short.
+PUSH_BATCH = 64
+
+Key = tuple[int, int]
+
+
+def keep_local(
+    experts: Sequence[Key],
+    record_bytes: Mapping[int, int],
+    counts: Mapping[Key, int],
+    cached: Collection[Key],
+    free_bytes: int,
+) -> set[Key]:
+    """The experts the coordinator computes itself: those it caches now and, while its
+    cache has room, the most-routed others that fill that room (ties in (layer, expert)
+    order, so a cold start keeps whole layers local: a layer with no expert on a node
+    costs no round trip)."""
+    keep = set(cached)
+    for key in sorted((k for k in experts if k not in keep), key=lambda k: (-counts.get(k, 0), k)):
+        size = record_bytes[key[0]]
+        if size > free_bytes:
+            break
+        keep.add(key)
+        free_bytes -= size
+    return keep
+
+
+def place_experts(
+    experts: Sequence[Key],
+    record_bytes: Mapping[int, int],
+    counts: Mapping[Key, int],
+    capacities: Sequence[int],
+    local: Collection[Key] = (),
+    held: Sequence[Collection[Key]] = (),
+) -> list[list[Key]]:
+    """Which experts each node should hold, most-routed first.
+
+    `experts` are (layer, expert) keys, `record_bytes` a layer's expert size,
+    `counts` how often each key was routed to, `capacities` each node's RAM
+    budget in bytes, `local` the keys the coordinator caches itself (never
+    placed), `held` what each node holds already. The most-routed remaining
+    experts are placed first; each goes to the node that holds it already if it
+    has room (so a change in the counts moves few experts), else to the node
+    with room that is least full relative to its capacity (ties: the lower
+    index). Every expert goes to at most one node: a second copy would not
+    shorten a layer, which waits one round trip whichever node answers, and
+    would take room a colder expert could use. Deterministic: ties in the
+    counts go in (layer, expert) order.
+    """
+    local = set(local)
+    held = [h if isinstance(h, (set, frozenset)) else set(h) for h in held]
+    order = sorted((k for k in experts if k not in local), key=lambda k: (-counts.get(k, 0), k))
+    used = [0] * len(capacities)
+    plan: list[list[Key]] = [[] for _ in capacities]
+    smallest = min(record_bytes.values(), default=0)
+    for key in order:
+        size = record_bytes[key[0]]
+        room = [i for i, cap in enumerate(capacities) if used[i] + size <= cap]
+        if not room:
+            if all(cap - u < smallest for cap, u in zip(capacities, used)):
+                break
+            continue
+        holders = [i for i in room if i < len(held) and key in held[i]]
+        node = holders[0] if holders else min(room, key=lambda i: (used[i] / capacities[i], i))
+        plan[node].append(key)
+        used[node] += size
+    return plan
 
 
 @dataclass
@@ -45,13 +116,25 @@ class Cluster:
                                   layers_json=layer_specs_to_json(manifest))
         for peer in self.peers:
             peer.connect(manifest.fingerprint)
+        self._keys: list[Key] = [(spec.layer, e) for spec in manifest.layers for e in range(spec.num_experts)]
+        self._record_bytes = {spec.layer: spec.record_bytes for spec in manifest.layers}
+        # The latest placement: what each node should hold, and each placed expert's node.
+        self._plan: dict[Peer, list[Key]] | None = None
+        self._assigned: dict[Key, Peer] = {}
+        self._local_keys: set[Key] = set()
         self._stop = threading.Event()
         self._pusher = threading.Thread(target=self._push_loop, daemon=True, name="expert-push") if push else None
         if self._pusher is not None:
             self._pusher.start()
 
     def owner(self, layer: int, expert: int) -> Peer | None:
-        """The healthy peer to send this expert to, if any (the first that holds it)."""
+        """The healthy peer to send this expert to, if any: none for an expert placement
+        keeps local, else the node placement chose, else the first that holds it."""
+        if (layer, expert) in self._local_keys:
+            return None
+        chosen = self._assigned.get((layer, expert))
+        if chosen is not None and chosen.healthy and (layer, expert) in chosen.held:
+            return chosen
         for peer in self.peers:
             if peer.healthy and (layer, expert) in peer.held:
                 return peer
@@ -80,6 +163,7 @@ class Cluster:
                 by_peer.setdefault(peer, []).append(i)
         calls = {}
         if by_peer:
+            self.local.note_routed(layer, sorted({int(flat[i]) for pairs in by_peer.values() for i in pairs}))
             wire_hidden = tensor_from_array(hidden)
             for peer, pairs in by_peer.items():
                 request = pb.ComputeRequest(fingerprint=self.manifest.fingerprint, layer=layer, hidden=wire_hidden,
@@ -106,21 +190,27 @@ class Cluster:
                 if isinstance(exc, FutureTimeout):
                     peer.mark_failed(f"node {peer.name} did not answer within {self.deadline_s:.1f}s")
                 elif isinstance(exc, WireError):
-                    peer.mark_failed(str(exc))
+                    peer.mark_failed(str(exc) if str(exc).startswith(f"node {peer.name}") else
+                                     f"node {peer.name} sent a malformed reply ({exc}): check that it runs the "
+                                     "same edgemoe version as this coordinator")
                 self.stats.fallbacks += 1
                 y = compute_pairs(kernel, slots_for, hidden, rows[picked], flat[picked], max_inflight)
             out[mx.array(picked)] = y
         return out.reshape(*chosen.shape, -1)
 
     def _push_loop(self) -> None:
-        """Places experts on nodes in the background: each node gets the experts the
-        coordinator does not cache, spread round-robin, up to the node's RAM budget."""
+        """Places experts on nodes in the background (see `place_experts`), redoing the
+        placement as routing counts change, and pushes each node what it lacks, hottest first."""
+        planned_at, planned_for = 0.0, None
         while not self._stop.is_set():
-            for peer in self.peers:
-                if self._stop.is_set() or not peer.healthy or peer.info is None:
+            usable = [p for p in self.peers if p.healthy and p.info is not None]
+            if usable != planned_for or time.monotonic() - planned_at >= REPLAN_S:
+                self._replan(usable)
+                planned_at, planned_for = time.monotonic(), usable
+            for peer, wanted in (self._plan or {}).items():
+                if self._stop.is_set() or not peer.healthy:
                     continue
-                wanted = self._placement(peer)
-                todo = [key for key in wanted if key not in peer.held][:64]
+                todo = [key for key in wanted if key not in peer.held][:PUSH_BATCH]
                 if not todo:
                     continue
                 try:
@@ -132,13 +222,25 @@ class Cluster:
                     log.warning("pushing experts to node %s failed: %s", peer.name, exc)
             self._stop.wait(1.0)
 
-    def _placement(self, peer: Peer) -> list[tuple[int, int]]:
-        healthy = [p for p in self.peers if p.info is not None]
-        index = healthy.index(peer)
-        capacity = max(1, peer.info.cache_budget_bytes // max(1, self.manifest.expert_bytes))
-        keys = [(spec.layer, e) for spec in self.manifest.layers for e in range(spec.num_experts)]
-        mine = [key for i, key in enumerate(keys) if i % len(healthy) == index]
-        return mine[:capacity]
+    def _replan(self, usable: list[Peer]) -> None:
+        counts = self.local.routing_counts()
+        cached = {key for key in self._keys if key in self.local}
+        free = self.local.budget_bytes - self.local.cache_bytes_used
+        local = keep_local(self._keys, self._record_bytes, counts, cached, free)
+        plan = place_experts(self._keys, self._record_bytes, counts, [p.info.cache_budget_bytes for p in usable],
+                             local, [p.held for p in usable])
+        self._plan = dict(zip(usable, plan))
+        self._assigned = {key: peer for peer, keys in self._plan.items() for key in keys}
+        self._local_keys = local
+
+    def placement_complete(self) -> bool:
+        """True once a placement exists and every healthy node holds all it was given."""
+        plan = self._plan
+        return plan is not None and all(set(keys) <= peer.held for peer, keys in plan.items() if peer.healthy)
+
+    def placed(self) -> dict[str, int]:
+        """Experts the latest placement gives each node, by node name."""
+        return {peer.name: len(keys) for peer, keys in (self._plan or {}).items()}
 
     def _records(self, keys):
         for layer, expert in keys:

@@ -102,7 +102,8 @@ class Peer:
         replies = self._stub.Compute(iter(requests.get, None))
         with self._lock:
             self._requests = requests
-        threading.Thread(target=self._read_replies, args=(replies,), daemon=True, name=f"peer-{self.name}").start()
+        threading.Thread(target=self._read_replies, args=(replies, requests), daemon=True,
+                         name=f"peer-{self.name}").start()
         self._backoff = 0.0
         log.info("node %s (%s) holds %d experts of this model", self.name, self.address, len(self.held))
         return True
@@ -130,7 +131,7 @@ class Peer:
     def mark_failed(self, reason: str) -> None:
         self._failed(reason)
 
-    def _read_replies(self, replies) -> None:
+    def _read_replies(self, replies, stream: queue.Queue) -> None:
         try:
             for reply in replies:
                 with self._lock:
@@ -139,12 +140,16 @@ class Peer:
                     future, sent = entry
                     self.stats.rtt_ms.append((time.perf_counter() - sent) * 1e3)
                     future.set_result(reply)
-            self._failed(f"node {self.name} closed its stream")
+            self._failed(f"node {self.name} closed its stream", stream)
         except grpc.RpcError as exc:
-            self._failed(f"node {self.name} failed: {exc.code().name} {_detail(exc)}")
+            self._failed(f"node {self.name} failed: {exc.code().name} {_detail(exc)}", stream)
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, stream: queue.Queue | None = None) -> None:
+        """Sets the node aside. With `stream`, only if that stream is still the current one: a
+        stream ends after the node was already set aside (or closed), or was replaced on reconnect."""
         with self._lock:
+            if stream is not None and self._requests is not stream:
+                return
             requests, self._requests = self._requests, None
             pending, self._pending = self._pending, {}
             if requests is not None:

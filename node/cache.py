@@ -87,6 +87,18 @@ class ExpertCache:
                 self._push(key)
             return item[0]
 
+    def count(self, key: Hashable) -> None:
+        """Counts an access served without this cache (a node computed the expert), so that
+        the counts, and `routing_counts`, follow everything the router chose."""
+        with self._lock:
+            if not self._count_access(key) and key in self._items and self.policy == "lfu":
+                self._push(key)
+
+    def routing_counts(self) -> dict[Hashable, int]:
+        """A snapshot of the access counts (halved as they age, like the LFU policy's)."""
+        with self._lock:
+            return dict(self._counts)
+
     def put(self, key: Hashable, value: Any, nbytes: int, protect: Collection[Hashable] = ()) -> bool:
         """Caches the value if the policy admits it; returns whether it did.
 

@@ -180,6 +180,19 @@ class LocalExperts:
             self.stats.experts_from_ssd += len(targets)
         return slots
 
+    def note_routed(self, layer: int, experts: list[int]) -> None:
+        """Counts experts the router chose that were computed elsewhere (on a node)."""
+        cache = self._group_of[layer].cache
+        for e in experts:
+            cache.count((layer, e))
+
+    def routing_counts(self) -> dict[tuple[int, int], int]:
+        """How often each (layer, expert) was routed to, as the cache counts it (aged)."""
+        counts: dict[tuple[int, int], int] = {}
+        for g in self._groups:
+            counts.update(g.cache.routing_counts())
+        return counts
+
     def __contains__(self, key: tuple[int, int]) -> bool:
         group = self._group_of.get(key[0])
         return group is not None and key in group.cache

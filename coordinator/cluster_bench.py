@@ -1,0 +1,513 @@
+"""`edgemoe bench --cluster N`: decode with N edge nodes on this machine, against DESIGN.md's cluster bound.
+
+One run starts N `edge-node` processes on 127.0.0.1 (free ports, temporary
+data dirs, a fresh cluster token), then measures, in order:
+
+1. decode with no peers, the coordinator's cache at the same budget as in the
+   cluster runs: the baseline tok/s, and the local work per MoE layer
+   (decode time per token / MoE layers);
+2. decode with the nodes, once placement has pushed them their experts, for
+   added round-trip delays of 0 (direct), 0.5 and 5 ms: a DelayRelay process in
+   front of each node adds half the delay each way.
+
+For each delay it reports tok/s, the round-trip time the coordinator measured
+per call, and the cluster bound
+    tok/s <= 1 / (sum over MoE layers of max(RTT to involved peers, local work))
+with the RTT of a layer taken as its slowest call, the layers without a peer call
+counted at local work alone, and local work from run 1. Decode is timed from the
+first token to the last, as in `edgemoe bench`. Every process the bench starts is
+stopped before it returns, also on an error, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from node.credentials import ClusterCredentials, format_token, new_secret
+from node.errors import EdgemoeError
+from node.manifest import read_manifest
+
+from node.architecture import routed_experts_per_token
+from .bench import MiB, REPEATS, WARMUP_PROMPT, WARMUP_TOKENS, ignore_eos, ram_bytes
+from .generate import build_prompt, generate
+from .streaming import StreamingModel, load_streaming_model
+
+log = logging.getLogger(__name__)
+
+ADDED_RTTS_MS = (0.0, 0.5, 5.0)
+MAX_NODES = 16
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 60.0
+PLACEMENT_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 5.0
+PORT_ATTEMPTS = 3
+# A relay outlives a bench killed with SIGKILL by at most this long.
+RELAY_LIFETIME_S = 900.0
+# All nodes share this machine's RAM with the coordinator.
+NODES_RAM_FRACTION = 0.25
+
+
+# --- child processes --------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """A process the bench started; its output goes to files in the bench's temp dir."""
+
+    name: str
+    popen: subprocess.Popen
+    stdout: Path
+    stderr: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
+
+    def error_text(self) -> str:
+        text = self.stderr.read_text(errors="replace").strip() if self.stderr.exists() else ""
+        return text.splitlines()[-1] if text else f"exit code {self.popen.poll()}"
+
+
+@dataclass
+class Children:
+    """Every process the bench started; `stop_all` ends them (SIGTERM, then SIGKILL)."""
+
+    items: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> Child:
+        out, err = workdir / f"{name}.out", workdir / f"{name}.err"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env)
+        child = Child(name, popen, out, err)
+        self.items.append(child)
+        return child
+
+    def stop(self, children: list[Child]) -> None:
+        for child in children:
+            if child.popen.poll() is None:
+                child.popen.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in children:
+            try:
+                child.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM; killing it", child.name, child.pid)
+                child.popen.kill()
+                child.popen.wait()
+
+    def stop_all(self) -> None:
+        self.stop(list(reversed(self.items)))
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.pid for c in self.items]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_output(child: Child, marker: str, timeout: float) -> str | None:
+    """The first stdout line of `child` containing `marker`; None if it exited first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in child.output().splitlines():
+            if marker in line:
+                return line
+        if child.popen.poll() is not None:
+            return None
+        time.sleep(0.05)
+    raise EdgemoeError(f"{child.name} did not start within {timeout:.0f}s: {child.error_text()}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so the cleanup still runs."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _spawn_node(children: Children, token: str, workdir: Path, index: int, cache_bytes: int) -> tuple[Child, str]:
+    name = f"node{index}"
+    address = f"{HOST}:{free_port()}"
+    # The token goes by environment, out of the process list.
+    env = dict(os.environ, EDGEMOE_JOIN_TOKEN=token)
+    child = children.start(name, [
+        sys.executable, "-m", "node.daemon", "--listen", address, "--data-dir", str(workdir / name),
+        "--cache-mb", repr(cache_bytes / MiB), "--name", name, "--no-advertise",
+    ], workdir, env)
+    return child, address
+
+
+def start_nodes(children: Children, token: str, workdir: Path, count: int, cache_bytes: int) -> list[str]:
+    """`count` edge nodes on 127.0.0.1, started together; returns their addresses."""
+    started = [_spawn_node(children, token, workdir, i, cache_bytes) for i in range(count)]
+    addresses = []
+    for index, (child, address) in enumerate(started):
+        for _ in range(PORT_ATTEMPTS):
+            if wait_for_output(child, "listening", START_TIMEOUT_S):
+                break
+            # Another process took the port between our probe and the node's bind.
+            if "in use" not in child.error_text():
+                raise EdgemoeError(f"edge-node {child.name} did not start: {child.error_text()}")
+            child, address = _spawn_node(children, token, workdir, index, cache_bytes)
+        else:
+            raise EdgemoeError(f"edge-node {child.name} found no free port: {child.error_text()}")
+        addresses.append(address)
+    return addresses
+
+
+def start_relay(children: Children, workdir: Path, target: str, one_way_ms: float, name: str) -> str:
+    """A DelayRelay process in front of `target`; returns the address to connect to instead."""
+    child = children.start(name, [
+        sys.executable, "-m", "coordinator.relay", "--listen", f"{HOST}:0", "--target", target,
+        "--delay-ms", repr(one_way_ms), "--max-lifetime-s", str(RELAY_LIFETIME_S),
+    ], workdir)
+    line = wait_for_output(child, "LISTENING", START_TIMEOUT_S)
+    if line is None:
+        raise EdgemoeError(f"relay {name} did not start: {child.error_text()}")
+    _, host, port = line.split()
+    return f"{host}:{port}"
+
+
+# --- timed decode -----------------------------------------------------------------
+
+
+class LayerProbe:
+    """Counts a cluster's MoE layer calls, those that sent a node a request, and the
+    slowest of each such layer's round trips (what the layer waited for)."""
+
+    def __init__(self, cluster: Any):
+        self.cluster = cluster
+        self.layers = 0
+        self.peer_layers = 0
+        self.slowest_rtt_ms = 0.0
+        self._run_layer = cluster.run_layer
+        cluster.run_layer = self._counted
+
+    def _counted(self, *args: Any, **kwargs: Any) -> Any:
+        before = [len(p.stats.rtt_ms) for p in self.cluster.peers]
+        out = self._run_layer(*args, **kwargs)
+        new = [rtt for p, n in zip(self.cluster.peers, before) for rtt in p.stats.rtt_ms[n:]]
+        self.layers += 1
+        if new:
+            self.peer_layers += 1
+            self.slowest_rtt_ms += max(new)
+        return out
+
+
+@dataclass
+class Snapshot:
+    t: float
+    rtt_counts: list[int]
+    peer_calls: int = 0
+    experts_from_peers: int = 0
+    fallbacks: int = 0
+    experts_from_ssd: int = 0
+    layers: int = 0
+    peer_layers: int = 0
+    slowest_rtt_ms: float = 0.0
+
+
+def snapshot(sm: StreamingModel, probe: LayerProbe | None) -> Snapshot:
+    t = time.perf_counter()
+    if probe is None:
+        return Snapshot(t, [], experts_from_ssd=sm.local.stats.experts_from_ssd)
+    cluster = probe.cluster
+    return Snapshot(t, [len(p.stats.rtt_ms) for p in cluster.peers], cluster.stats.peer_calls,
+                    cluster.stats.experts_from_peers, cluster.stats.fallbacks, sm.local.stats.experts_from_ssd,
+                    probe.layers, probe.peer_layers, probe.slowest_rtt_ms)
+
+
+@dataclass
+class Decode:
+    """One timed decode, between its first and its last token."""
+
+    token_ids: list[int]
+    decode_tokens: int
+    tokens_per_s: float | None
+    rtts_ms: list[list[float]]  # per node, every call's round trip
+    peer_calls: int
+    experts_from_peers: int
+    experts_from_ssd: int
+    fallbacks: int
+    layers: int
+    peer_layers: int
+    slowest_rtt_ms: float
+
+
+def timed_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int, probe: LayerProbe | None) -> Decode:
+    marks: list[Snapshot] = []
+    with ignore_eos(sm.tokenizer):
+        result = generate(sm, prompt_tokens, max_tokens=tokens, on_token=lambda _: marks.append(snapshot(sm, probe)))
+    first, last = marks[0], marks[-1]
+    n, seconds = len(marks) - 1, last.t - first.t
+    peers = probe.cluster.peers if probe else []
+    return Decode(
+        token_ids=result.token_ids,
+        decode_tokens=n,
+        tokens_per_s=n / seconds if n and seconds > 0 else None,
+        rtts_ms=[p.stats.rtt_ms[a:b] for p, a, b in zip(peers, first.rtt_counts, last.rtt_counts)],
+        peer_calls=last.peer_calls - first.peer_calls,
+        experts_from_peers=last.experts_from_peers - first.experts_from_peers,
+        experts_from_ssd=last.experts_from_ssd - first.experts_from_ssd,
+        fallbacks=last.fallbacks - first.fallbacks,
+        layers=last.layers - first.layers,
+        peer_layers=last.peer_layers - first.peer_layers,
+        slowest_rtt_ms=last.slowest_rtt_ms - first.slowest_rtt_ms,
+    )
+
+
+def fastest_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int, probe: LayerProbe | None) -> Decode:
+    """Warms MLX up on other text, then the fastest of REPEATS timed decodes."""
+    with ignore_eos(sm.tokenizer):
+        generate(sm, build_prompt(sm, WARMUP_PROMPT), max_tokens=WARMUP_TOKENS)
+    runs = [timed_decode(sm, prompt_tokens, tokens, probe) for _ in range(REPEATS)]
+    return max(runs, key=lambda r: r.tokens_per_s or 0.0)
+
+
+# --- figures ----------------------------------------------------------------------
+
+
+def cluster_bound(moe_layers: int, peer_layer_fraction: float, layer_rtt_ms: float | None,
+                  local_layer_ms: float) -> float:
+    """DESIGN.md's cluster bound in tok/s: a layer with a peer call takes max(its slowest
+    round trip, local work), a layer without one its local work."""
+    with_peers = max(layer_rtt_ms or 0.0, local_layer_ms)
+    per_layer_ms = peer_layer_fraction * with_peers + (1 - peer_layer_fraction) * local_layer_ms
+    return 1e3 / (moe_layers * per_layer_ms)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def run_figures(run: Decode, baseline: Decode, added_rtt_ms: float, relayed: bool, moe_layers: int,
+                local_layer_ms: float) -> dict[str, Any]:
+    calls = [rtt for node in run.rtts_ms for rtt in node]
+    fraction = run.peer_layers / run.layers if run.layers else 0.0
+    layer_rtt = run.slowest_rtt_ms / run.peer_layers if run.peer_layers else None
+    bound = cluster_bound(moe_layers, fraction, layer_rtt, local_layer_ms)
+    return {
+        "added_rtt_ms": added_rtt_ms,
+        "through_relay": relayed,
+        "tokens_per_s": run.tokens_per_s,
+        "decode_tokens": run.decode_tokens,
+        "rtt_ms": _mean(calls),
+        "min_rtt_ms": min(calls) if calls else None,
+        "node_rtt_ms": [_mean(node) for node in run.rtts_ms],
+        "layer_rtt_ms": layer_rtt,
+        "peer_layer_fraction": fraction,
+        "peer_layers_per_token": fraction * moe_layers,
+        "peer_calls": run.peer_calls,
+        "peer_calls_per_token": _ratio(run.peer_calls, run.decode_tokens),
+        "experts_from_peers": run.experts_from_peers,
+        "experts_from_ssd": run.experts_from_ssd,
+        "fallbacks": run.fallbacks,
+        "cluster_bound_tokens_per_s": bound,
+        "bound_efficiency": _ratio(run.tokens_per_s, bound),
+        "relative_to_no_peers": _ratio(run.tokens_per_s, baseline.tokens_per_s),
+        "same_tokens": run.token_ids == baseline.token_ids,
+    }
+
+
+# --- the bench --------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    model_dir: Path
+    coordinator_cache_bytes: int
+    experts_per_token: int | None
+    io_mode: str
+    prompt: str
+    tokens: int
+
+
+def _load(setup: Setup, peers: list[str] | None = None, credentials: ClusterCredentials | None = None) -> StreamingModel:
+    return load_streaming_model(setup.model_dir, cache_bytes=setup.coordinator_cache_bytes,
+                                experts_per_token=setup.experts_per_token, io_mode=setup.io_mode,
+                                peers=peers, credentials=credentials)
+
+
+def _wait_for_placement(sm: StreamingModel, notes: list[str]) -> float:
+    start = time.monotonic()
+    while not sm.cluster.placement_complete():
+        if time.monotonic() - start > PLACEMENT_TIMEOUT_S:
+            notes.append(f"placement was not complete after {PLACEMENT_TIMEOUT_S:.0f}s: "
+                         "some experts were still read from SSD")
+            break
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _cluster_run(setup: Setup, addresses: list[str], credentials: ClusterCredentials, prompt_tokens: list[int],
+                 report: dict[str, Any], notes: list[str]) -> Decode:
+    sm = _load(setup, addresses, credentials)
+    try:
+        down = [f"{p.address}: {p.last_error}" for p in sm.cluster.peers if not p.healthy]
+        if down:
+            raise EdgemoeError(f"the bench's own nodes are unusable ({'; '.join(down)})")
+        push_seconds = _wait_for_placement(sm, notes)
+        report.setdefault("push_seconds", push_seconds)
+        report.setdefault("experts_placed", sm.cluster.placed())
+        return fastest_decode(sm, prompt_tokens, setup.tokens, LayerProbe(sm.cluster))
+    finally:
+        sm.close()
+
+
+def node_cache_bytes(total_expert_bytes: int, record_bytes: int, nodes: int) -> int:
+    """Room on each node for its share of every expert, within a quarter of this machine's RAM in all."""
+    share = math.ceil(total_expert_bytes / nodes) + record_bytes
+    return max(record_bytes, min(share, int(ram_bytes() * NODES_RAM_FRACTION / nodes)))
+
+
+def run_cluster_bench(
+    model_dir: Path,
+    nodes: int,
+    cache_bytes: int | None = None,
+    tokens: int = 64,
+    prompt: str = "Write a short story about a robot who learns to paint.",
+    experts_per_token: int | None = None,
+    io_mode: str = "auto",
+    added_rtts_ms: tuple[float, ...] = ADDED_RTTS_MS,
+) -> dict[str, Any]:
+    if not 1 <= nodes <= MAX_NODES:
+        raise EdgemoeError(f"--cluster {nodes}: run 1 to {MAX_NODES} nodes")
+    if tokens < 2:
+        raise EdgemoeError(f"--tokens {tokens} must be at least 2: decode is timed from the first token to the last")
+    began = time.perf_counter()
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    notes: list[str] = []
+    setup = Setup(model_dir, cache_bytes or max(manifest.expert_bytes, manifest.total_expert_bytes // 8),
+                  experts_per_token, io_mode, prompt, tokens)
+    if setup.coordinator_cache_bytes >= manifest.total_expert_bytes:
+        notes.append("the coordinator caches every expert: placement gives the nodes none (lower --cache-mb)")
+    per_node = node_cache_bytes(manifest.total_expert_bytes, manifest.expert_bytes, nodes)
+    if per_node * nodes < manifest.total_expert_bytes - setup.coordinator_cache_bytes:
+        notes.append("the nodes' RAM budgets cannot hold every expert the coordinator does not cache: "
+                     "the rest are read from the coordinator's SSD")
+    secret = new_secret()
+    credentials = ClusterCredentials.create(secret, "coordinator")
+    report: dict[str, Any] = {
+        "model": str(model_dir), "model_type": manifest.model_type, "nodes": nodes, "host": HOST,
+        "tokens": tokens, "repeats": REPEATS, "moe_layers": len(manifest.layers),
+        "expert_record_bytes": manifest.expert_bytes, "total_expert_bytes": manifest.total_expert_bytes,
+        "coordinator_cache_budget_bytes": setup.coordinator_cache_bytes, "node_cache_budget_bytes": per_node,
+    }
+    children = Children()
+    with tempfile.TemporaryDirectory(prefix="edgemoe-cluster-bench-") as tmp, sigterm_as_interrupt():
+        workdir = Path(tmp)
+        try:
+            log.info("starting %d edge nodes", nodes)
+            addresses = start_nodes(children, format_token(secret), workdir, nodes, per_node)
+            log.info("decode with no peers")
+            sm = _load(setup)
+            try:
+                prompt_tokens = build_prompt(sm, prompt)
+                if not prompt_tokens:
+                    raise EdgemoeError(f"--prompt {prompt!r} encodes to no tokens; pass some text")
+                report["experts_per_token"] = routed_experts_per_token(sm.config)
+                report["prompt_tokens"] = len(prompt_tokens)
+                baseline = fastest_decode(sm, prompt_tokens, tokens, None)
+            finally:
+                sm.close()
+            local_layer_ms = _ratio(1e3, baseline.tokens_per_s * len(manifest.layers)) if baseline.tokens_per_s else None
+            if local_layer_ms is None:
+                raise EdgemoeError("the no-peer decode produced no timing; raise --tokens")
+            report.update(no_peer_tokens_per_s=baseline.tokens_per_s, local_layer_ms=local_layer_ms)
+            runs = []
+            for added in added_rtts_ms:
+                log.info("decode with %d nodes, %.1f ms added round trip", nodes, added)
+                relays = [start_relay(children, workdir, a, added / 2, f"relay{i}-{added}ms")
+                          for i, a in enumerate(addresses)] if added else addresses
+                try:
+                    run = _cluster_run(setup, relays, credentials, prompt_tokens, report, notes)
+                finally:
+                    children.stop([c for c in children.items if c.name.startswith("relay")])
+                runs.append(run_figures(run, baseline, added, bool(added), len(manifest.layers), local_layer_ms))
+        finally:
+            children.stop_all()
+    report["runs"] = runs
+    report["same_tokens"] = all(r["same_tokens"] for r in runs)
+    report["child_pids"] = children.pids
+    report["notes"] = notes
+    report["bench_seconds"] = time.perf_counter() - began
+    return report
+
+
+# --- the text report --------------------------------------------------------------
+
+
+def _f(value: Any, fmt: str = "{:.2f}", unit: str = "") -> str:
+    return "n/a" if value is None else fmt.format(value) + unit
+
+
+def format_cluster_report(report: dict[str, Any]) -> str:
+    r = report
+    placed = ", ".join(f"{name} {count}" for name, count in r.get("experts_placed", {}).items())
+    lines = [
+        f"cluster bench: {r['model']} ({r['model_type']}), {r['nodes']} edge nodes on {r['host']}, "
+        f"{r['tokens']} tokens, fastest of {r['repeats']}",
+        f"  {r['moe_layers']} MoE layers, {r['experts_per_token']} experts per token; coordinator cache "
+        f"{r['coordinator_cache_budget_bytes'] / MiB:.2f} MiB of {r['total_expert_bytes'] / MiB:.2f} MiB of experts, "
+        f"each node {r['node_cache_budget_bytes'] / MiB:.2f} MiB",
+        f"  placement: {placed or 'nothing'} experts, pushed in {_f(r.get('push_seconds'), '{:.1f}', ' s')}",
+        "",
+        f"no peers: {_f(r['no_peer_tokens_per_s'], '{:.1f}', ' tok/s')}, "
+        f"local work {_f(r['local_layer_ms'], '{:.3f}', ' ms')} per MoE layer",
+        "",
+        "added RTT   RTT per call (min)   slowest per layer   peer layers/token   tok/s   cluster bound   "
+        "of bound   vs no peers   same tokens",
+    ]
+    for run in r["runs"]:
+        added = f"{run['added_rtt_ms']:g} ms" if run["through_relay"] else "0 (direct)"
+        lines.append(
+            f"{added:<11} {_f(run['rtt_ms'], '{:.2f}'):>6} ms ({_f(run['min_rtt_ms'], '{:.2f}')})   "
+            f"{_f(run['layer_rtt_ms'], '{:.2f}', ' ms'):>17}   {_f(run['peer_layers_per_token'], '{:.1f}'):>17}   "
+            f"{_f(run['tokens_per_s'], '{:.1f}'):>5}   {_f(run['cluster_bound_tokens_per_s'], '{:.1f}', ' tok/s'):>13}   "
+            f"{_f(run['bound_efficiency'] and 100 * run['bound_efficiency'], '{:.0f}', '%'):>8}   "
+            f"{_f(run['relative_to_no_peers'] and 100 * run['relative_to_no_peers'], '{:.0f}', '%'):>11}   "
+            f"{run['same_tokens']}"
+        )
+    lines.append("")
+    lines.append("cluster bound: tok/s <= 1 / (MoE layers x (peer share x max(slowest RTT, local work) "
+                 "+ (1 - peer share) x local work))")
+    if r["notes"]:
+        lines += ["", "notes"] + [f"  - {n}" for n in r["notes"]]
+    lines.append(f"\n(bench took {r['bench_seconds']:.1f} s)")
+    return "\n".join(lines)

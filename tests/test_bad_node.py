@@ -1,0 +1,283 @@
+"""A misbehaving edge node, in process: it passes the cluster's mutual TLS, claims every
+expert of the model, and then answers badly. The coordinator must read those experts
+from its SSD, give mlx-lm's tokens, set the node aside, and never crash or hang."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from conftest import encode, mlx_lm_tokens
+from coordinator import peers as peers_module
+from coordinator.generate import generate
+from coordinator.streaming import load_streaming_model
+from node.credentials import ClusterCredentials, format_token, new_secret, server_credentials
+from node.manifest import read_manifest
+from node.version import PROTOCOL_VERSION
+from protos import edgemoe_node_pb2 as pb
+from protos import edgemoe_node_pb2_grpc as pb_grpc
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+MAX_TOKENS = 16
+# Long enough for a node set aside for 50 ms to be tried again several times.
+LONG_TOKENS = 96
+DEADLINE_S = 0.3
+# A generation that takes longer than this has hung.
+GENERATION_TIMEOUT_S = 60.0
+
+CLOSE = object()  # end the stream without answering
+
+
+def _rows_and_width(request: pb.ComputeRequest) -> tuple[int, int]:
+    return len(request.rows), request.hidden.shape[1]
+
+
+def _tensor(dtype: str, shape: list[int], itemsize: int) -> pb.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    return pb.Tensor(dtype=dtype, shape=shape, data=bytes(n * itemsize))
+
+
+def wrong_width(request):
+    n, h = _rows_and_width(request)
+    return pb.ComputeReply(request_id=request.request_id, output=_tensor("float32", [n, h + 1], 4))
+
+
+def extra_rows(request):
+    n, h = _rows_and_width(request)
+    return pb.ComputeReply(request_id=request.request_id, output=_tensor("float32", [n + 1, h], 4))
+
+
+def three_dims(request):
+    n, h = _rows_and_width(request)
+    return pb.ComputeReply(request_id=request.request_id, output=_tensor("float32", [n, 1, h], 4))
+
+
+def other_dtype(request):
+    n, h = _rows_and_width(request)
+    other = "float16" if request.hidden.dtype != "float16" else "float32"
+    return pb.ComputeReply(request_id=request.request_id, output=_tensor(other, [n, h], 2 if other == "float16" else 4))
+
+
+def unknown_dtype(request):
+    n, h = _rows_and_width(request)
+    return pb.ComputeReply(request_id=request.request_id, output=_tensor("int32", [n, h], 4))
+
+
+def garbage_bytes(request):
+    n, h = _rows_and_width(request)
+    return pb.ComputeReply(request_id=request.request_id,
+                           output=pb.Tensor(dtype="float32", shape=[n, h], data=b"\xde\xad\xbe\xef" * 3 + b"\x01"))
+
+
+def empty_reply(request):
+    return pb.ComputeReply(request_id=request.request_id)
+
+
+def error_string(request):
+    return pb.ComputeReply(request_id=request.request_id, error="out of memory")
+
+
+def wrong_request_id(request):
+    n, h = _rows_and_width(request)
+    return pb.ComputeReply(request_id=request.request_id + 1_000_000, output=_tensor("float32", [n, h], 4))
+
+
+def hang(request):
+    return None
+
+
+def close_stream(request):
+    return CLOSE
+
+
+def abort_stream(request):
+    return grpc.StatusCode.INTERNAL
+
+
+BEHAVIOURS = {
+    "wrong-width": (wrong_width, "answered shape"),
+    "extra-rows": (extra_rows, "shape"),
+    "three-dims": (three_dims, "answered shape"),
+    "other-dtype": (other_dtype, "answered shape"),
+    "unknown-dtype": (unknown_dtype, "dtype"),
+    "garbage-bytes": (garbage_bytes, "bytes"),
+    "empty-reply": (empty_reply, "dtype"),
+    "error-string": (error_string, "out of memory"),
+    "wrong-request-id": (wrong_request_id, "did not answer within"),
+    "hang": (hang, "did not answer within"),
+    "close-stream": (close_stream, "closed its stream"),
+    "abort-stream": (abort_stream, "INTERNAL"),
+}
+
+
+class FakeNode(pb_grpc.EdgeNodeServicer):
+    """Holds nothing, claims `holdings`; answers every compute with `behaviour(request)`:
+    a reply, None (never answer), CLOSE (end the stream) or a status code (abort the stream)."""
+
+    def __init__(self, name: str, holdings: list[pb.ModelHoldings], behaviour, protocol_version: int = PROTOCOL_VERSION):
+        self.name = name
+        self.holdings = holdings
+        self.behaviour = behaviour
+        self.protocol_version = protocol_version
+        self.compute_requests = 0
+        self.stopped = threading.Event()
+
+    def Info(self, request, context):
+        return pb.NodeInfo(node_id=f"fake-{self.name}", name=self.name, version="0", protocol_version=self.protocol_version,
+                           models=self.holdings, cache_budget_bytes=2**30)
+
+    def PushExperts(self, request_iterator, context):
+        for _ in request_iterator:
+            pass
+        return pb.PushReply(errors=["this node keeps nothing"])
+
+    def Compute(self, request_iterator, context):
+        for request in request_iterator:
+            self.compute_requests += 1
+            reply = self.behaviour(request)
+            if reply is None:
+                self.stopped.wait(GENERATION_TIMEOUT_S)
+                return
+            if reply is CLOSE:
+                return
+            if isinstance(reply, grpc.StatusCode):
+                context.abort(reply, "the fake node gave up")
+            yield reply
+
+
+@pytest.fixture
+def token() -> str:
+    return format_token(new_secret())
+
+
+@pytest.fixture
+def serve_fake(token):
+    """Starts FakeNodes on 127.0.0.1 with the cluster's mutual TLS; all stopped at the end."""
+    servers: list[tuple[grpc.Server, FakeNode]] = []
+
+    def start(fake: FakeNode) -> str:
+        server = grpc.server(ThreadPoolExecutor(max_workers=16), options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_EdgeNodeServicer_to_server(fake, server)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(ClusterCredentials.from_token(token, "fake")))
+        server.start()
+        servers.append((server, fake))
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server, fake in servers:
+        fake.stopped.set()
+        server.stop(grace=None).wait(10)
+
+
+@pytest.fixture
+def qwen(models):
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    return packed, prompt, expected
+
+
+def all_experts(packed) -> pb.ModelHoldings:
+    manifest = read_manifest(packed)
+    pairs = [(spec.layer, e) for spec in manifest.layers for e in range(spec.num_experts)]
+    return pb.ModelHoldings(fingerprint=manifest.fingerprint, layers=[l for l, _ in pairs], experts=[e for _, e in pairs])
+
+
+def generate_bounded(packed, token, address, prompt, max_tokens=MAX_TOKENS):
+    """Loads the coordinator with one peer and generates in a thread that must finish in time.
+    Returns (token ids, the cluster, seconds taken)."""
+    creds = ClusterCredentials.from_token(token, "coordinator")
+    # The coordinator caches one expert: every other expert is the fake node's to compute.
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes, peers=[address], credentials=creds)
+    sm.cluster.deadline_s = DEADLINE_S
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["tokens"] = generate(sm, prompt, max_tokens=max_tokens).token_ids
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True, name="bad-node-generation")
+    start = time.monotonic()
+    try:
+        worker.start()
+        worker.join(GENERATION_TIMEOUT_S)
+        seconds = time.monotonic() - start
+        assert not worker.is_alive(), f"generation hung for {GENERATION_TIMEOUT_S:.0f} s"
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["tokens"], sm.cluster, seconds
+    finally:
+        if not worker.is_alive():
+            sm.close()
+
+
+@pytest.mark.parametrize("behaviour", list(BEHAVIOURS))
+def test_bad_replies_fall_back_to_ssd_and_set_the_node_aside(qwen, token, serve_fake, monkeypatch, behaviour):
+    # A long back-off: after its first failure the node stays aside for this whole generation.
+    monkeypatch.setattr(peers_module, "MIN_BACKOFF_S", 600.0)
+    packed, prompt, expected = qwen
+    answer, says = BEHAVIOURS[behaviour]
+    fake = FakeNode(f"fake-{behaviour}", [all_experts(packed)], answer)
+    tokens, cluster, _ = generate_bounded(packed, token, serve_fake(fake), prompt)
+    assert tokens == expected
+    peer = cluster.peers[0]
+    assert fake.compute_requests >= 1
+    assert cluster.stats.peer_calls >= 1
+    assert cluster.stats.fallbacks == 1
+    assert cluster.stats.experts_from_peers == 0
+    assert not peer.healthy
+    assert peer.stats.failures == 1
+    assert says in peer.last_error and fake.name in peer.last_error and "\n" not in peer.last_error
+
+
+@pytest.mark.parametrize("behaviour", ["hang", "garbage-bytes", "close-stream"])
+def test_a_bad_node_retried_again_and_again_never_stalls_generation(models, qwen, token, serve_fake, monkeypatch, behaviour):
+    # A short back-off: the node comes back into use often, and fails each time.
+    monkeypatch.setattr(peers_module, "MIN_BACKOFF_S", 0.05)
+    monkeypatch.setattr(peers_module, "MAX_BACKOFF_S", 0.05)
+    packed, prompt, _ = qwen
+    expected, _ = mlx_lm_tokens(models.src("qwen3_moe", True), prompt, max_tokens=LONG_TOKENS, models=models)
+    fake = FakeNode(f"fake-{behaviour}", [all_experts(packed)], BEHAVIOURS[behaviour][0])
+    tokens, cluster, seconds = generate_bounded(packed, token, serve_fake(fake), prompt, max_tokens=LONG_TOKENS)
+    assert tokens == expected
+    assert cluster.stats.fallbacks >= 3 and cluster.stats.peer_calls == cluster.stats.fallbacks
+    assert cluster.peers[0].stats.failures >= 3
+    assert cluster.stats.experts_from_peers == 0
+    # Each failure costs at most one deadline: a hang is not waited out twice per layer.
+    assert seconds < cluster.stats.fallbacks * DEADLINE_S + 20
+
+
+def test_nodes_of_another_model_or_protocol_change_nothing(qwen, token, serve_fake):
+    packed, prompt, expected = qwen
+    theirs = all_experts(packed)
+    theirs.fingerprint = "0" * 64
+
+    def refuse(request):
+        return pb.ComputeReply(request_id=request.request_id, error=f"this node holds no experts of model "
+                                                                    f"{request.fingerprint[:12]}")
+
+    other_model = FakeNode("other-model", [theirs], refuse)
+    other_protocol = FakeNode("other-protocol", [all_experts(packed)], refuse, protocol_version=PROTOCOL_VERSION + 1)
+    creds = ClusterCredentials.from_token(token, "coordinator")
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes,
+                              peers=[serve_fake(other_model), serve_fake(other_protocol)], credentials=creds)
+    try:
+        sm.cluster.deadline_s = DEADLINE_S
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+        stats = sm.cluster.stats
+        assert (stats.peer_calls, stats.experts_from_peers, stats.fallbacks) == (0, 0, 0)
+        assert other_model.compute_requests == other_protocol.compute_requests == 0
+        model_peer, protocol_peer = sm.cluster.peers
+        assert model_peer.held == set()
+        assert not protocol_peer.healthy
+        assert "protocol" in protocol_peer.last_error and "upgrade" in protocol_peer.last_error
+    finally:
+        sm.close()
