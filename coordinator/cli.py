@@ -200,13 +200,18 @@ def cmd_demo_model(args: argparse.Namespace) -> None:
 def cmd_cluster_init(args: argparse.Namespace) -> None:
     from node.credentials import init_cluster
 
-    result = init_cluster(Path(args.dir).expanduser() if args.dir else None, rotate=args.rotate)
+    if args.expires_days is not None and args.expires_days <= 0:
+        raise EdgemoeError(f"--expires-days {args.expires_days} must be positive")
+    expires = int(time.time() + args.expires_days * 86400) if args.expires_days else None
+    result = init_cluster(Path(args.dir).expanduser() if args.dir else None, rotate=args.rotate, expires=expires)
     if result.replaced_cluster_id:
         print(f"re-keyed the cluster: {result.replaced_cluster_id} -> {result.cluster_id}; the old token no longer "
               "joins: restart the coordinator and every edge-node with the new token")
     else:
         print(f"made cluster {result.cluster_id}")
     print(f"stored its join token in {result.path} (only you can read it; anyone holding it is a cluster member)")
+    if expires:
+        print(f"the token stops working on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expires))}")
     print("on every other device run:  edge-node --join TOKEN   with this token:")
     print(result.token)
 
@@ -287,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     ci = csub.add_parser("init", help="make the cluster secret and print its join token (the last line)")
     ci.add_argument("--dir", help="where to keep the token (default: $EDGEMOE_HOME/cluster or ~/.config/edgemoe/cluster)")
     ci.add_argument("--rotate", action="store_true", help="replace an existing token: re-keys the cluster")
+    ci.add_argument("--expires-days", type=float, metavar="DAYS",
+                    help="the token (and every certificate made from it) stops working after DAYS")
     ci.set_defaults(func=cmd_cluster_init)
     return parser
 

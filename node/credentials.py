@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,28 @@ def _check(secret: bytes) -> bytes:
     return hashlib.sha256(b"edgemoe1 join token check" + secret).digest()[:_CHECK_BYTES]
 
 
-def format_token(secret: bytes) -> str:
+def format_token(secret: bytes, expires: int | None = None) -> str:
+    """The join token; `expires` (Unix seconds) makes it stop working then (see `parse_token`)."""
     _require_secret(secret)
     body = base64.urlsafe_b64encode(secret + _check(secret)).decode("ascii")
-    return TOKEN_PREFIX + body
+    return TOKEN_PREFIX + body + (f".{expires:x}" if expires is not None else "")
+
+
+def _bind_expiry(secret: bytes, expires: int) -> bytes:
+    # The cluster's keys come from the secret *and* the expiry: a token whose
+    # expiry was cut off or changed derives another CA and is refused at the handshake.
+    return _hkdf(secret, b"edgemoe1 expires " + str(expires).encode(), SECRET_BYTES)
+
+
+def token_expiry(text: str) -> int | None:
+    """The Unix time a join token stops working, or None if it does not expire."""
+    _, dot, suffix = text.strip().partition(".")
+    if not dot:
+        return None
+    try:
+        return int(suffix, 16)
+    except ValueError:
+        raise JoinTokenError("the expiry at the end of this join token is damaged; copy the whole token") from None
 
 
 def _preview(text: str) -> str:
@@ -82,9 +101,17 @@ def _preview(text: str) -> str:
     return f"{shown!r} ({len(text)} characters)"
 
 
-def parse_token(text: str) -> bytes:
-    """The cluster secret in a join token; JoinTokenError says what is wrong with a bad one."""
-    token = text.strip()
+def parse_token(text: str, now: float | None = None) -> bytes:
+    """The cluster secret in a join token; JoinTokenError says what is wrong with a bad one,
+    including that it has expired."""
+    token, _, _ = text.strip().partition(".")
+    expires = token_expiry(text)
+    if expires is not None and (time.time() if now is None else now) >= expires:
+        when = dt.datetime.fromtimestamp(expires, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        raise JoinTokenError(
+            f"this join token expired on {when}; on the coordinator make a new one with "
+            "`edgemoe cluster init --rotate` and restart the nodes with it"
+        )
     fix = f"copy the whole last line of `edgemoe cluster init` (it starts with {TOKEN_PREFIX!r})"
     head, dash, body = token.partition("-")
     version = re.fullmatch(r"edgemoe(\d+)", head)
@@ -115,7 +142,7 @@ def parse_token(text: str) -> bytes:
             f"not an edgemoe join token: {_preview(token)} fails its checksum (a mistyped or "
             f"changed character); {fix}"
         )
-    return secret
+    return secret if expires is None else _bind_expiry(secret, expires)
 
 
 def _require_secret(secret: bytes) -> None:
@@ -297,7 +324,7 @@ def _write_new(path: Path, token: str) -> None:
         os.fsync(f.fileno())
 
 
-def init_cluster(directory: Path | None = None, *, rotate: bool = False) -> ClusterInit:
+def init_cluster(directory: Path | None = None, *, rotate: bool = False, expires: int | None = None) -> ClusterInit:
     """Make and store a new cluster secret; refuses to replace one unless `rotate`."""
     directory = directory or default_cluster_dir()
     path = directory / TOKEN_FILE
@@ -313,8 +340,8 @@ def init_cluster(directory: Path | None = None, *, rotate: bool = False) -> Clus
             old_id = cluster_id(parse_token(path.read_text()))
         except (JoinTokenError, OSError, UnicodeDecodeError):
             old_id = "unreadable"
-    secret = new_secret()
-    token = format_token(secret)
+    token = format_token(new_secret(), expires)
+    secret = parse_token(token)
     if old_id is None:
         try:
             _write_new(path, token)

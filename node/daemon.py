@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import edgemoe_node_pb2_grpc as pb_grpc
 
-from .credentials import ClusterCredentials, parse_token, server_credentials
+from .credentials import ClusterCredentials, parse_token, server_credentials, token_expiry
 from .errors import EdgemoeError
 from .holdings import NodeHoldings
 from .service import NodeIdentity, NodeService
@@ -80,6 +81,13 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    expires = token_expiry(args.join)
+    if expires is not None:
+        def expired() -> None:
+            log.warning("the join token expired: leaving the cluster (restart with a new token)")
+            stop.set()
+
+        loop.call_later(max(0.0, expires - time.time()), expired)
     try:
         await stop.wait()
     finally:

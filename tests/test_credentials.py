@@ -301,3 +301,31 @@ def test_world_writable_dir_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ClusterConfigError, match="other users"):
         init_cluster(shared)
     assert not (shared / "join-token").exists()
+
+
+def test_expired_token_is_refused_with_one_line_and_a_cut_expiry_is_another_cluster(tmp_path):
+    from node.credentials import cluster_id, format_token, new_secret
+
+    secret = new_secret()
+    expired = format_token(secret, int(time.time()) - 60)
+    with pytest.raises(JoinTokenError, match="expired"):
+        parse_token(expired)
+    valid = format_token(secret, int(time.time()) + 3600)
+    assert cluster_id(parse_token(valid)) != cluster_id(parse_token(valid.partition(".")[0]))
+    out = subprocess.run([sys.executable, "-m", "node.daemon", "--join", expired, "--listen", "127.0.0.1:0",
+                          "--data-dir", str(tmp_path / "n"), "--no-advertise"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith("edge-node: error:") and "expired" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cluster_init_with_expiry_gives_an_expiring_token(tmp_path):
+    from node.credentials import token_expiry
+
+    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "cluster", "init", "--dir", str(tmp_path / "c"),
+                          "--expires-days", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip().splitlines()[-1]
+    assert token_expiry(token) is not None
+    parse_token(token)
