@@ -213,10 +213,6 @@ class LocalExperts:
     def cache_bytes_used(self) -> int:
         return sum(g.cache.bytes_used for g in self._groups)
 
-    @property
-    def pool_bytes(self) -> int:
-        return sum(g.pool.nbytes for g in self._groups)
-
     def close(self) -> None:
         self._drain()
         self._prefetcher.shutdown(wait=True)

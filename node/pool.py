@@ -32,7 +32,3 @@ class SlotPool:
     def views(self, slot: int) -> list[memoryview]:
         """One writable view per tensor of the slot, in the layer spec's tensor order."""
         return [self._bytes[t.name][slot * t.nbytes : (slot + 1) * t.nbytes] for t in self.spec.tensors]
-
-    @property
-    def nbytes(self) -> int:
-        return self.num_slots * self.spec.record_bytes
