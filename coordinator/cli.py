@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         print()
         print(result.stats.summary(), file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import serve
+    from .streaming import load_streaming_model
+
+    if args.max_tokens < 1:
+        raise EdgemoeError(f"--max-tokens {args.max_tokens} must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise EdgemoeError(f"--port {args.port} must be between 0 and 65535")
+    peers, credentials = resolve_peers(args)
+    cache_bytes = _cache_bytes(args)
+
+    def load():
+        return load_streaming_model(Path(args.model), cache_bytes=cache_bytes, experts_per_token=args.experts_per_token,
+                                    io_mode=args.io, prefetch=args.prefetch, peers=peers, credentials=credentials)
+
+    serve(Path(args.model), args.host, args.port, load, api_key=args.api_key, default_max_tokens=args.max_tokens)
 
 
 def cluster_stats(cluster) -> dict:
@@ -281,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", choices=("small", "large"), default="small",
                    help="small: 36 MiB of 4-bit experts; large: 768 MiB of 6 MiB float32 experts, for disk benchmarks")
     d.set_defaults(func=cmd_demo_model)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics)")
+    model_options(s)
+    peer_options(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key", metavar="KEY", default=os.environ.get("EDGEMOE_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every request but /health "
+                   "(default: $EDGEMOE_API_KEY, which keeps the key out of the process list)")
+    s.add_argument("--max-tokens", type=int, default=512, help="completion length when a request gives none")
+    s.set_defaults(func=cmd_serve)
 
     pe = sub.add_parser("peers", help="the nodes this coordinator can use: health, round trip, experts held, cache")
     peer_options(pe)
