@@ -16,15 +16,15 @@ setup: $(BIN)/edgemoe
 demo: setup
 	$(BIN)/edgemoe demo-model $(DEMO_DIR)/src
 	$(BIN)/edgemoe pack $(DEMO_DIR)/src $(DEMO_DIR)/packed --force
-	$(BIN)/edgemoe generate --model $(DEMO_DIR)/packed --prompt "def main(" --max-tokens 40 --cache-mb 1
+	$(BIN)/edgemoe generate --model $(DEMO_DIR)/packed --prompt "def main(" --max-tokens 40 --cache-mb 1 --no-chat-template
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/edgemoe demo-model $(DEMO_DIR)/src
-	$(BIN)/edgemoe pack $(DEMO_DIR)/src $(DEMO_DIR)/packed --force
-	$(BIN)/edgemoe bench --model $(DEMO_DIR)/packed --cache-mb 4.5 --in-place $(DEMO_DIR)/src
+	$(BIN)/edgemoe demo-model $(DEMO_DIR)/bench-src --size random
+	$(BIN)/edgemoe pack $(DEMO_DIR)/bench-src $(DEMO_DIR)/bench-packed --force
+	$(BIN)/edgemoe bench --model $(DEMO_DIR)/bench-packed --cache-mb 4.5 --in-place $(DEMO_DIR)/bench-src
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -297,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo-model", help="write the built-in demo model (an mlx-lm directory)")
     d.add_argument("dst")
-    d.add_argument("--size", choices=("small", "large"), default="small",
-                   help="small: 36 MiB of 4-bit experts; large: 768 MiB of 6 MiB float32 experts, for disk benchmarks")
+    d.add_argument("--size", choices=("small", "random", "large"), default="small",
+                   help="small: trained on Python's own sources (4 layers, 32 experts); random: 8 layers of 64 "
+                   "random experts (36 MiB, the benchmark model); large: 768 MiB of 6 MiB float32 experts")
     d.set_defaults(func=cmd_demo_model)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics)")

@@ -1,15 +1,28 @@
-"""The built-in demo models: small qwen3_moe models shaped like the ones users stream, made offline."""
+"""The built-in demo models: small qwen3_moe models shaped like the ones users stream, made offline.
+
+``small`` is a trained model that ships with the package (``demo_weights/``,
+reproduced by ``python -m coordinator.train_demo OUT_DIR``): 4 layers of 32
+4-bit experts, 4 per token, trained on the Python standard library's sources,
+so it writes Python-ish text and routes tokens unevenly, as real models do.
+``random`` is the random 8-layer, 64-expert model the benchmark figures use;
+``large`` is random, sized so the disk matters in benchmarks.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from .tiny_models import write_tiny_model
 
+WEIGHTS_DIR = Path(__file__).resolve().parent / "demo_weights"
+# what an mlx-lm model directory needs; train.json (how it was trained) stays behind
+WEIGHT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
 SHAPES = {
-    # 8 MoE layers of 64 experts, 8 per token: the shape DESIGN.md's reference
-    # measurements use, small enough to build in seconds.
-    "small": dict(
+    # Random, 8 MoE layers of 64 experts, 8 per token: the shape DESIGN.md's
+    # reference measurements use; the README's `make bench` figures are on it.
+    "random": dict(
         arch="qwen3_moe", quantized=True, seed=0, num_layers=8, num_experts=64,
         hidden_size=256, moe_intermediate_size=128, num_experts_per_tok=8,
     ),
@@ -22,4 +35,10 @@ SHAPES = {
 
 
 def write_demo_model(dst: Path, size: str = "small") -> Path:
-    return write_tiny_model(Path(dst), **SHAPES[size])
+    dst = Path(dst)
+    if size == "small":
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in WEIGHT_FILES:
+            shutil.copyfile(WEIGHTS_DIR / name, dst / name)
+        return dst
+    return write_tiny_model(dst, **SHAPES[size])
