@@ -97,6 +97,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         result = generate(sm, prompt, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, on_text=stream)
         # Before close: closing the cluster closes every peer, so none would show as healthy.
         peer_stats = cluster_stats(sm.cluster) if sm.cluster is not None else {}
+        from .status import nodes_in_use, save_last_run
+
+        save_last_run("generate", args.model, {**result.stats.to_dict(), **peer_stats}, sm.dense_bytes,
+                      nodes_in_use(sm.cluster))
     finally:
         sm.close()
     if args.json:
@@ -141,37 +145,41 @@ def cluster_stats(cluster) -> dict:
 
 
 def cmd_peers(args: argparse.Namespace) -> None:
-    from .peers import Peer
+    from .status import format_peer_rows, probe_peers
 
     addresses, credentials = resolve_peers(args)
-    rows = []
-    for address in addresses:
-        peer = Peer(address, credentials)
-        start = time.perf_counter()
-        ok = peer.connect(fingerprint="")
-        rtt_ms = (time.perf_counter() - start) * 1e3
-        info = peer.info
-        rows.append({
-            "address": address, "healthy": ok, "rtt_ms": round(rtt_ms, 2) if ok else None,
-            "name": info.name if info else None, "node_id": info.node_id if info else None,
-            "experts_held": sum(len(m.layers) for m in info.models) if info else None,
-            "models": [m.fingerprint[:12] for m in info.models] if info else [],
-            "cache_used_bytes": info.cache_used_bytes if info else None,
-            "cache_free_bytes": info.cache_budget_bytes - info.cache_used_bytes if info else None,
-            "error": None if ok else peer.last_error,
-        })
-        peer.close()
+    rows = probe_peers(addresses, credentials)
     if args.json:
         print(json.dumps(rows))
         return
-    if not rows:
-        print("no nodes found (start `edge-node --join TOKEN` on other devices; pass --peers HOST:PORT or --interface ADDR)")
-    for r in rows:
-        if r["healthy"]:
-            print(f"{r['address']:<22} {r['name']:<16} healthy  rtt {r['rtt_ms']:.1f} ms  experts {r['experts_held']}  "
-                  f"cache used {r['cache_used_bytes'] / 2**20:.1f} MiB free {r['cache_free_bytes'] / 2**20:.1f} MiB")
-        else:
-            print(f"{r['address']:<22} unreachable: {r['error']}")
+    for line in format_peer_rows(rows):
+        print(line)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from node.credentials import default_cluster_dir
+
+    from .status import collect_status, format_status
+
+    addresses, credentials = resolve_peers(args)
+    directory = Path(args.cluster_dir).expanduser() if args.cluster_dir else default_cluster_dir()
+    status = collect_status(addresses, credentials, directory)
+    print(json.dumps(status) if args.json else format_status(status))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .chat import run_chat
+    from .streaming import load_streaming_model
+
+    if args.max_tokens < 1:
+        raise EdgemoeError(f"--max-tokens {args.max_tokens} must be at least 1")
+    peers, credentials = resolve_peers(args)
+    sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args),
+                              experts_per_token=args.experts_per_token, peers=peers, credentials=credentials)
+    try:
+        run_chat(sm, args.model, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed)
+    finally:
+        sm.close()
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -317,6 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     peer_options(pe)
     pe.add_argument("--json", action="store_true", help="print one JSON list")
     pe.set_defaults(func=cmd_peers)
+
+    ch = sub.add_parser("chat", help="an interactive chat in the terminal (history, streamed replies, a status line)")
+    ch.add_argument("--model", required=True, help="packed model directory (from `edgemoe pack`)")
+    ch.add_argument("--cache-mb", type=float, help="RAM budget for cached experts, in MiB")
+    ch.add_argument("--experts-per-token", type=int, metavar="K", help="route each token to K experts")
+    peer_options(ch)
+    ch.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
+    ch.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    ch.add_argument("--seed", type=int)
+    ch.set_defaults(func=cmd_chat)
+
+    st = sub.add_parser("status", help="the coordinator, each node and the last generation's figures")
+    peer_options(st)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=cmd_status)
 
     c = sub.add_parser("cluster", help="the cluster's credentials")
     csub = c.add_subparsers(dest="cluster_command", required=True)

@@ -228,3 +228,16 @@ __all__ = [
     "run_cli",
     "write_large_moe_source",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def edgemoe_home(tmp_path_factory):
+    """Keeps the suite's runs (cluster token lookups, the last-run record) out of the user's home."""
+    home = tmp_path_factory.mktemp("edgemoe-home")
+    saved = os.environ.get("EDGEMOE_HOME")
+    os.environ["EDGEMOE_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("EDGEMOE_HOME", None)
+    else:
+        os.environ["EDGEMOE_HOME"] = saved
