@@ -439,18 +439,23 @@ def write_tiny_model(
     return dst
 
 
-def _train_tokenizer() -> Tokenizer:
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE with the chat's special tokens, trained deterministically on `texts`."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_TOKENIZER_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
+
+
+def _train_tokenizer() -> Tokenizer:
+    return train_bpe(_CORPUS.splitlines(keepends=True), _TOKENIZER_VOCAB_SIZE)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

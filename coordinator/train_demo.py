@@ -38,9 +38,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
-from .tiny_models import _BOS_TOKEN, _CHAT_TEMPLATE, _EOS_TOKEN, _IM_START, _SPECIAL_TOKENS
+from .tiny_models import _BOS_TOKEN, _CHAT_TEMPLATE, _EOS_TOKEN, _IM_START, _SPECIAL_TOKENS, train_bpe
 
 # Present (as plain modules, not shims) in CPython 3.10 through 3.14.
 STDLIB_FILES: tuple[str, ...] = tuple(sorted((
@@ -95,17 +95,7 @@ def read_corpus() -> list[str]:
 
 
 def train_tokenizer(texts: list[str]) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=list(_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
+    return train_bpe(texts, VOCAB_SIZE)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
