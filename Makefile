@@ -14,9 +14,7 @@ $(BIN)/edgemoe: pyproject.toml
 setup: $(BIN)/edgemoe
 
 demo: setup
-	$(BIN)/edgemoe demo-model $(DEMO_DIR)/src
-	$(BIN)/edgemoe pack $(DEMO_DIR)/src $(DEMO_DIR)/packed --force
-	$(BIN)/edgemoe generate --model $(DEMO_DIR)/packed --prompt "def main(" --max-tokens 40 --cache-mb 1 --no-chat-template
+	$(BIN)/edgemoe demo --dir $(DEMO_DIR)
 
 test: setup
 	$(BIN)/python -m pytest -q

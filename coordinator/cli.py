@@ -137,7 +137,7 @@ def cluster_stats(cluster) -> dict:
         "fallbacks": cluster.stats.fallbacks,
         "nodes": [
             {"address": p.address, "name": p.name, "node_id": p.node_id, "healthy": p.healthy, "calls": p.stats.calls,
-             "failures": p.stats.failures, "mean_rtt_ms": p.stats.mean_rtt_ms, "experts_held": len(p.held),
+             "failures": p.stats.failures, "experts_computed": p.stats.experts, "mean_rtt_ms": p.stats.mean_rtt_ms, "experts_held": len(p.held),
              "error": p.last_error or None}
             for p in cluster.peers
         ],
@@ -217,6 +217,49 @@ def cmd_cluster_bench(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else format_cluster_report(report))
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    from .progress import show_push_progress
+    from .streaming import load_streaming_model
+
+    peers, credentials = resolve_peers(args)
+    if not peers:
+        raise EdgemoeError("no nodes to push to: start edge-node on another device, then pass --peers HOST:PORT "
+                           "or --interface ADDR (this machine's LAN address)")
+    sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args), peers=peers, credentials=credentials)
+    try:
+        for peer in sm.cluster.peers:
+            if not peer.healthy:
+                print(f"skipping {peer.address}: {peer.last_error}", file=sys.stderr)
+        if not any(peer.healthy for peer in sm.cluster.peers):
+            raise EdgemoeError("none of the nodes can be used (see above)")
+        complete = show_push_progress(sm.cluster, args.timeout, always=args.progress)
+        shares = sm.cluster.push_progress()
+    finally:
+        sm.close()
+    for share in shares:
+        print(f"{share.name}: holds {share.held_experts} of the {share.planned_experts} experts placed on it "
+              f"({share.held_bytes / 2**20:.1f} MiB)")
+    if not complete:
+        raise EdgemoeError(f"placement was not complete after {args.timeout:.0f}s; run `edgemoe push` again to go on "
+                           "(what was pushed stays on the nodes)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    if not args.verbose:
+        # The demo kills a node on purpose and says so; the peer's own warning would only interleave with the text.
+        logging.getLogger("coordinator.peers").setLevel(logging.ERROR)
+    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    show_text = None if args.json else (lambda text: print(text, end="", flush=True))
+    report = run_demo(Path(args.dir), nodes=args.nodes, prompt=args.prompt, max_tokens=args.max_tokens, say=say,
+                      show_text=show_text)
+    if args.json:
+        print(report.to_json())
+    elif not all(run.same_as_mlx_lm for run in report.runs):
+        raise EdgemoeError("the tokens differ from mlx-lm's: please report this as a bug, with the output above")
+
+
 def cmd_demo_model(args: argparse.Namespace) -> None:
     from .demo_model import write_demo_model
 
@@ -252,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="mlx-lm model directory (config.json, model*.safetensors, tokenizer)")
     p.add_argument("dst", help="directory to write the packed model to")
     p.add_argument("--in-place", action="store_true", help="write no expert copy: read experts from SRC's files")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument("--progress", action="store_true",
+                   help="show the progress bar even when not on a terminal (on one it shows anyway)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_pack)
 
@@ -302,6 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "with 0, 0.5 and 5 ms added round trips (--cache-mb: the coordinator's cache, default 1/8 "
                    "of the experts)")
     b.set_defaults(func=cmd_bench)
+
+    de = sub.add_parser("demo", help="the built-in model generating with edge nodes on this machine, "
+                        "showing where its experts come from")
+    de.add_argument("--dir", default=".demo", help="where to write and pack the demo model (default: .demo)")
+    de.add_argument("--nodes", type=int, default=2, help="edge nodes to start on 127.0.0.1 (default: 2)")
+    de.add_argument("--prompt", default="def main(")
+    de.add_argument("--max-tokens", type=int, default=40)
+    de.add_argument("--json", action="store_true", help="print one JSON object (the run's figures and tokens)")
+    de.set_defaults(func=cmd_demo)
+
+    pu = sub.add_parser("push", help="place experts on the nodes and push them now, with progress "
+                        "(generate and serve also push, in the background)")
+    model_options(pu)
+    peer_options(pu)
+    pu.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default: 3600)")
+    pu.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
+    pu.set_defaults(func=cmd_push)
 
     d = sub.add_parser("demo-model", help="write the built-in demo model (an mlx-lm directory)")
     d.add_argument("dst")

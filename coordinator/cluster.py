@@ -104,6 +104,15 @@ class ClusterStats:
     fallbacks: int = 0
 
 
+@dataclass
+class NodeShare:
+    name: str
+    held_experts: int
+    planned_experts: int
+    held_bytes: int
+    planned_bytes: int
+
+
 class Cluster:
     def __init__(self, manifest: Manifest, config_json: bytes, local: LocalExperts, credentials: ClusterCredentials,
                  addresses: list[str], deadline_s: float = REPLY_DEADLINE_S, push: bool = True):
@@ -186,6 +195,7 @@ class Cluster:
                 if list(y.shape) != [len(pairs), hidden.shape[-1]] or y.dtype != out.dtype:
                     raise WireError(f"node {peer.name} answered shape {list(y.shape)} {y.dtype}")
                 self.stats.experts_from_peers += len(pairs)
+                peer.stats.experts += len(set(flat[pairs].tolist()))
             except (FutureTimeout, PeerDown, WireError) as exc:
                 if isinstance(exc, FutureTimeout):
                     peer.mark_failed(f"node {peer.name} did not answer within {self.deadline_s:.1f}s")
@@ -237,6 +247,17 @@ class Cluster:
         """True once a placement exists and every healthy node holds all it was given."""
         plan = self._plan
         return plan is not None and all(set(keys) <= peer.held for peer, keys in plan.items() if peer.healthy)
+
+    def push_progress(self) -> list[NodeShare]:
+        """Per healthy node of the latest placement: how much of its share it holds."""
+        shares = []
+        for peer, keys in (self._plan or {}).items():
+            if peer.healthy:
+                held = [k for k in keys if k in peer.held]
+                shares.append(NodeShare(peer.name, len(held), len(keys),
+                                        sum(self._record_bytes[k[0]] for k in held),
+                                        sum(self._record_bytes[k[0]] for k in keys)))
+        return shares
 
     def placed(self) -> dict[str, int]:
         """Experts the latest placement gives each node, by node name."""

@@ -34,6 +34,7 @@ from node.manifest import (
 )
 
 from node.architecture import layer_index, read_config, routed_expert_modules
+from .progress import progress_bar
 from .safetensors_io import StoredTensor, copy_range, index_files, write_header
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,6 @@ def pack(src: Path, dst: Path, in_place: bool = False, force: bool = False, prog
 
 
 def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: bool, progress: bool) -> tuple[Manifest, int]:
-    from tqdm import tqdm
-
     specs, sources_by_layer = [], []
     for path, module in modules:
         own = {n[len(path) + 1 :]: a for n, a in params.items() if n.startswith(path + ".")}
@@ -246,7 +245,7 @@ def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: 
             file_ids[path] = len(files)
             files.append(str(path))
     total = sum(spec.record_bytes * spec.num_experts for spec in specs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="packing experts", disable=not progress)
+    bar = progress_bar(total, "packing experts", always=progress)
     (work / "experts").mkdir()
     for (path, module), spec, (own, stored) in zip(modules, specs, sources_by_layer):
         sources = {}

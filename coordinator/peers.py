@@ -33,6 +33,7 @@ class PeerDown(Exception):
 class PeerStats:
     calls: int = 0
     failures: int = 0
+    # distinct experts per layer call it computed for us, counted as LocalExperts counts its own
     experts: int = 0
     rtt_ms: list[float] = field(default_factory=list)
 
@@ -74,6 +75,8 @@ class Peer:
         def attempt() -> None:
             try:
                 self.connect(fingerprint)
+            except ValueError:  # grpc's "Channel closed": close() ran meanwhile, nothing to reconnect
+                log.debug("node %s closed while reconnecting", self.address)
             finally:
                 self.connecting = False
 

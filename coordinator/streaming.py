@@ -28,6 +28,7 @@ from node.architecture import (
     router_of,
     with_experts_per_token,
 )
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,18 @@ def guesses(model: nn.Module) -> tuple[int, int]:
     return sum(m.guessed for m in modules), sum(m.guessed_right for m in modules)
 
 
+def _read_dense(weights: dict[str, mx.array], path: Path) -> None:
+    """Reads the dense tensors (mx.load is lazy) one by one, behind a progress bar."""
+    total = sum(a.nbytes for a in weights.values())
+    with progress_bar(total, "loading dense weights", leave=False) as bar:
+        for array in weights.values():
+            try:
+                mx.eval(array)
+            except (RuntimeError, ValueError) as exc:
+                raise ManifestError(f"{path} is unreadable ({exc}); repack the model") from exc
+            bar.update(array.nbytes)
+
+
 def default_cache_bytes(manifest: Manifest) -> int:
     import os
 
@@ -208,6 +221,7 @@ def load_streaming_model(
             weights = mx.load(str(dense_path))
         except (RuntimeError, ValueError) as exc:
             raise ManifestError(f"{dense_path} is unreadable ({exc}); repack the model") from exc
+        _read_dense(weights, dense_path)
         try:
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as exc:

@@ -30,6 +30,7 @@ SUPPORTED_ARCHS: tuple[str, ...] = (
     "glm4_moe",
     "qwen3_5_moe",
     "minimax",
+    "kimi_k25",
 )
 
 QUANT_GROUP_SIZE = 32
@@ -199,6 +200,21 @@ def _deepseek_v3_config(d: _Dims) -> dict[str, Any]:
     }
 
 
+def _kimi_k25_config(d: _Dims) -> dict[str, Any]:
+    # Kimi K2.5 is a DeepSeek-V3 language model ("kimi_k2") under
+    # `language_model.`, next to a vision tower; mlx-lm's kimi_k25 runs text
+    # only (it drops vision weights in sanitize and ignores vision_config),
+    # so the tiny model is text-only.
+    text_config = {**_deepseek_v3_config(d), "model_type": "kimi_k2"}
+    del text_config["architectures"]
+    return {
+        "model_type": "kimi_k25",
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "text_config": text_config,
+        "tie_word_embeddings": False,
+    }
+
+
 def _gpt_oss_config(d: _Dims) -> dict[str, Any]:
     layer_types = [
         "sliding_attention" if i % 2 == 0 else "full_attention"
@@ -301,6 +317,7 @@ _CONFIG_BUILDERS: dict[str, Callable[[_Dims], dict[str, Any]]] = {
     "glm4_moe": _glm4_moe_config,
     "qwen3_5_moe": _qwen3_5_moe_config,
     "minimax": _minimax_config,
+    "kimi_k25": _kimi_k25_config,
 }
 
 
@@ -410,7 +427,7 @@ def write_tiny_model(
     if arch not in _CONFIG_BUILDERS:
         raise ValueError(f"unsupported arch {arch!r}; expected one of {SUPPORTED_ARCHS}")
     if num_layers < 2:
-        # deepseek_v3/glm4_moe need a dense first layer plus a MoE layer;
+        # deepseek_v3/glm4_moe/kimi_k25 need a dense first layer plus a MoE layer;
         # gpt_oss and qwen3_5_moe need one layer of each attention kind
         raise ValueError("num_layers must be at least 2")
     dst = Path(dst)

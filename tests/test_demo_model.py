@@ -91,7 +91,7 @@ def test_greedy_text_reads_like_python(loaded):
 
 
 def test_chat_prompt_reads_like_python(loaded):
-    """`make demo` feeds its prompt through the chat template."""
+    """`edgemoe chat` and the server feed prompts through the chat template."""
     model, tokenizer = loaded
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "def main("}], add_generation_prompt=True)
     _, text = greedy(model, tokenizer, ids, max_tokens=40)

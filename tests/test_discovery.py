@@ -551,12 +551,14 @@ def root_links_and_addresses() -> str:
     )
 
 
-def test_netns_cluster_script_up_and_down():
+def test_netns_cluster_script_up_and_down(tmp_path):
     reason = netns.unavailable_reason()
     if reason:
         pytest.skip(reason)
     prefix = f"{netns.PREFIX}{os.getpid()}-{uuid.uuid4().hex[:4]}-"
-    env = dict(os.environ, EDGEMOE_NETNS_PREFIX=prefix)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    env = dict(os.environ, EDGEMOE_NETNS_PREFIX=prefix, EDGEMOE_NETNS_STATE=str(state))
 
     def script(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=60)
