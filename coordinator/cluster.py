@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -13,11 +14,11 @@ import mlx.core as mx
 import numpy as np
 
 from node.compute import ExpertKernel, compute_pairs
-from node.credentials import ClusterCredentials
+from node.credentials import MAX_MESSAGE_BYTES, ClusterCredentials
 from node.holdings import layer_specs_to_json
 from node.local import LocalExperts
 from node.manifest import Manifest
-from node.wire import WireError, array_from_tensor, tensor_from_array
+from node.wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
 from protos import edgemoe_node_pb2 as pb
 
 from .peers import Peer, PeerDown
@@ -28,6 +29,8 @@ REPLY_DEADLINE_S = 2.0
 # Placement is redone at most this often (or at once when the usable nodes change):
 # ranking every expert of a large model holds the GIL for tens of milliseconds.
 REPLAN_S = 5.0
+# Hidden states per compute request, leaving room under gRPC's message cap for the rest.
+MAX_REQUEST_HIDDEN_BYTES = MAX_MESSAGE_BYTES - (1 << 20)
 # Experts pushed to one node per pass of the push loop, so a pass stays short.
 PUSH_BATCH = 64
 
@@ -155,8 +158,9 @@ class Cluster:
                 peer.reconnect_in_background(self.manifest.fingerprint)
 
     def run_layer(self, layer: int, kernel: ExpertKernel, x: mx.array, chosen: np.ndarray, max_inflight: int) -> mx.array:
-        """One MoE layer: each peer gets one request with all its (row, expert) pairs; the rest,
-        and whatever a peer fails to return in time, is computed here from cache or SSD."""
+        """One MoE layer: each peer gets one request with all its (row, expert) pairs (a long
+        prefill's are split to fit a request's limits); the rest, and whatever a peer fails
+        to return in time, is computed here from cache or SSD."""
         self._retry_failed()
         k = chosen.shape[-1]
         flat = chosen.reshape(-1)
@@ -170,22 +174,18 @@ class Cluster:
                 local_pairs.append(i)
             else:
                 by_peer.setdefault(peer, []).append(i)
-        calls = {}
+        calls = []
         if by_peer:
             self.local.note_routed(layer, sorted({int(flat[i]) for pairs in by_peer.values() for i in pairs}))
-            wire_hidden = tensor_from_array(hidden)
-            for peer, pairs in by_peer.items():
-                request = pb.ComputeRequest(fingerprint=self.manifest.fingerprint, layer=layer, hidden=wire_hidden,
-                                            rows=rows[pairs].tolist(), experts=flat[pairs].tolist())
-                calls[peer] = (pairs, peer.compute(request))
-                self.stats.peer_calls += 1
+            calls = self._send(layer, hidden, rows, flat, by_peer)
         out = mx.zeros((flat.size, hidden.shape[-1]), dtype=x.dtype)
         slots_for = lambda group: self.local.slots(layer, group)  # noqa: E731
         if local_pairs:
             picked = np.array(local_pairs)
             out[mx.array(picked)] = compute_pairs(kernel, slots_for, hidden, rows[picked], flat[picked], max_inflight)
         deadline = time.monotonic() + self.deadline_s
-        for peer, (pairs, future) in calls.items():
+        served: dict[Peer, set[int]] = {}
+        for peer, pairs, future in calls:
             picked = np.array(pairs)
             try:
                 reply = future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -195,7 +195,7 @@ class Cluster:
                 if list(y.shape) != [len(pairs), hidden.shape[-1]] or y.dtype != out.dtype:
                     raise WireError(f"node {peer.name} answered shape {list(y.shape)} {y.dtype}")
                 self.stats.experts_from_peers += len(pairs)
-                peer.stats.experts += len(set(flat[pairs].tolist()))
+                served.setdefault(peer, set()).update(flat[picked].tolist())
             except (FutureTimeout, PeerDown, WireError) as exc:
                 if isinstance(exc, FutureTimeout):
                     peer.mark_failed(f"node {peer.name} did not answer within {self.deadline_s:.1f}s")
@@ -206,7 +206,33 @@ class Cluster:
                 self.stats.fallbacks += 1
                 y = compute_pairs(kernel, slots_for, hidden, rows[picked], flat[picked], max_inflight)
             out[mx.array(picked)] = y
+        for peer, experts in served.items():
+            peer.stats.experts += len(experts)
         return out.reshape(*chosen.shape, -1)
+
+    def _send(self, layer: int, hidden: mx.array, rows: np.ndarray, flat: np.ndarray,
+              by_peer: dict[Peer, list[int]]) -> list[tuple[Peer, list[int], Future]]:
+        """The compute requests, started: one per peer, or several when its pairs (a long
+        prefill's) exceed a request's row or byte limit; a request carries only the rows it uses."""
+        row_bytes = hidden.nbytes // hidden.shape[0]
+        per_request = max(1, min(MAX_ROWS, MAX_REQUEST_HIDDEN_BYTES // row_bytes))
+        whole = None
+        calls = []
+        for peer, pairs in by_peer.items():
+            for start in range(0, len(pairs), per_request):
+                part = pairs[start : start + per_request]
+                used, remapped = np.unique(rows[part], return_inverse=True)
+                if len(used) == hidden.shape[0]:
+                    if whole is None:
+                        whole = tensor_from_array(hidden)
+                    wire_hidden, wire_rows = whole, rows[part]
+                else:
+                    wire_hidden, wire_rows = tensor_from_array(hidden[mx.array(used)]), remapped
+                request = pb.ComputeRequest(fingerprint=self.manifest.fingerprint, layer=layer, hidden=wire_hidden,
+                                            rows=wire_rows.tolist(), experts=flat[part].tolist())
+                calls.append((peer, part, peer.compute(request)))
+                self.stats.peer_calls += 1
+        return calls
 
     def _push_loop(self) -> None:
         """Places experts on nodes in the background (see `place_experts`), redoing the

@@ -23,11 +23,10 @@ from .holdings import ModelHoldings, NodeHoldings, PushError
 from .local import LocalExperts
 from .store import ExpertStore
 from .version import EDGEMOE_VERSION, PROTOCOL_VERSION
-from .wire import WireError, array_from_tensor, tensor_from_array
+from .wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 8192
 MAX_INFLIGHT = 32
 
 

@@ -11,6 +11,8 @@ from protos import edgemoe_node_pb2 as pb
 
 from .errors import EdgemoeError
 
+# Hidden rows, and (row, expert) pairs, in one compute request: part of the wire contract.
+MAX_ROWS = 8192
 WIRE_DTYPES = {"float32": (np.float32, None), "float16": (np.float16, None), "bfloat16": (np.uint16, mx.bfloat16)}
 
 

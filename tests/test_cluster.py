@@ -321,3 +321,31 @@ def test_node_that_returns_comes_back_into_use(models, nodes, token, tmp_path):
             back.stop()
     finally:
         sm.close()
+
+
+def test_a_long_prompt_past_the_request_limits_keeps_nodes_in_use(models, nodes, token, tmp_path):
+    """At 8 experts per token a long prefill routes more (row, expert) pairs to a node than one
+    compute request may carry: they go in several requests, and the node stays in use."""
+    from coordinator.pack import pack
+    from coordinator.tiny_models import write_tiny_model
+    from node.wire import MAX_ROWS
+
+    src = write_tiny_model(tmp_path / "src", num_experts=16, num_experts_per_tok=8)
+    packed = tmp_path / "packed"
+    pack(src, packed)
+    tokenizer = models.mlx_lm_model(src)[1]
+    prompt = (tokenizer.encode(PROMPT + " ") * 400)[: MAX_ROWS // 8 + 200]
+    assert len(prompt) * 8 > MAX_ROWS
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=4, models=models)
+    # one node, holding all but the one cached expert: nearly every pair of the prefill is its own
+    started = nodes(1)
+    sm = coordinator(packed, token, [n.address for n in started], read_manifest(packed).expert_bytes)
+    try:
+        wait_for_placement(sm)
+        result = generate(sm, prompt, max_tokens=4)
+        assert result.token_ids == expected
+        assert sm.cluster.stats.fallbacks == 0
+        assert all(p.healthy and p.stats.failures == 0 for p in sm.cluster.peers)
+        assert sm.cluster.stats.experts_from_peers > MAX_ROWS
+    finally:
+        sm.close()
