@@ -200,6 +200,16 @@ def _deepseek_v3_config(d: _Dims) -> dict[str, Any]:
     }
 
 
+def _multimodal_wrapper(model_type: str, architecture: str, text_config: dict[str, Any]) -> dict[str, Any]:
+    """The top-level config of a model whose language part sits under `text_config`."""
+    return {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "text_config": text_config,
+        "tie_word_embeddings": False,
+    }
+
+
 def _kimi_k25_config(d: _Dims) -> dict[str, Any]:
     # Kimi K2.5 is a DeepSeek-V3 language model ("kimi_k2") under
     # `language_model.`, next to a vision tower; mlx-lm's kimi_k25 runs text
@@ -207,12 +217,7 @@ def _kimi_k25_config(d: _Dims) -> dict[str, Any]:
     # so the tiny model is text-only.
     text_config = {**_deepseek_v3_config(d), "model_type": "kimi_k2"}
     del text_config["architectures"]
-    return {
-        "model_type": "kimi_k25",
-        "architectures": ["KimiK25ForConditionalGeneration"],
-        "text_config": text_config,
-        "tie_word_embeddings": False,
-    }
+    return _multimodal_wrapper("kimi_k25", "KimiK25ForConditionalGeneration", text_config)
 
 
 def _gpt_oss_config(d: _Dims) -> dict[str, Any]:
@@ -286,12 +291,7 @@ def _qwen3_5_moe_config(d: _Dims) -> dict[str, Any]:
         },
     }
     del text_config["rope_theta"]
-    return {
-        "model_type": "qwen3_5_moe",
-        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-        "text_config": text_config,
-        "tie_word_embeddings": False,
-    }
+    return _multimodal_wrapper("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", text_config)
 
 
 def _minimax_config(d: _Dims) -> dict[str, Any]:

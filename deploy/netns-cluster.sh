@@ -143,6 +143,21 @@ gone() {
     [ "${stat%% *}" = Z ]
 }
 
+# Waits up to $1 x 0.2 s for the pids that follow to end; prints those still running.
+still_running_after() {
+    local tries="$1" left="" pid
+    shift
+    for _ in $(seq 1 "$tries"); do
+        left=""
+        for pid in "$@"; do
+            gone "$pid" || left+=" $pid"
+        done
+        [ -n "$left" ] || break
+        sleep 0.2
+    done
+    echo "$left"
+}
+
 # Whether process $1 runs (and is no zombie) inside namespace $2.
 pid_alive_in() {
     [[ "$1" =~ ^[0-9]+$ ]] && ! gone "$1" && [ "$(ip netns identify "$1" 2>/dev/null)" = "$2" ]
@@ -474,25 +489,13 @@ cmd_down() {
         # shellcheck disable=SC2086  # one argument per pid
         kill -TERM $pids 2>/dev/null || true
         # Give processes time to withdraw their advertisements and close cleanly, then make sure.
-        for _ in $(seq 1 50); do
-            left=""
-            for pid in $pids; do
-                gone "$pid" || left+=" $pid"
-            done
-            [ -n "$left" ] || break
-            sleep 0.2
-        done
+        # shellcheck disable=SC2086
+        left="$(still_running_after 50 $pids)"
         if [ -n "$left" ]; then
             # shellcheck disable=SC2086
             kill -KILL $left 2>/dev/null || true
-            for _ in $(seq 1 25); do
-                local still=""
-                for pid in $left; do
-                    gone "$pid" || still+=" $pid"
-                done
-                [ -n "$still" ] || break
-                sleep 0.2
-            done
+            # shellcheck disable=SC2086
+            still_running_after 25 $left >/dev/null
         fi
     fi
     local failed=""
