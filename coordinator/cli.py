@@ -287,6 +287,8 @@ def cmd_cluster_init(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_PROMPT
+
     parser = argparse.ArgumentParser(prog="edgemoe", description="Run MoE models larger than RAM by streaming experts.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what edgemoe does")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -351,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "showing where its experts come from")
     de.add_argument("--dir", default=".demo", help="where to write and pack the demo model (default: .demo)")
     de.add_argument("--nodes", type=int, default=2, help="edge nodes to start on 127.0.0.1 (default: 2)")
-    de.add_argument("--prompt", default="def main(")
+    de.add_argument("--prompt", default=DEMO_PROMPT)
     de.add_argument("--max-tokens", type=int, default=40)
     de.add_argument("--json", action="store_true", help="print one JSON object (the run's figures and tokens)")
     de.set_defaults(func=cmd_demo)

@@ -30,7 +30,7 @@ from .pack import pack
 from .progress import show_push_progress
 from .streaming import StreamingModel, load_streaming_model
 
-DEMO_PROMPT = "def main("
+DEMO_PROMPT = "def get(self, key"
 DEMO_TOKENS = 40
 PUSH_TIMEOUT_S = 120.0
 MAX_NODES = 8
@@ -152,7 +152,9 @@ def run_demo(
                     raise EdgemoeError(f"--prompt {prompt!r} encodes to no tokens; pass some text")
                 report.reference_token_ids = mlx_lm_reference(src, prompt_tokens, max_tokens)
 
-                say(f"\n--- run 1: {nodes} node(s) ---\n{prompt}", )
+                say(f"\n--- run 1: {nodes} node(s) ---")
+                if show_text is not None:
+                    show_text(prompt)
                 result, sources = _sources(sm, lambda: generate(sm, prompt_tokens, max_tokens, on_text=show_text))
                 report.runs.append(DemoRun(result.text, result.token_ids, result.stats.tokens_per_s, sources,
                                            result.token_ids == report.reference_token_ids))
@@ -168,12 +170,16 @@ def run_demo(
                     if generated == halfway:
                         victim.popen.kill()
 
-                say(f"\n--- run 2: the same prompt; {victim.name} is killed (SIGKILL) after token {halfway} ---\n{prompt}")
+                say(f"\n--- run 2: the same prompt; {victim.name} is killed (SIGKILL) after token {halfway} ---")
+                if show_text is not None:
+                    show_text(prompt)
                 result, sources = _sources(sm, lambda: generate(sm, prompt_tokens, max_tokens, on_text=show_text,
                                                                 on_token=kill_halfway))
                 report.runs.append(DemoRun(result.text, result.token_ids, result.stats.tokens_per_s, sources,
                                            result.token_ids == report.reference_token_ids, victim.name, halfway))
                 say("\n" + format_run(report.runs[-1]))
+                say(f"\nnext: `edgemoe chat --model {packed}` to talk to it, `edgemoe serve --model {packed}` for an "
+                    "OpenAI-compatible API; README.md shows how to run a real model")
             finally:
                 sm.close()
         finally:
@@ -192,7 +198,7 @@ def format_run(run: DemoRun) -> str:
                  f"{s.fallbacks} answered from the SSD instead")
     if run.killed_node:
         lines.append(f"  {run.killed_node} was killed after token {run.killed_after_tokens}: "
-                     "its experts came from the SSD from then on")
+                     "its experts came from the coordinator (cache or SSD) from then on")
     lines.append(f"  {len(run.token_ids)} tokens at {run.tokens_per_s:.1f} tok/s; identical to mlx-lm's tokens "
                  f"(all experts in RAM): {'yes' if run.same_as_mlx_lm else 'NO'}")
     return "\n".join(lines)

@@ -10,10 +10,10 @@ import mlx.core as mx
 import pytest
 
 from conftest import run_cli
+from coordinator.demo import DEMO_PROMPT
 from node.manifest import read_manifest
 
 MAX_TOKENS = 16
-PROMPT = "def main("
 
 
 def alive(pid: int) -> bool:
@@ -38,14 +38,14 @@ def mlx_lm_greedy(src, prompt: str, max_tokens: int) -> list[int]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     directory = tmp_path_factory.mktemp("demo")
-    r = run_cli("demo", "--dir", directory, "--json", "--max-tokens", MAX_TOKENS, "--prompt", PROMPT, timeout=300)
+    r = run_cli("demo", "--dir", directory, "--json", "--max-tokens", MAX_TOKENS, timeout=300)
     assert r.returncode == 0, r.stderr
     return directory, json.loads(r.stdout), r.stderr
 
 
 def test_tokens_are_mlx_lm_s_with_nodes_and_with_a_node_killed(demo):
     directory, report, _ = demo
-    reference = mlx_lm_greedy(directory / "src", PROMPT, MAX_TOKENS)
+    reference = mlx_lm_greedy(directory / "src", DEMO_PROMPT, MAX_TOKENS)
     assert len(reference) > 4
     assert report["reference_token_ids"] == reference
     first, second = report["runs"]
@@ -86,14 +86,14 @@ def test_every_node_is_stopped(demo):
 
 
 def test_text_output_says_where_experts_came_from(tmp_path):
-    r = run_cli("demo", "--dir", tmp_path, "--nodes", "1", "--max-tokens", "6", timeout=300)
+    r = run_cli("demo", "--dir", tmp_path, "--nodes", "1", "--max-tokens", "6", "--prompt", "def main(", timeout=300)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "where the experts came from" in out
     for label in ("coordinator RAM cache", "node1", "coordinator SSD"):
         assert label in out
     assert out.count("identical to mlx-lm's tokens (all experts in RAM): yes") == 2
-    assert "Traceback" not in r.stderr
+    assert "def main(" in out and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args, says", [
