@@ -230,33 +230,38 @@ def cmd_push(args: argparse.Namespace) -> None:
         for peer in sm.cluster.peers:
             if not peer.healthy:
                 print(f"skipping {peer.address}: {peer.last_error}", file=sys.stderr)
-        if not any(peer.healthy for peer in sm.cluster.peers):
+        usable = [peer for peer in sm.cluster.peers if peer.healthy]
+        if not usable:
             raise EdgemoeError("none of the nodes can be used (see above)")
         complete = show_push_progress(sm.cluster, args.timeout, always=args.progress)
         shares = sm.cluster.push_progress()
+        lost = [f"{peer.name} ({peer.last_error})" for peer in usable if not peer.healthy]
     finally:
         sm.close()
     for share in shares:
         print(f"{share.name}: holds {share.held_experts} of the {share.planned_experts} experts placed on it "
               f"({share.held_bytes / 2**20:.1f} MiB)")
+    if lost:
+        raise EdgemoeError(f"lost during the push: {'; '.join(lost)}; what reached a node stays there: run "
+                           "`edgemoe push` again once it is back")
     if not complete:
         raise EdgemoeError(f"placement was not complete after {args.timeout:.0f}s; run `edgemoe push` again to go on "
                            "(what was pushed stays on the nodes)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import DEMO_PROMPT, run_demo
 
     if not args.verbose:
         # The demo kills a node on purpose and says so; the peer's own warning would only interleave with the text.
         logging.getLogger("coordinator.peers").setLevel(logging.ERROR)
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     show_text = None if args.json else (lambda text: print(text, end="", flush=True))
-    report = run_demo(Path(args.dir), nodes=args.nodes, prompt=args.prompt, max_tokens=args.max_tokens, say=say,
-                      show_text=show_text)
+    report = run_demo(Path(args.dir), nodes=args.nodes, prompt=args.prompt or DEMO_PROMPT,
+                      max_tokens=args.max_tokens, say=say, show_text=show_text)
     if args.json:
         print(report.to_json())
-    elif not all(run.same_as_mlx_lm for run in report.runs):
+    if not all(run.same_as_mlx_lm for run in report.runs):
         raise EdgemoeError("the tokens differ from mlx-lm's: please report this as a bug, with the output above")
 
 
@@ -287,8 +292,6 @@ def cmd_cluster_init(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DEMO_PROMPT
-
     parser = argparse.ArgumentParser(prog="edgemoe", description="Run MoE models larger than RAM by streaming experts.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what edgemoe does")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,14 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "showing where its experts come from")
     de.add_argument("--dir", default=".demo", help="where to write and pack the demo model (default: .demo)")
     de.add_argument("--nodes", type=int, default=2, help="edge nodes to start on 127.0.0.1 (default: 2)")
-    de.add_argument("--prompt", default=DEMO_PROMPT)
+    de.add_argument("--prompt", help="what to continue (default: 'def get(self, key')")
     de.add_argument("--max-tokens", type=int, default=40)
     de.add_argument("--json", action="store_true", help="print one JSON object (the run's figures and tokens)")
     de.set_defaults(func=cmd_demo)
 
     pu = sub.add_parser("push", help="place experts on the nodes and push them now, with progress "
                         "(generate and serve also push, in the background)")
-    model_options(pu)
+    pu.add_argument("--model", required=True, help="packed model directory (from `edgemoe pack`)")
+    pu.add_argument("--cache-mb", type=float, help="the coordinator's expert cache, as you will generate with: "
+                    "placement keeps what fits there local")
     peer_options(pu)
     pu.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default: 3600)")
     pu.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")

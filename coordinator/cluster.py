@@ -183,10 +183,12 @@ class Cluster:
         if local_pairs:
             picked = np.array(local_pairs)
             out[mx.array(picked)] = compute_pairs(kernel, slots_for, hidden, rows[picked], flat[picked], max_inflight)
-        deadline = time.monotonic() + self.deadline_s
+        sent = time.monotonic()
         served: dict[Peer, set[int]] = {}
-        for peer, pairs, future in calls:
+        for peer, pairs, future, turn in calls:
             picked = np.array(pairs)
+            # A node answers its requests in turn: the n-th may take n deadlines.
+            deadline = sent + self.deadline_s * turn
             try:
                 reply = future.result(timeout=max(0.0, deadline - time.monotonic()))
                 if reply.error:
@@ -211,15 +213,16 @@ class Cluster:
         return out.reshape(*chosen.shape, -1)
 
     def _send(self, layer: int, hidden: mx.array, rows: np.ndarray, flat: np.ndarray,
-              by_peer: dict[Peer, list[int]]) -> list[tuple[Peer, list[int], Future]]:
+              by_peer: dict[Peer, list[int]]) -> list[tuple[Peer, list[int], Future, int]]:
         """The compute requests, started: one per peer, or several when its pairs (a long
-        prefill's) exceed a request's row or byte limit; a request carries only the rows it uses."""
+        prefill's) exceed a request's row or byte limit; a request carries only the rows it uses.
+        Each comes with its turn among its node's requests."""
         row_bytes = hidden.nbytes // hidden.shape[0]
         per_request = max(1, min(MAX_ROWS, MAX_REQUEST_HIDDEN_BYTES // row_bytes))
         whole = None
         calls = []
         for peer, pairs in by_peer.items():
-            for start in range(0, len(pairs), per_request):
+            for turn, start in enumerate(range(0, len(pairs), per_request), 1):
                 part = pairs[start : start + per_request]
                 used, remapped = np.unique(rows[part], return_inverse=True)
                 if len(used) == hidden.shape[0]:
@@ -230,7 +233,7 @@ class Cluster:
                     wire_hidden, wire_rows = tensor_from_array(hidden[mx.array(used)]), remapped
                 request = pb.ComputeRequest(fingerprint=self.manifest.fingerprint, layer=layer, hidden=wire_hidden,
                                             rows=wire_rows.tolist(), experts=flat[part].tolist())
-                calls.append((peer, part, peer.compute(request)))
+                calls.append((peer, part, peer.compute(request), turn))
                 self.stats.peer_calls += 1
         return calls
 

@@ -299,7 +299,7 @@ def run_cluster_bench(
         workdir = Path(tmp)
         try:
             log.info("starting %d edge nodes", nodes)
-            addresses = start_nodes(children, format_token(secret), workdir, nodes, per_node)
+            addresses = [a for _, a in start_nodes(children, format_token(secret), workdir, nodes, per_node)]
             log.info("decode with no peers")
             sm = _load(setup)
             try:

@@ -34,6 +34,8 @@ DEMO_PROMPT = "def get(self, key"
 DEMO_TOKENS = 40
 PUSH_TIMEOUT_S = 120.0
 MAX_NODES = 8
+# what may be in the demo's directory: its own model and pack, and `make bench`'s
+DEMO_DIR_ENTRIES = {"src", "packed", "bench-src", "bench-packed"}
 
 
 @dataclass
@@ -60,6 +62,8 @@ class DemoRun:
     same_as_mlx_lm: bool
     killed_node: str | None = None
     killed_after_tokens: int | None = None
+    # each node's health when the run ended
+    nodes_healthy: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +81,19 @@ class DemoReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def _check_demo_dir(directory: Path) -> None:
+    """The demo replaces DIR/src and DIR/packed: only in a directory that holds nothing else
+    (`make bench` keeps its models beside them)."""
+    if directory.exists() and not directory.is_dir():
+        raise EdgemoeError(f"--dir {directory} is a file; give a directory for the demo model")
+    if directory.is_dir():
+        others = sorted(p.name for p in directory.iterdir()
+                        if p.name not in DEMO_DIR_ENTRIES and not p.name.startswith(".packed."))
+        if others:
+            raise EdgemoeError(f"--dir {directory} holds other files ({', '.join(others[:3])}); the demo replaces "
+                               "its src/ and packed/, so give it a new or empty directory")
 
 
 def mlx_lm_reference(src: Path, prompt_tokens: list[int], max_tokens: int) -> list[int]:
@@ -116,8 +133,13 @@ def run_demo(
         raise EdgemoeError(f"--max-tokens {max_tokens} must be at least 2 (a node is killed halfway)")
     directory = Path(directory)
     src, packed = directory / "src", directory / "packed"
-    write_demo_model(src)
-    pack(src, packed, force=True)
+    _check_demo_dir(directory)
+    try:
+        write_demo_model(src)
+        pack(src, packed, force=True)
+    except OSError as exc:
+        raise EdgemoeError(f"--dir {directory}: cannot write the demo model there ({exc.strerror or exc}); "
+                           "pick a directory you can write to") from exc
     manifest = read_manifest(packed)
     total = manifest.total_expert_bytes
     # One share each for the coordinator's cache, every node, and the SSD alone.
@@ -134,8 +156,9 @@ def run_demo(
     children = Children()
     with tempfile.TemporaryDirectory(prefix="edgemoe-demo-") as tmp, sigterm_as_interrupt():
         try:
-            addresses = start_nodes(children, format_token(secret), Path(tmp), nodes, share)
-            report.nodes = [{"name": c.name, "address": a, "pid": c.pid} for c, a in zip(children.items, addresses)]
+            running = start_nodes(children, format_token(secret), Path(tmp), nodes, share)
+            addresses = [address for _, address in running]
+            report.nodes = [{"name": c.name, "address": a, "pid": c.pid} for c, a in running]
             say(f"started {nodes} edge node(s) on loopback: "
                 + ", ".join(f"{n['name']} {n['address']}" for n in report.nodes))
             sm = load_streaming_model(packed, cache_bytes=share, peers=addresses, credentials=credentials)
@@ -157,10 +180,11 @@ def run_demo(
                     show_text(prompt)
                 result, sources = _sources(sm, lambda: generate(sm, prompt_tokens, max_tokens, on_text=show_text))
                 report.runs.append(DemoRun(result.text, result.token_ids, result.stats.tokens_per_s, sources,
-                                           result.token_ids == report.reference_token_ids))
+                                           result.token_ids == report.reference_token_ids,
+                                           nodes_healthy={p.name: p.healthy for p in sm.cluster.peers}))
                 say("\n" + format_run(report.runs[-1]))
 
-                victim = children.items[-1]
+                victim = running[-1][0]
                 halfway = max(1, len(report.reference_token_ids) // 2)
                 generated = 0
 
@@ -176,7 +200,8 @@ def run_demo(
                 result, sources = _sources(sm, lambda: generate(sm, prompt_tokens, max_tokens, on_text=show_text,
                                                                 on_token=kill_halfway))
                 report.runs.append(DemoRun(result.text, result.token_ids, result.stats.tokens_per_s, sources,
-                                           result.token_ids == report.reference_token_ids, victim.name, halfway))
+                                           result.token_ids == report.reference_token_ids, victim.name, halfway,
+                                           {p.name: p.healthy for p in sm.cluster.peers}))
                 say("\n" + format_run(report.runs[-1]))
                 say(f"\nnext: `edgemoe chat --model {packed}` to talk to it, `edgemoe serve --model {packed}` for an "
                     "OpenAI-compatible API; README.md shows how to run a real model")
@@ -194,7 +219,7 @@ def format_run(run: DemoRun) -> str:
     lines = [f"where the experts came from ({s.total} expert loads, one per distinct expert per layer call):"]
     for label, count in rows:
         lines.append(f"  {label:<22} {count:>6}  {100 * count / s.total if s.total else 0:5.1f}%")
-    lines.append(f"  {s.peer_calls} requests to nodes (one per node per MoE layer), "
+    lines.append(f"  {s.peer_calls} requests to nodes (one per node per MoE layer and token), "
                  f"{s.fallbacks} answered from the SSD instead")
     if run.killed_node:
         lines.append(f"  {run.killed_node} was killed after token {run.killed_after_tokens}: "

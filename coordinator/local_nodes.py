@@ -133,10 +133,11 @@ def _spawn_node(children: Children, token: str, workdir: Path, index: int, cache
     return child, address
 
 
-def start_nodes(children: Children, token: str, workdir: Path, count: int, cache_bytes: int) -> list[str]:
-    """`count` edge nodes (node1, node2, ...) on 127.0.0.1, started together; returns their addresses."""
+def start_nodes(children: Children, token: str, workdir: Path, count: int, cache_bytes: int) -> list[tuple[Child, str]]:
+    """`count` edge nodes (node1, node2, ...) on 127.0.0.1, started together; returns each
+    running node's process and address."""
     started = [_spawn_node(children, token, workdir, i + 1, cache_bytes) for i in range(count)]
-    addresses = []
+    running = []
     for index, (child, address) in enumerate(started):
         for _ in range(PORT_ATTEMPTS):
             if wait_for_output(child, "listening", START_TIMEOUT_S):
@@ -147,5 +148,5 @@ def start_nodes(children: Children, token: str, workdir: Path, count: int, cache
             child, address = _spawn_node(children, token, workdir, index + 1, cache_bytes)
         else:
             raise EdgemoeError(f"edge-node {child.name} found no free port: {child.error_text()}")
-        addresses.append(address)
-    return addresses
+        running.append((child, address))
+    return running

@@ -24,7 +24,8 @@ def show_push_progress(cluster: Any, timeout_s: float, always: bool = False) -> 
     bars: dict[str, tqdm] = {}
     try:
         while True:
-            for index, share in enumerate(cluster.push_progress()):
+            shares = cluster.push_progress()
+            for index, share in enumerate(shares):
                 bar = bars.get(share.name)
                 if bar is None:
                     bar = bars[share.name] = progress_bar(share.planned_bytes, f"pushing experts to {share.name}",
@@ -32,7 +33,8 @@ def show_push_progress(cluster: Any, timeout_s: float, always: bool = False) -> 
                 bar.total = share.planned_bytes
                 bar.n = share.held_bytes
                 bar.refresh()
-            if cluster.placement_complete():
+            # Complete by the snapshot the bars show too, so none stops short of 100%.
+            if cluster.placement_complete() and all(s.held_experts == s.planned_experts for s in shares):
                 return True
             if time.monotonic() > deadline:
                 return False

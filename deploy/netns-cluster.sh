@@ -43,7 +43,8 @@
 #                          (default /run/<prefix>netns, e.g. /run/edgemoe-netns;
 #                          /run is in RAM: for a large model, whose experts the
 #                          nodes keep in their data dirs, point it at a disk)
-#   EDGEMOE_NETNS_TIMEOUT  seconds to wait for each node and the coordinator (120)
+#   EDGEMOE_NETNS_TIMEOUT  seconds to wait for all nodes to listen, then again for the
+#                          coordinator to answer (120)
 #   EDGEMOE_BIN_DIR        where edgemoe and edge-node are (default: the ones on
 #                          PATH, else the .venv/bin of the repo holding this script)
 set -euo pipefail
@@ -443,7 +444,8 @@ print_summary() {
             "${PREFIX}node$k" "$(node_addr "$k")" "$k" "$(node_addr "$k")" "$NODE_PORT" "$pid" "$STATE/node$k.log"
     done
     echo
-    echo "the commands they run (to start one again after it stopped, add ' &'; the token stays off the command line):"
+    echo "the commands they run (to start one again after it stopped, add ' &'; the token stays off the command line;"
+    echo "status then lists it among the namespace's processes, not as the pid it recorded):"
     if [ -n "$MODEL" ]; then
         serve_argv "$MODEL" "$peers"
         echo "  $e $home $(qcmd "${SERVE_ARGV[@]}")"
@@ -550,7 +552,15 @@ cmd_status() {
         done <"$STATE/cluster.env"
     fi
     echo "cluster on ${SUBNET}.0/24, state and logs in $STATE${peers:+; nodes $peers}"
-    for ns in "$HUB" "$COORD" $(node_numbers | sed "s/^/${PREFIX}node/"); do
+    # The nodes `up` started (from cluster.env), so a deleted namespace shows as missing.
+    local numbers
+    if [ -n "$peers" ]; then
+        numbers="$(seq 1 "$(echo "$peers" | tr ',' '\n' | grep -c .)")"
+    else
+        numbers="$(node_numbers)"
+    fi
+    # shellcheck disable=SC2086  # one node number per word
+    for ns in "$HUB" "$COORD" $(printf "${PREFIX}node%s\n" $numbers); do
         echo "$found" | grep -qx -- "$ns" || { echo "  $ns: missing"; bad=1; continue; }
         addr="$(ip -n "$ns" -4 -o addr show dev eth0 2>/dev/null | awk '{print $4; exit}' || true)"
         pidfile=""

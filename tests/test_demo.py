@@ -63,7 +63,6 @@ def test_experts_come_from_cache_nodes_and_ssd(demo):
     # each node holds at most its RAM share: a quarter of the experts
     manifest = read_manifest(directory / "packed")
     n_experts = sum(spec.num_experts for spec in manifest.layers)
-    assert report["node_cache_bytes"] * 4 <= report["expert_bytes"]
     assert all(0 < count <= n_experts // 4 for count in report["placed"].values()), report["placed"]
 
 
@@ -75,7 +74,10 @@ def test_a_killed_node_loses_nothing(demo):
     # Same tokens route to the same experts: every load is accounted for once, wherever it came from.
     total = lambda s: s["cache"] + s["ssd"] + sum(s["nodes"].values())  # noqa: E731
     assert total(first) == total(second)
-    assert second["nodes"][killed] <= first["nodes"][killed]
+    # it computed until it was killed, and nothing after
+    assert 0 < second["nodes"][killed] < first["nodes"][killed]
+    assert report["runs"][0]["nodes_healthy"] == {"node1": True, "node2": True}
+    assert report["runs"][1]["nodes_healthy"] == {"node1": True, "node2": False}
 
 
 def test_every_node_is_stopped(demo):
@@ -105,3 +107,15 @@ def test_bad_demo_options(tmp_path, args, says):
     r = run_cli("demo", "--dir", tmp_path, *args)
     assert r.returncode == 2
     assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_demo_never_replaces_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    r = run_cli("demo", "--dir", tmp_path)
+    assert r.returncode == 2 and "holds other files (notes.txt)" in r.stderr, r.stderr
+    assert (tmp_path / "src" / "config.json").read_text() == "{}"
+    a_file = tmp_path / "notes.txt"
+    r = run_cli("demo", "--dir", a_file)
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr, r.stderr

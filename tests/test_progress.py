@@ -62,6 +62,7 @@ def test_pack_draws_a_bar_on_a_terminal_only(models, tmp_path):
     assert piped.returncode == 0, piped.stderr
     assert "packing experts" not in piped.stderr and BAR not in piped.stderr
     forced = run_cli("pack", src, tmp_path / "c", "--progress")
+    assert forced.returncode == 0, forced.stderr
     assert "packing experts" in forced.stderr
 
 
@@ -85,7 +86,7 @@ def node(tmp_path):
     token = init.stdout.strip().splitlines()[-1]
     children = Children()
     try:
-        (address,) = start_nodes(children, token, tmp_path, 1, 64 * 2**20)
+        ((_, address),) = start_nodes(children, token, tmp_path, 1, 64 * 2**20)
         yield address, cluster_dir
     finally:
         children.stop_all()
