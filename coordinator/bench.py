@@ -46,7 +46,7 @@ from mlx_lm.sample_utils import make_sampler
 from node.compute import record_to_arrays
 from node.errors import EdgemoeError
 from node.manifest import DENSE_NAME, Manifest, align, read_manifest, resolve_file
-from node.store import ExpertStore
+from node.store import ExpertStore, PendingReads
 
 from node.architecture import build_model, routed_experts_per_token
 from .generate import build_prompt, generate
@@ -308,7 +308,7 @@ class FirstReads:
 
     Reading a record again finds it in the page cache (RAM permitting), so only
     first reads reach the disk; the store cannot tell the two apart, so the bench
-    wraps its `read_many_into` on this one instance.
+    wraps its `start_reads` (which every read goes through) on this one instance.
     """
 
     def __init__(self, store: ExpertStore):
@@ -317,24 +317,25 @@ class FirstReads:
         self._seen: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._store = store
-        self._read = store.read_many_into
-        store.read_many_into = self._tracked
+        self._start_reads = store.start_reads
+        store.start_reads = self._tracked
 
-    def _tracked(self, layer: int, targets: dict[int, list[memoryview]]) -> None:
-        self._read(layer, targets)
+    def _tracked(self, layer: int, targets: dict[int, list[memoryview]]) -> PendingReads:
+        pending = self._start_reads(layer, targets)
         with self._lock:
             for expert in targets:
                 if (layer, expert) not in self._seen:
                     self._seen.add((layer, expert))
                     self.reads += 1
                     self.bytes += self._store.manifest.layer(layer).record_bytes
+        return pending
 
     def forget(self) -> None:
         with self._lock:
             self._seen.clear()
 
     def close(self) -> None:
-        del self._store.read_many_into
+        del self._store.start_reads
 
 
 def disk_read_bytes() -> int | None:

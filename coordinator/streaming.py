@@ -14,7 +14,7 @@ from mlx_lm.utils import load_tokenizer
 
 from node.compute import ExpertKernel, compute_pairs
 from node.errors import ManifestError
-from node.local import LocalExperts
+from node.local import LocalExperts, Misses
 from node.manifest import DENSE_NAME, Manifest, read_manifest
 from node.store import ExpertStore
 
@@ -37,6 +37,8 @@ class ExpertSource(Protocol):
     def arrays(self, layer: int) -> dict[str, mx.array]: ...
 
     def slots(self, layer: int, experts: list[int]) -> np.ndarray: ...
+
+    def start_slots(self, layer: int, experts: list[int]) -> tuple[np.ndarray, Misses | None]: ...
 
     def prefetch(self, layer: int, experts: list[int]) -> None: ...
 
@@ -99,15 +101,42 @@ class StreamingExperts(nn.Module):
             self.guessed_right += len(self.guess.intersection(needed))
             self.guess = None
         if len(needed) <= self.max_inflight:
-            slot_of = dict(zip(needed, self.source.slots(self.layer, needed).tolist()))
-            slots = np.array([slot_of[e] for e in flat], dtype=np.uint32).reshape(chosen.shape)
-            out = self.kernel(x, slots)
+            slots, misses = self.source.start_slots(self.layer, needed)
+            slot_of = dict(zip(needed, slots.tolist()))
+            if misses is not None and misses.experts:
+                out = self._as_read(x, chosen, slot_of, misses)
+            else:
+                out = self.kernel(x, np.array([slot_of[e] for e in flat], dtype=np.uint32).reshape(chosen.shape))
             # Start computing now, while Python builds the next layer's graph.
             mx.async_eval(out)
             if self.prefetch is not None and chosen.size // chosen.shape[-1] == 1:
                 self._prefetch_next(x, chosen.shape[-1])
             return out
         return self._chunked(x, chosen)
+
+    def _as_read(self, x: mx.array, chosen: np.ndarray, slot_of: dict[int, int], misses: Misses) -> mx.array:
+        """Computes the experts at hand at once, then each miss as soon as its read is in,
+        so compute overlaps the reads still in flight. Every (token, expert) pair is the
+        same arithmetic as in one call (as in `compute_pairs`), so the output is too."""
+        k = chosen.shape[-1]
+        flat = chosen.reshape(-1)
+        rows = np.arange(flat.size) // k
+        hidden = x.reshape(-1, x.shape[-1])
+        pending = misses.experts
+        at_hand = [e for e in slot_of if e not in pending]
+        groups = ([(at_hand, None)] if at_hand else []) + [([e], e) for e in pending]
+        parts, order = [], []
+        for group, read in groups:
+            if read is not None:
+                misses.wait(read)
+            picked = np.flatnonzero(np.isin(flat, group))
+            slots = np.array([slot_of[e] for e in flat[picked].tolist()], dtype=np.uint32)
+            y = self.kernel(hidden[mx.array(rows[picked])], slots[:, None]).reshape(len(picked), -1)
+            mx.async_eval(y)
+            parts.append(y)
+            order.append(picked)
+        inverse = np.argsort(np.concatenate(order))
+        return mx.concatenate(parts)[mx.array(inverse)].reshape(*chosen.shape, -1)
 
     def _prefetch_next(self, x: mx.array, k: int) -> None:
         logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1])

@@ -8,7 +8,7 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,40 +145,50 @@ class ExpertStore:
         self.read_many_into(layer, {expert: views})
 
     def read_many_into(self, layer: int, targets: dict[int, list[memoryview]]) -> None:
-        """Reads several experts, each into its views, in chunks spread over the I/O threads.
+        """Reads several experts, each into its views, and returns once all are in place."""
+        self.start_reads(layer, targets).wait_all()
+
+    def start_reads(self, layer: int, targets: dict[int, list[memoryview]]) -> PendingReads:
+        """Starts reading several experts, each into its views, in chunks spread over the
+        I/O threads in the order given, so the first experts are complete first.
 
         Large records are split so that even one or two misses keep several reads
-        in flight; small batches run inline, where a thread hand-off would cost
-        more than the read. `read_seconds` counts wall time.
+        in flight; small batches are read inline, before this returns, where a
+        thread hand-off would cost more than the read. `read_seconds` counts wall
+        time from the start to the last chunk read.
         """
         start = time.perf_counter()
         spec = self.manifest.layer(layer)
         pieces = {e: _record_pieces(spec, views) for e, views in targets.items()}
-        jobs = [(e, job) for e in targets for job in self._chunks(spec, e, pieces[e])]
-        unverified = [e for e in targets if (layer, e) not in self._verified]
-        try:
-            if spec.record_bytes * len(targets) <= INLINE_READ_BYTES:
-                for e, job in jobs:
-                    self._read_chunk(layer, e, *job)
-                for e in unverified:
-                    self._verify(layer, e, pieces[e])
-            else:
-                self._run_all([(self._read_chunk, (layer, e, *job)) for e, job in jobs])
-                self._run_all([(self._verify, (layer, e, pieces[e])) for e in unverified])
-        finally:
-            with self._lock:
-                self.stats.read_seconds += time.perf_counter() - start
         with self._lock:
             self.stats.reads += len(targets)
             self.stats.bytes_read += spec.record_bytes * len(targets)
+        pending = PendingReads(self, layer, pieces, start)
+        if spec.record_bytes * len(targets) <= INLINE_READ_BYTES:
+            try:
+                for e in targets:
+                    for job in self._chunks(spec, e, pieces[e]):
+                        self._read_chunk(layer, e, *job)
+            finally:
+                with self._lock:
+                    pending.finished(time.perf_counter())
+            pending.wait_all()
+            return pending
+        for e in targets:
+            pending.chunks[e] = [self._pool.submit(self._read_chunk, layer, e, *job)
+                                 for job in self._chunks(spec, e, pieces[e])]
+        last = [f for chunks in pending.chunks.values() for f in chunks]
+        remaining = [len(last)]
 
-    def _run_all(self, calls: list) -> None:
-        """Runs the calls on the pool; waits for every one (they write into the caller's
-        buffers) before raising the first error."""
-        futures = [self._pool.submit(fn, *args) for fn, args in calls]
-        wait(futures)
-        for f in futures:
-            f.result()
+        def done(_future: Future) -> None:
+            with self._lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    pending.finished(time.perf_counter())
+
+        for f in last:
+            f.add_done_callback(done)
+        return pending
 
     def _chunks(self, spec, expert: int, pieces) -> list[tuple[int, list[memoryview], int, int]]:
         out = []
@@ -245,6 +255,48 @@ class ExpertStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PendingReads:
+    """Expert reads in flight: `wait(e)` returns once expert e's bytes are in place and,
+    on its first read, verified. On an error every chunk is waited for first (they
+    write into the caller's buffers), then the error is raised."""
+
+    def __init__(self, store: ExpertStore, layer: int, pieces: dict, start: float):
+        self.store = store
+        self.layer = layer
+        self.pieces = pieces
+        self.chunks: dict[int, list[Future]] = {}
+        self._start = start
+        self._done: set[int] = set()
+
+    @property
+    def experts(self) -> list[int]:
+        """The experts still to wait for, in read order."""
+        return [e for e in self.pieces if e not in self._done]
+
+    def finished(self, at: float) -> None:
+        """Called once, when the last chunk is read, under the store's lock."""
+        self.store.stats.read_seconds += at - self._start
+
+    def wait(self, expert: int) -> None:
+        if expert in self._done:
+            return
+        chunks = self.chunks.get(expert, [])
+        wait(chunks)
+        if any(f.exception() is not None for f in chunks):
+            self.wait_all()
+        if (self.layer, expert) not in self.store._verified:
+            self.store._verify(self.layer, expert, self.pieces[expert])
+        self._done.add(expert)
+
+    def wait_all(self) -> None:
+        every = [f for chunks in self.chunks.values() for f in chunks]
+        wait(every)
+        for f in every:
+            f.result()
+        for e in self.experts:
+            self.wait(e)
 
 
 def _record_pieces(spec, views: list[memoryview]) -> list[tuple[int, memoryview]]:

@@ -66,17 +66,17 @@ def first_expert_used(packed: Path, prompt_ids: list[int]) -> tuple[int, int]:
 
     sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
     seen = []
-    original = LocalExperts.slots
+    original = LocalExperts.start_slots
 
     def recording(self, layer, experts):
         seen.extend((layer, e) for e in experts)
         return original(self, layer, experts)
 
     try:
-        LocalExperts.slots = recording
+        LocalExperts.start_slots = recording
         generate(sm, prompt_ids, max_tokens=1)
     finally:
-        LocalExperts.slots = original
+        LocalExperts.start_slots = original
         sm.close()
     return seen[0]
 

@@ -218,13 +218,14 @@ def test_comparison_detects_a_wrong_expert(models, monkeypatch):
     src = models.src("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
     expected, _ = mlx_lm_tokens(src, prompt, models=models)
-    original = LocalExperts.slots
+    original = LocalExperts.start_slots
 
     def shifted(self, layer, experts):
         num = self.manifest.layer(layer).num_experts
         return original(self, layer, [(e + 1) % num for e in experts])
 
-    monkeypatch.setattr(LocalExperts, "slots", shifted)
+    # every path to a slot goes through start_slots (slots waits on it)
+    monkeypatch.setattr(LocalExperts, "start_slots", shifted)
     result, _ = stream(models.packed("qwen3_moe", True), prompt, "all")
     assert result.token_ids != expected
 

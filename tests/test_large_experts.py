@@ -1,0 +1,93 @@
+"""Experts large enough to be read on the I/O threads: each miss is computed as soon as its
+read lands, while the others are still read. Same tokens as mlx-lm; a corrupted expert is
+still never computed with."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import encode, mlx_lm_tokens
+from coordinator.generate import generate
+from coordinator.pack import pack
+from coordinator.streaming import StreamingExperts, load_streaming_model
+from coordinator.tiny_models import write_tiny_model
+from node.errors import ChecksumError
+from node.manifest import read_manifest
+from node.store import INLINE_READ_BYTES
+from test_bad_input import corrupt_expert, first_expert_used
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """float32 experts of 1.5 MiB: two misses are more than an inline read."""
+    root = tmp_path_factory.mktemp("large-experts")
+    src = write_tiny_model(root / "src", quantized=False, num_experts=8, num_experts_per_tok=2,
+                           hidden_size=256, moe_intermediate_size=512)
+    pack(src, root / "packed")
+    return src, root / "packed"
+
+
+@pytest.fixture
+def as_read_calls(monkeypatch):
+    calls = {"n": 0}
+    original = StreamingExperts._as_read
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingExperts, "_as_read", counting)
+    return calls
+
+
+@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
+def test_same_tokens_as_mlx_lm_computed_as_read_or_not(models, large, as_read_calls, io_mode):
+    src, packed = large
+    manifest = read_manifest(packed)
+    assert 2 * manifest.expert_bytes > INLINE_READ_BYTES
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=12, models=models)
+    # A one-expert cache: nearly every expert of every token is a miss.
+    sm = load_streaming_model(packed, cache_bytes=manifest.expert_bytes, io_mode=io_mode)
+    try:
+        result = generate(sm, prompt, max_tokens=12)
+    finally:
+        sm.close()
+    assert result.token_ids == expected
+    assert result.stats.experts_from_ssd > 12
+    # computed as read only when reads bypass the page cache
+    assert (as_read_calls["n"] > 0) == (io_mode == "direct")
+
+
+def test_a_corrupted_large_expert_is_never_computed_with(models, large, tmp_path, monkeypatch, as_read_calls):
+    import shutil
+
+    from node.compute import ExpertKernel
+
+    src, packed = large
+    packed = shutil.copytree(packed, tmp_path / "packed")
+    prompt = encode(models, src, PROMPT)
+    layer, expert = first_expert_used(packed, prompt)
+    corrupt_expert(packed, layer, expert)
+    computed_layers = []
+    real = ExpertKernel.__call__
+
+    def spying(self, x, slots):
+        computed_layers.append(self.spec.layer)
+        return real(self, x, slots)
+
+    monkeypatch.setattr(ExpertKernel, "__call__", spying)
+    tokens = []
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes, io_mode="direct")
+    try:
+        with pytest.raises(ChecksumError):
+            generate(sm, prompt, max_tokens=4, on_token=tokens.append)
+        assert (layer, expert) not in sm.local
+    finally:
+        sm.close()
+    assert as_read_calls["n"] > 0
+    assert tokens == []
+    # the corrupted expert is the layer's first read: nothing of that layer was computed
+    assert layer not in computed_layers
