@@ -124,13 +124,12 @@ def test_flipped_byte_in_an_expert_fails_the_run(models, packed_copy, json_outpu
     assert out.stdout == ""
 
 
-def test_corrupted_expert_is_never_computed_with(models, packed_copy, monkeypatch):
+def assert_corrupted_expert_never_computed(packed: Path, prompt: list[int], monkeypatch, **load_kwargs) -> None:
+    """Corrupts the first expert the prompt reads; the run must fail before computing anything of its layer."""
     from node.compute import ExpertKernel
 
-    src = models.src("qwen3_moe", True)
-    prompt = encode(models, src, PROMPT)
-    layer, expert = first_expert_used(packed_copy, prompt)
-    corrupt_expert(packed_copy, layer, expert)
+    layer, expert = first_expert_used(packed, prompt)
+    corrupt_expert(packed, layer, expert)
     computed_layers = []
     real = ExpertKernel.__call__
 
@@ -140,7 +139,7 @@ def test_corrupted_expert_is_never_computed_with(models, packed_copy, monkeypatc
 
     monkeypatch.setattr(ExpertKernel, "__call__", spying)
     tokens = []
-    sm = load_streaming_model(packed_copy, cache_bytes=read_manifest(packed_copy).total_expert_bytes)
+    sm = load_streaming_model(packed, **load_kwargs)
     try:
         with pytest.raises(ChecksumError):
             generate(sm, prompt, max_tokens=8, on_token=tokens.append)
@@ -150,6 +149,12 @@ def test_corrupted_expert_is_never_computed_with(models, packed_copy, monkeypatc
     assert tokens == []
     # The layer whose expert failed its checksum computed nothing.
     assert layer not in computed_layers
+
+
+def test_corrupted_expert_is_never_computed_with(models, packed_copy, monkeypatch):
+    prompt = encode(models, models.src("qwen3_moe", True), PROMPT)
+    assert_corrupted_expert_never_computed(packed_copy, prompt, monkeypatch,
+                                           cache_bytes=read_manifest(packed_copy).total_expert_bytes)
 
 
 def test_flipped_byte_in_an_in_place_source(models, tmp_path):

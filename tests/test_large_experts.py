@@ -4,6 +4,8 @@ still never computed with."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from conftest import encode, mlx_lm_tokens
@@ -11,10 +13,9 @@ from coordinator.generate import generate
 from coordinator.pack import pack
 from coordinator.streaming import StreamingExperts, load_streaming_model
 from coordinator.tiny_models import write_tiny_model
-from node.errors import ChecksumError
 from node.manifest import read_manifest
 from node.store import INLINE_READ_BYTES
-from test_bad_input import corrupt_expert, first_expert_used
+from test_bad_input import assert_corrupted_expert_never_computed
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -62,32 +63,9 @@ def test_same_tokens_as_mlx_lm_computed_as_read_or_not(models, large, as_read_ca
 
 
 def test_a_corrupted_large_expert_is_never_computed_with(models, large, tmp_path, monkeypatch, as_read_calls):
-    import shutil
-
-    from node.compute import ExpertKernel
-
     src, packed = large
     packed = shutil.copytree(packed, tmp_path / "packed")
     prompt = encode(models, src, PROMPT)
-    layer, expert = first_expert_used(packed, prompt)
-    corrupt_expert(packed, layer, expert)
-    computed_layers = []
-    real = ExpertKernel.__call__
-
-    def spying(self, x, slots):
-        computed_layers.append(self.spec.layer)
-        return real(self, x, slots)
-
-    monkeypatch.setattr(ExpertKernel, "__call__", spying)
-    tokens = []
-    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes, io_mode="direct")
-    try:
-        with pytest.raises(ChecksumError):
-            generate(sm, prompt, max_tokens=4, on_token=tokens.append)
-        assert (layer, expert) not in sm.local
-    finally:
-        sm.close()
+    assert_corrupted_expert_never_computed(packed, prompt, monkeypatch,
+                                           cache_bytes=read_manifest(packed).expert_bytes, io_mode="direct")
     assert as_read_calls["n"] > 0
-    assert tokens == []
-    # the corrupted expert is the layer's first read: nothing of that layer was computed
-    assert layer not in computed_layers
