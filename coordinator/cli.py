@@ -257,8 +257,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
         logging.getLogger("coordinator.peers").setLevel(logging.ERROR)
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     show_text = None if args.json else (lambda text: print(text, end="", flush=True))
+    # as the user ran it (`make demo` runs .venv/bin/edgemoe, which is not on PATH)
+    command = sys.argv[0] if Path(sys.argv[0]).name == "edgemoe" else "edgemoe"
     report = run_demo(Path(args.dir), nodes=args.nodes, prompt=args.prompt or DEMO_PROMPT,
-                      max_tokens=args.max_tokens, say=say, show_text=show_text)
+                      max_tokens=args.max_tokens, say=say, show_text=show_text, command=command)
     if args.json:
         print(report.to_json())
     if not all(run.same_as_mlx_lm for run in report.runs):

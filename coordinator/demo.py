@@ -126,6 +126,7 @@ def run_demo(
     max_tokens: int = DEMO_TOKENS,
     say: Callable[[str], None] = print,
     show_text: Callable[[str], None] | None = None,
+    command: str = "edgemoe",
 ) -> DemoReport:
     if not 1 <= nodes <= MAX_NODES:
         raise EdgemoeError(f"--nodes {nodes}: the demo runs 1 to {MAX_NODES} nodes")
@@ -203,7 +204,7 @@ def run_demo(
                                            result.token_ids == report.reference_token_ids, victim.name, halfway,
                                            {p.name: p.healthy for p in sm.cluster.peers}))
                 say("\n" + format_run(report.runs[-1]))
-                say(f"\nnext: `edgemoe chat --model {packed}` to talk to it, `edgemoe serve --model {packed}` for an "
+                say(f"\nnext: `{command} chat --model {packed}` to talk to it, `{command} serve --model {packed}` for an "
                     "OpenAI-compatible API; README.md shows how to run a real model")
             finally:
                 sm.close()
