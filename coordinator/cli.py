@@ -23,6 +23,12 @@ def _cache_bytes(args: argparse.Namespace) -> int | None:
     return int(args.cache_mb * 2**20)
 
 
+def _node_timeout(args: argparse.Namespace) -> float | None:
+    if args.node_timeout is not None and not args.node_timeout > 0:
+        raise EdgemoeError(f"--node-timeout {args.node_timeout} must be a positive number of seconds")
+    return args.node_timeout
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     from .pack import pack
 
@@ -85,6 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prefetch=args.prefetch,
         peers=peers,
         credentials=credentials,
+        node_timeout_s=_node_timeout(args),
     )
     try:
         prompt = build_prompt(sm, args.prompt, chat_template=not args.no_chat_template)
@@ -122,10 +129,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise EdgemoeError(f"--port {args.port} must be between 0 and 65535")
     peers, credentials = resolve_peers(args)
     cache_bytes = _cache_bytes(args)
+    node_timeout = _node_timeout(args)
 
     def load():
         return load_streaming_model(Path(args.model), cache_bytes=cache_bytes, experts_per_token=args.experts_per_token,
-                                    io_mode=args.io, prefetch=args.prefetch, peers=peers, credentials=credentials)
+                                    io_mode=args.io, prefetch=args.prefetch, peers=peers, credentials=credentials,
+                                    node_timeout_s=node_timeout)
 
     serve(Path(args.model), args.host, args.port, load, api_key=args.api_key, default_max_tokens=args.max_tokens)
 
@@ -175,7 +184,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise EdgemoeError(f"--max-tokens {args.max_tokens} must be at least 1")
     peers, credentials = resolve_peers(args)
     sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args),
-                              experts_per_token=args.experts_per_token, peers=peers, credentials=credentials)
+                              experts_per_token=args.experts_per_token, peers=peers, credentials=credentials,
+                              node_timeout_s=_node_timeout(args))
     try:
         run_chat(sm, args.model, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed)
     finally:
@@ -331,9 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--interface", metavar="ADDR", help="this machine's LAN address, to browse for nodes on")
         p.add_argument("--cluster-dir", help="where `edgemoe cluster init` keeps the token")
 
+    def node_timeout_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--node-timeout", type=float, metavar="SECONDS",
+                       help="how long a node may take to answer a layer's request before its experts are computed "
+                       "here instead and it is set aside for a while (default: 2)")
+
     g = sub.add_parser("generate", help="generate text")
     model_options(g)
     peer_options(g)
+    node_timeout_option(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=100)
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
@@ -383,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics)")
     model_options(s)
     peer_options(s)
+    node_timeout_option(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", metavar="KEY", default=os.environ.get("EDGEMOE_API_KEY") or None,
@@ -401,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--cache-mb", type=float, help="RAM budget for cached experts, in MiB")
     ch.add_argument("--experts-per-token", type=int, metavar="K", help="route each token to K experts")
     peer_options(ch)
+    node_timeout_option(ch)
     ch.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     ch.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     ch.add_argument("--seed", type=int)

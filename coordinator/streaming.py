@@ -216,6 +216,7 @@ def load_streaming_model(
     prefetch: bool = False,
     peers: list[str] | None = None,
     credentials=None,
+    node_timeout_s: float | None = None,
 ) -> StreamingModel:
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -268,7 +269,8 @@ def load_streaming_model(
     if peers:
         from .cluster import Cluster
 
-        sm.cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers)
+        timeout = {} if node_timeout_s is None else {"deadline_s": node_timeout_s}
+        sm.cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers, **timeout)
         for spec in manifest.layers:
             module_at(model, spec.module_path).cluster = sm.cluster
     return sm

@@ -264,6 +264,14 @@ def test_cache_mb_not_positive(models, value):
     assert_fails_cleanly(out, "--cache-mb", "positive")
 
 
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_node_timeout_not_positive(models, command, value):
+    extra = ["--prompt", PROMPT] if command == "generate" else []
+    out = run_cli(command, "--model", models.packed("qwen3_moe", True), *extra, "--node-timeout", value)
+    assert_fails_cleanly(out, "--node-timeout", "positive number of seconds")
+
+
 def test_max_tokens_zero(models):
     out = run_cli("generate", "--model", models.packed("qwen3_moe", True), "--prompt", PROMPT, "--max-tokens", 0)
     assert_fails_cleanly(out, "--max-tokens 0", "at least 1")

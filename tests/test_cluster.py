@@ -352,3 +352,36 @@ def test_a_long_prompt_past_the_request_limits_keeps_nodes_in_use(models, nodes,
         assert sm.cluster.stats.experts_from_peers > MAX_ROWS
     finally:
         sm.close()
+
+
+@pytest.mark.parametrize("node_timeout_s, waited_for", [(0.2, False), (10.0, True)])
+def test_node_timeout_decides_whether_a_slow_node_is_waited_for(models, nodes, token, node_timeout_s, waited_for):
+    """A node behind 0.3 s of delay each way answers in over 0.6 s: `--node-timeout` 0.2 sets it
+    aside and computes its experts here; 10 waits for it. The tokens are the same either way."""
+    from coordinator.relay import DelayRelay
+
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=4, models=models)
+    (node,) = nodes(1)
+    creds = ClusterCredentials.from_token(token, "coordinator")
+    with DelayRelay(("127.0.0.1", node.port), delay_s=0.3, max_lifetime_s=120) as relay:
+        address = f"127.0.0.1:{relay.address[1]}"
+        sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes, peers=[address],
+                                  credentials=creds, node_timeout_s=node_timeout_s)
+        try:
+            deadline = time.monotonic() + 60
+            while not sm.cluster.placement_complete() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert sm.cluster.placement_complete()
+            result = generate(sm, prompt, max_tokens=4)
+            peer = sm.cluster.peers[0]
+            assert result.token_ids == expected
+            if waited_for:
+                assert sm.cluster.stats.fallbacks == 0 and sm.cluster.stats.experts_from_peers > 0
+                assert peer.healthy and min(peer.stats.rtt_ms) > 600
+            else:
+                assert sm.cluster.stats.fallbacks >= 1
+                assert f"did not answer within {node_timeout_s:.1f}s" in peer.last_error
+        finally:
+            sm.close()
