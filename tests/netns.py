@@ -7,13 +7,11 @@ inside a namespace, so the root namespace's interfaces never see test traffic.
 Cleanup stops the processes started in a namespace and deletes the namespaces,
 which destroys their veths and the bridge with them.
 
-Also a command line, for running a relay inside a namespace:
-    python tests/netns.py relay --listen HOST:PORT --target HOST:PORT --delay-ms MS
+A relay inside a namespace runs as `python -m coordinator.relay` (see `run_relay_in`).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import os
@@ -30,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.relay import DelayRelay
+from coordinator.relay import DelayRelay  # noqa: F401  (re-exported for the tests)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,6 @@ NETNS_DIR = Path("/run/netns")
 # A namespace left by a test run that was killed (SIGKILL, power loss) is
 # removed by a later run once its creator is gone and it is this old.
 STALE_AFTER_S = 600
-THIS_FILE = Path(__file__).resolve()
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -281,40 +278,9 @@ def run_relay_in(
     The relay process is stopped with the namespace, or earlier with `proc.stop()`.
     """
     proc = run_in(ns, [
-        sys.executable, str(THIS_FILE), "relay",
+        sys.executable, "-m", "coordinator.relay",
         "--listen", f"{listen_host}:0", "--target", f"{target[0]}:{target[1]}",
         "--delay-ms", str(delay_s * 1000),
     ])
     line = proc.wait_for_line(lambda s: s.startswith("LISTENING "), timeout)
     return proc, int(line.split()[2])
-
-
-def _split_hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="netns.py")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    relay = sub.add_parser("relay", help="run a DelayRelay until SIGTERM")
-    relay.add_argument("--listen", required=True, help="HOST:PORT (port 0: any free port)")
-    relay.add_argument("--target", required=True, help="HOST:PORT")
-    relay.add_argument("--delay-ms", type=float, required=True, help="one-way delay per chunk")
-    relay.add_argument("--max-lifetime-s", type=float, default=300.0)
-    args = parser.parse_args(argv)
-
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    with DelayRelay(
-        _split_hostport(args.target), args.delay_ms / 1000,
-        listen=_split_hostport(args.listen), max_lifetime_s=args.max_lifetime_s,
-    ) as r:
-        print(f"LISTENING {r.address[0]} {r.address[1]}", flush=True)
-        done.wait(args.max_lifetime_s)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
