@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean protos
 
 $(BIN)/edgemoe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ setup: $(BIN)/edgemoe
 
 demo: setup
 	$(BIN)/edgemoe demo --dir $(DEMO_DIR)
+
+protos: setup
+	bash protos/generate.sh $(BIN)/python
 
 test: setup
 	$(BIN)/python -m pytest -q

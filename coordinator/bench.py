@@ -43,12 +43,12 @@ import numpy as np
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from node.compute import record_to_arrays
-from node.errors import EdgemoeError
-from node.manifest import DENSE_NAME, Manifest, align, read_manifest, resolve_file
-from node.store import ExpertStore, PendingReads
+from edgemoe.node.compute import record_to_arrays
+from edgemoe.node.errors import EdgemoeError
+from edgemoe.node.manifest import DENSE_NAME, Manifest, align, read_manifest, resolve_file
+from edgemoe.node.store import ExpertStore, PendingReads
 
-from node.architecture import build_model, routed_experts_per_token
+from edgemoe.node.architecture import build_model, routed_experts_per_token
 from .generate import build_prompt, generate
 from .streaming import StreamingModel, load_streaming_model
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from node.errors import EdgemoeError
+from edgemoe.node.errors import EdgemoeError
 
 log = logging.getLogger("edgemoe")
 
@@ -46,7 +46,7 @@ DISCOVERY_SECONDS = 2.0
 
 def resolve_peers(args: argparse.Namespace) -> tuple[list[str], object]:
     """The peer addresses to use and this coordinator's cluster credentials (none without a cluster)."""
-    from node.credentials import ClusterCredentials, default_cluster_dir, load_cluster_secret
+    from edgemoe.node.credentials import ClusterCredentials, default_cluster_dir, load_cluster_secret
 
     from .discovery import parse_static_peers
 
@@ -64,7 +64,7 @@ def resolve_peers(args: argparse.Namespace) -> tuple[list[str], object]:
     credentials = ClusterCredentials.create(secret, "coordinator")
     if args.peers != "auto":
         return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in parse_static_peers(args.peers)], credentials
-    from node.version import PROTOCOL_VERSION
+    from edgemoe.node.version import PROTOCOL_VERSION
 
     from .discovery import PeerBrowser
 
@@ -166,7 +166,7 @@ def cmd_peers(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from node.credentials import default_cluster_dir
+    from edgemoe.node.credentials import default_cluster_dir
 
     from .status import collect_status, format_status
 
@@ -264,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if not args.verbose:
         # The demo kills a node on purpose and says so; the peer's own warning would only interleave with the text.
-        logging.getLogger("coordinator.peers").setLevel(logging.ERROR)
+        logging.getLogger("edgemoe.coordinator.peers").setLevel(logging.ERROR)
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     show_text = None if args.json else (lambda text: print(text, end="", flush=True))
     # as the user ran it (`make demo` runs .venv/bin/edgemoe, which is not on PATH)
@@ -285,7 +285,7 @@ def cmd_demo_model(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_init(args: argparse.Namespace) -> None:
-    from node.credentials import init_cluster
+    from edgemoe.node.credentials import init_cluster
 
     if args.expires_days is not None and args.expires_days <= 0:
         raise EdgemoeError(f"--expires-days {args.expires_days} must be positive")

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from node.compute import ExpertKernel, compute_pairs
-from node.credentials import MAX_MESSAGE_BYTES, ClusterCredentials
-from node.holdings import layer_specs_to_json
-from node.local import LocalExperts
-from node.manifest import Manifest
-from node.wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
-from protos import edgemoe_node_pb2 as pb
+from edgemoe.node.compute import ExpertKernel, compute_pairs
+from edgemoe.node.credentials import MAX_MESSAGE_BYTES, ClusterCredentials
+from edgemoe.node.holdings import layer_specs_to_json
+from edgemoe.node.local import LocalExperts
+from edgemoe.node.manifest import Manifest
+from edgemoe.node.wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
+from edgemoe.protos import edgemoe_node_pb2 as pb
 
 from .peers import Peer, PeerDown
 

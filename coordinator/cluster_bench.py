@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.credentials import ClusterCredentials, format_token, new_secret
-from node.errors import EdgemoeError
-from node.manifest import read_manifest
+from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret
+from edgemoe.node.errors import EdgemoeError
+from edgemoe.node.manifest import read_manifest
 
-from node.architecture import routed_experts_per_token
+from edgemoe.node.architecture import routed_experts_per_token
 from .bench import MiB, REPEATS, WARMUP_PROMPT, WARMUP_TOKENS, ignore_eos, ram_bytes
 from .generate import build_prompt, generate
 from .local_nodes import HOST, START_TIMEOUT_S, Children, sigterm_as_interrupt, start_nodes, wait_for_output
@@ -54,7 +54,7 @@ NODES_RAM_FRACTION = 0.25
 def start_relay(children: Children, workdir: Path, target: str, one_way_ms: float, name: str) -> str:
     """A DelayRelay process in front of `target`; returns the address to connect to instead."""
     child = children.start(name, [
-        sys.executable, "-m", "coordinator.relay", "--listen", f"{HOST}:0", "--target", target,
+        sys.executable, "-m", "edgemoe.coordinator.relay", "--listen", f"{HOST}:0", "--target", target,
         "--delay-ms", repr(one_way_ms), "--max-lifetime-s", str(RELAY_LIFETIME_S),
     ], workdir)
     line = wait_for_output(child, "LISTENING", START_TIMEOUT_S)

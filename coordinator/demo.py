@@ -19,9 +19,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from node.credentials import ClusterCredentials, format_token, new_secret
-from node.errors import EdgemoeError
-from node.manifest import read_manifest
+from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret
+from edgemoe.node.errors import EdgemoeError
+from edgemoe.node.manifest import read_manifest
 
 from .demo_model import write_demo_model
 from .generate import GenerationResult, build_prompt, generate

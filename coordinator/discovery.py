@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 
 from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
-from node.advertise import SERVICE_TYPE, ip_version_of, new_zeroconf
-from node.errors import PeerAddressError
+from edgemoe.node.advertise import SERVICE_TYPE, ip_version_of, new_zeroconf
+from edgemoe.node.errors import PeerAddressError
 
 log = logging.getLogger(__name__)
 

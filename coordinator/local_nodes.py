@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from node.errors import EdgemoeError
+from edgemoe.node.errors import EdgemoeError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _spawn_node(children: Children, token: str, workdir: Path, index: int, cache
     # The token goes by environment, out of the process list.
     env = dict(os.environ, EDGEMOE_JOIN_TOKEN=token)
     child = children.start(name, [
-        sys.executable, "-m", "node.daemon", "--listen", address, "--data-dir", str(workdir / name),
+        sys.executable, "-m", "edgemoe.node.daemon", "--listen", address, "--data-dir", str(workdir / name),
         "--cache-mb", repr(cache_bytes / 2**20), "--name", name, "--no-advertise",
     ], workdir, env)
     return child, address

@@ -17,9 +17,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_model
 
-from node.compute import array_bytes, dtype_name
-from node.errors import SourceModelError
-from node.manifest import (
+from edgemoe.node.compute import array_bytes, dtype_name
+from edgemoe.node.errors import SourceModelError
+from edgemoe.node.manifest import (
     DENSE_NAME,
     MANIFEST_NAME,
     RECORD_ALIGNMENT,
@@ -33,7 +33,7 @@ from node.manifest import (
     fsync_dir,
 )
 
-from node.architecture import layer_index, read_config, routed_expert_modules
+from edgemoe.node.architecture import layer_index, read_config, routed_expert_modules
 from .progress import progress_bar
 from .safetensors_io import StoredTensor, copy_range, index_files, write_header
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials
-from node.version import PROTOCOL_VERSION
-from protos import edgemoe_node_pb2 as pb
-from protos import edgemoe_node_pb2_grpc as pb_grpc
+from edgemoe.node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials
+from edgemoe.node.version import PROTOCOL_VERSION
+from edgemoe.protos import edgemoe_node_pb2 as pb
+from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

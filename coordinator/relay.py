@@ -4,7 +4,7 @@ This kernel has no `sch_netem` (DESIGN.md), so the cluster bench and the tests
 put a DelayRelay between the coordinator and each node instead. Also a command
 line, to run one in a process of its own:
 
-    python -m coordinator.relay --listen HOST:PORT --target HOST:PORT --delay-ms MS
+    python -m edgemoe.coordinator.relay --listen HOST:PORT --target HOST:PORT --delay-ms MS
 
 It prints `LISTENING HOST PORT` once it accepts connections and runs until
 SIGTERM or SIGINT (or its lifetime ends).
@@ -150,7 +150,7 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coordinator.relay", description="Run a DelayRelay until SIGTERM.")
+    parser = argparse.ArgumentParser(prog="python -m edgemoe.coordinator.relay", description="Run a DelayRelay until SIGTERM.")
     parser.add_argument("--listen", required=True, help="HOST:PORT (port 0: any free port)")
     parser.add_argument("--target", required=True, help="HOST:PORT")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay per chunk")

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from node.errors import EdgemoeError
+from edgemoe.node.errors import EdgemoeError
 
 from .metrics import CONTENT_TYPE, ServerMetrics
 

@@ -109,9 +109,9 @@ def format_peer_rows(rows: list[dict]) -> list[str]:
 
 
 def coordinator_info(cluster_dir: Path, last: dict | None) -> dict:
-    from node.credentials import TOKEN_FILE, cluster_id, load_cluster_secret
-    from node.errors import EdgemoeError
-    from node.version import EDGEMOE_VERSION
+    from edgemoe.node.credentials import TOKEN_FILE, cluster_id, load_cluster_secret
+    from edgemoe.node.errors import EdgemoeError
+    from edgemoe.node.version import EDGEMOE_VERSION
 
     info: dict = {"version": EDGEMOE_VERSION, "cluster_dir": str(cluster_dir), "cluster_id": None,
                   "cluster_error": None}

@@ -12,13 +12,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import load_tokenizer
 
-from node.compute import ExpertKernel, compute_pairs
-from node.errors import ManifestError
-from node.local import LocalExperts, Misses
-from node.manifest import DENSE_NAME, Manifest, read_manifest
-from node.store import ExpertStore
+from edgemoe.node.compute import ExpertKernel, compute_pairs
+from edgemoe.node.errors import ManifestError
+from edgemoe.node.local import LocalExperts, Misses
+from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
+from edgemoe.node.store import ExpertStore
 
-from node.architecture import (
+from edgemoe.node.architecture import (
     build_model,
     module_at,
     read_config,

@@ -1,6 +1,6 @@
 """Train the built-in demo model: a small qwen3_moe on the Python standard library's sources.
 
-    python -m coordinator.train_demo OUT_DIR [--steps N]
+    python -m edgemoe.coordinator.train_demo OUT_DIR [--steps N]
 
 Everything is offline and deterministic: the training text is a fixed, sorted
 list of standard-library modules present in every CPython 3.10+ install, the

@@ -28,7 +28,7 @@ from zeroconf import (
     Zeroconf,
 )
 
-from node.errors import DuplicateNodeError
+from edgemoe.node.errors import DuplicateNodeError
 
 log = logging.getLogger(__name__)
 

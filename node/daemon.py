@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import edgemoe_node_pb2_grpc as pb_grpc
+from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 
 from .credentials import ClusterCredentials, parse_token, server_credentials, token_expiry
 from .errors import EdgemoeError

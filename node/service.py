@@ -13,8 +13,8 @@ import grpc
 import mlx.core as mx
 import numpy as np
 
-from protos import edgemoe_node_pb2 as pb
-from protos import edgemoe_node_pb2_grpc as pb_grpc
+from edgemoe.protos import edgemoe_node_pb2 as pb
+from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 
 from .architecture import build_model, routed_expert_modules
 from .compute import ExpertKernel, compute_pairs, input_dims

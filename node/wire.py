@@ -7,7 +7,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from protos import edgemoe_node_pb2 as pb
+from edgemoe.protos import edgemoe_node_pb2 as pb
 
 from .errors import EdgemoeError
 

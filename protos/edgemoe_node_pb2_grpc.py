@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import edgemoe_node_pb2 as protos_dot_edgemoe__node__pb2
+from edgemoe.protos import edgemoe_node_pb2 as edgemoe_dot_protos_dot_edgemoe__node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/edgemoe_node_pb2_grpc.py depends on'
+        + ' but the generated code in edgemoe/protos/edgemoe_node_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class EdgeNodeStub:
         """
         self.Info = channel.unary_unary(
                 '/edgemoe.node.v1.EdgeNode/Info',
-                request_serializer=protos_dot_edgemoe__node__pb2.InfoRequest.SerializeToString,
-                response_deserializer=protos_dot_edgemoe__node__pb2.NodeInfo.FromString,
+                request_serializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.InfoRequest.SerializeToString,
+                response_deserializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.NodeInfo.FromString,
                 _registered_method=True)
         self.PushExperts = channel.stream_unary(
                 '/edgemoe.node.v1.EdgeNode/PushExperts',
-                request_serializer=protos_dot_edgemoe__node__pb2.PushChunk.SerializeToString,
-                response_deserializer=protos_dot_edgemoe__node__pb2.PushReply.FromString,
+                request_serializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.PushChunk.SerializeToString,
+                response_deserializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.PushReply.FromString,
                 _registered_method=True)
         self.Compute = channel.stream_stream(
                 '/edgemoe.node.v1.EdgeNode/Compute',
-                request_serializer=protos_dot_edgemoe__node__pb2.ComputeRequest.SerializeToString,
-                response_deserializer=protos_dot_edgemoe__node__pb2.ComputeReply.FromString,
+                request_serializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.ComputeRequest.SerializeToString,
+                response_deserializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.ComputeReply.FromString,
                 _registered_method=True)
 
 
@@ -78,18 +78,18 @@ def add_EdgeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_edgemoe__node__pb2.InfoRequest.FromString,
-                    response_serializer=protos_dot_edgemoe__node__pb2.NodeInfo.SerializeToString,
+                    request_deserializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.InfoRequest.FromString,
+                    response_serializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.NodeInfo.SerializeToString,
             ),
             'PushExperts': grpc.stream_unary_rpc_method_handler(
                     servicer.PushExperts,
-                    request_deserializer=protos_dot_edgemoe__node__pb2.PushChunk.FromString,
-                    response_serializer=protos_dot_edgemoe__node__pb2.PushReply.SerializeToString,
+                    request_deserializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.PushChunk.FromString,
+                    response_serializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.PushReply.SerializeToString,
             ),
             'Compute': grpc.stream_stream_rpc_method_handler(
                     servicer.Compute,
-                    request_deserializer=protos_dot_edgemoe__node__pb2.ComputeRequest.FromString,
-                    response_serializer=protos_dot_edgemoe__node__pb2.ComputeReply.SerializeToString,
+                    request_deserializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.ComputeRequest.FromString,
+                    response_serializer=edgemoe_dot_protos_dot_edgemoe__node__pb2.ComputeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -117,8 +117,8 @@ class EdgeNode:
             request,
             target,
             '/edgemoe.node.v1.EdgeNode/Info',
-            protos_dot_edgemoe__node__pb2.InfoRequest.SerializeToString,
-            protos_dot_edgemoe__node__pb2.NodeInfo.FromString,
+            edgemoe_dot_protos_dot_edgemoe__node__pb2.InfoRequest.SerializeToString,
+            edgemoe_dot_protos_dot_edgemoe__node__pb2.NodeInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -144,8 +144,8 @@ class EdgeNode:
             request_iterator,
             target,
             '/edgemoe.node.v1.EdgeNode/PushExperts',
-            protos_dot_edgemoe__node__pb2.PushChunk.SerializeToString,
-            protos_dot_edgemoe__node__pb2.PushReply.FromString,
+            edgemoe_dot_protos_dot_edgemoe__node__pb2.PushChunk.SerializeToString,
+            edgemoe_dot_protos_dot_edgemoe__node__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +171,8 @@ class EdgeNode:
             request_iterator,
             target,
             '/edgemoe.node.v1.EdgeNode/Compute',
-            protos_dot_edgemoe__node__pb2.ComputeRequest.SerializeToString,
-            protos_dot_edgemoe__node__pb2.ComputeReply.FromString,
+            edgemoe_dot_protos_dot_edgemoe__node__pb2.ComputeRequest.SerializeToString,
+            edgemoe_dot_protos_dot_edgemoe__node__pb2.ComputeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from coordinator.pack import pack
-from coordinator.tiny_models import SUPPORTED_ARCHS, write_tiny_model, write_tokenizer
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.tiny_models import SUPPORTED_ARCHS, write_tiny_model, write_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,6 @@ LONG_PROMPT = (
 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     # An empty TMPDIR breaks mlx's compiled sampler (DESIGN.md).
     if not env.get("TMPDIR"):
         env.pop("TMPDIR", None)
@@ -45,7 +44,7 @@ def cli_env() -> dict[str, str]:
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """`edgemoe ARGS` as a user runs it: a separate process through the CLI's entry point."""
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *map(str, args)],
+        [sys.executable, "-m", "edgemoe.coordinator.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -7,7 +7,7 @@ inside a namespace, so the root namespace's interfaces never see test traffic.
 Cleanup stops the processes started in a namespace and deletes the namespaces,
 which destroys their veths and the bridge with them.
 
-A relay inside a namespace runs as `python -m coordinator.relay` (see `run_relay_in`).
+A relay inside a namespace runs as `python -m edgemoe.coordinator.relay` (see `run_relay_in`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.relay import DelayRelay  # noqa: F401  (re-exported for the tests)
+from edgemoe.coordinator.relay import DelayRelay  # noqa: F401  (re-exported for the tests)
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def run_relay_in(
     The relay process is stopped with the namespace, or earlier with `proc.stop()`.
     """
     proc = run_in(ns, [
-        sys.executable, "-m", "coordinator.relay",
+        sys.executable, "-m", "edgemoe.coordinator.relay",
         "--listen", f"{listen_host}:0", "--target", f"{target[0]}:{target[1]}",
         "--delay-ms", str(delay_s * 1000),
     ])

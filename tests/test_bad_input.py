@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import PROMPT, encode, run_cli
-from coordinator.generate import generate
-from coordinator.pack import pack
-from coordinator.streaming import load_streaming_model
-from node.errors import ChecksumError
-from node.manifest import DENSE_NAME, MANIFEST_NAME, read_manifest
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.node.errors import ChecksumError
+from edgemoe.node.manifest import DENSE_NAME, MANIFEST_NAME, read_manifest
 
 
 def assert_fails_cleanly(out, *needles: str) -> str:
@@ -62,7 +62,7 @@ def test_truncated_expert_file(packed_copy):
 
 def first_expert_used(packed: Path, prompt_ids: list[int]) -> tuple[int, int]:
     """The first (layer, expert) the prompt's prefill fetches."""
-    from node.local import LocalExperts
+    from edgemoe.node.local import LocalExperts
 
     sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
     seen = []
@@ -126,7 +126,7 @@ def test_flipped_byte_in_an_expert_fails_the_run(models, packed_copy, json_outpu
 
 def assert_corrupted_expert_never_computed(packed: Path, prompt: list[int], monkeypatch, **load_kwargs) -> None:
     """Corrupts the first expert the prompt reads; the run must fail before computing anything of its layer."""
-    from node.compute import ExpertKernel
+    from edgemoe.node.compute import ExpertKernel
 
     layer, expert = first_expert_used(packed, prompt)
     corrupt_expert(packed, layer, expert)
@@ -321,7 +321,7 @@ def write_dense_model(dst: Path, model_type: str) -> Path:
     import mlx.core as mx
     from mlx_lm.utils import _get_classes, save_config, save_model
 
-    from coordinator.tiny_models import write_tokenizer
+    from edgemoe.coordinator.tiny_models import write_tokenizer
 
     dst.mkdir(parents=True)
     write_tokenizer(dst)

@@ -12,14 +12,14 @@ import grpc
 import pytest
 
 from conftest import encode, mlx_lm_tokens
-from coordinator import peers as peers_module
-from coordinator.generate import generate
-from coordinator.streaming import load_streaming_model
-from node.credentials import ClusterCredentials, format_token, new_secret, server_credentials
-from node.manifest import read_manifest
-from node.version import PROTOCOL_VERSION
-from protos import edgemoe_node_pb2 as pb
-from protos import edgemoe_node_pb2_grpc as pb_grpc
+from edgemoe.coordinator import peers as peers_module
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret, server_credentials
+from edgemoe.node.manifest import read_manifest
+from edgemoe.node.version import PROTOCOL_VERSION
+from edgemoe.protos import edgemoe_node_pb2 as pb
+from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 MAX_TOKENS = 16

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.bench import Mark, decode_figures, format_report, run_fio
-from coordinator.pack import pack
-from coordinator.tiny_models import write_tiny_model
+from edgemoe.coordinator.bench import Mark, decode_figures, format_report, run_fio
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.tiny_models import write_tiny_model
 
 TOKENS = 8
 # Holds 4 of the tiny model's 32 experts (4.5 KiB each): decode both hits and misses.
@@ -38,7 +38,7 @@ def close(a: float, b: float) -> bool:
 
 def bench(*args: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "bench", *args, "--json"],
+        [sys.executable, "-m", "edgemoe.coordinator.cli", "bench", *args, "--json"],
         capture_output=True, text=True, check=True, timeout=120,
     )
     return json.loads(out.stdout)

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from node.cache import ExpertCache
-from node.errors import CacheBudgetError, EdgemoeError
+from edgemoe.node.cache import ExpertCache
+from edgemoe.node.errors import CacheBudgetError, EdgemoeError
 
 POLICIES = ("lfu", "lru")
 

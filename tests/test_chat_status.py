@@ -52,7 +52,7 @@ def reference_replies(models) -> tuple[str, str, list[int]]:
 def test_chat_through_a_pipe_matches_mlx_lm(models, home):
     packed = models.packed("qwen3_moe", True)
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "chat", "--model", str(packed), "--peers", "none",
+        [sys.executable, "-m", "edgemoe.coordinator.cli", "chat", "--model", str(packed), "--peers", "none",
          "--max-tokens", str(CHAT_TOKENS)],
         input="hi\nand more\n/exit\n", capture_output=True, text=True, encoding="utf-8", timeout=120,
         env=env_with_home(home), cwd=REPO,
@@ -73,7 +73,7 @@ def test_chat_through_a_pipe_matches_mlx_lm(models, home):
 def test_chat_reset_and_eof(models, home):
     packed = models.packed("qwen3_moe", True)
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "chat", "--model", str(packed), "--peers", "none",
+        [sys.executable, "-m", "edgemoe.coordinator.cli", "chat", "--model", str(packed), "--peers", "none",
          "--max-tokens", str(CHAT_TOKENS)],
         input="hi\n/reset\nhi\n", capture_output=True, text=True, encoding="utf-8", timeout=120,
         env=env_with_home(home), cwd=REPO,
@@ -92,8 +92,8 @@ def test_chat_in_a_real_terminal(models, home, tmp_path):
     if len(str(socket)) > 100:  # a Unix socket path must fit in sun_path
         socket = Path(tempfile.mkdtemp(prefix="em-tmux-")) / "s"
     env = env_with_home(home)
-    command = shlex.join(["env", *(f"{k}={env[k]}" for k in ("PYTHONPATH", "EDGEMOE_HOME", "PYTHONIOENCODING")),
-                          sys.executable, "-m", "coordinator.cli", "chat", "--model", str(packed),
+    command = shlex.join(["env", *(f"{k}={env[k]}" for k in ("EDGEMOE_HOME", "PYTHONIOENCODING")),
+                          sys.executable, "-m", "edgemoe.coordinator.cli", "chat", "--model", str(packed),
                           "--peers", "none", "--max-tokens", str(CHAT_TOKENS)])
     tmux = ["tmux", "-S", str(socket), "-f", "/dev/null"]
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from conftest import encode, mlx_lm_tokens
-from coordinator.generate import generate
-from coordinator.streaming import load_streaming_model
-from node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials, format_token, new_secret
-from node.manifest import read_manifest
-from protos import edgemoe_node_pb2 as pb
-from protos import edgemoe_node_pb2_grpc as pb_grpc
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials, format_token, new_secret
+from edgemoe.node.manifest import read_manifest
+from edgemoe.protos import edgemoe_node_pb2 as pb
+from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 MAX_TOKENS = 16
@@ -38,7 +38,7 @@ class NodeProcess:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.daemon", "--join", token, "--listen", self.address, "--data-dir",
+            [sys.executable, "-m", "edgemoe.node.daemon", "--join", token, "--listen", self.address, "--data-dir",
              str(data_dir), "--cache-mb", str(cache_mb), "--no-advertise", "--name", data_dir.name],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -231,7 +231,7 @@ def test_port_in_use_and_bad_token_give_one_line_errors(nodes, token, tmp_path):
         (["--join", "not-a-token", "--listen", f"127.0.0.1:{free_port()}"], ["join token"]),
         (["--join", token, "--listen", "nonsense"], ["HOST:PORT"]),
     ]:
-        out = subprocess.run([sys.executable, "-m", "node.daemon", *args, "--data-dir", str(tmp_path / "x"),
+        out = subprocess.run([sys.executable, "-m", "edgemoe.node.daemon", *args, "--data-dir", str(tmp_path / "x"),
                               "--no-advertise"], capture_output=True, text=True, timeout=60)
         assert out.returncode != 0
         assert "Traceback" not in out.stderr
@@ -241,17 +241,16 @@ def test_port_in_use_and_bad_token_give_one_line_errors(nodes, token, tmp_path):
 
 def test_generated_protos_match_the_proto(tmp_path):
     root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"--python_out={tmp_path}",
-                    f"--grpc_python_out={tmp_path}", str(root / "protos/edgemoe_node.proto")], check=True)
+    subprocess.run(["bash", str(root / "protos/generate.sh"), sys.executable, str(tmp_path)], check=True)
     for name in ("edgemoe_node_pb2.py", "edgemoe_node_pb2_grpc.py"):
-        fresh = [l for l in (tmp_path / "protos" / name).read_text().splitlines() if "Protobuf Python Version" not in l]
+        fresh = [l for l in (tmp_path / name).read_text().splitlines() if "Protobuf Python Version" not in l]
         committed = [l for l in (root / "protos" / name).read_text().splitlines() if "Protobuf Python Version" not in l]
-        assert fresh == committed, f"protos/{name} is stale: regenerate it with grpc_tools.protoc"
+        assert fresh == committed, f"protos/{name} is stale: regenerate it with `make protos`"
 
 
 def _init_cluster(tmp_path: Path) -> tuple[Path, str]:
     directory = tmp_path / "cluster"
-    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "cluster", "init", "--dir", str(directory)],
+    out = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "cluster", "init", "--dir", str(directory)],
                          capture_output=True, text=True, check=True)
     return directory, out.stdout.strip().splitlines()[-1]
 
@@ -266,7 +265,7 @@ def test_cli_generate_and_peers_through_a_node(models, tmp_path, discovery):
     directory, token = _init_cluster(tmp_path)
     port = free_port()
     node = subprocess.Popen(
-        [sys.executable, "-m", "node.daemon", "--join", token, "--listen", f"127.0.0.1:{port}", "--data-dir",
+        [sys.executable, "-m", "edgemoe.node.daemon", "--join", token, "--listen", f"127.0.0.1:{port}", "--data-dir",
          str(tmp_path / "node"), "--cache-mb", "1", "--name", "loop"]
         + (["--interface", "127.0.0.1"] if discovery == "mdns-loopback" else ["--no-advertise"]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -275,12 +274,12 @@ def test_cli_generate_and_peers_through_a_node(models, tmp_path, discovery):
         assert "listening" in node.stdout.readline()
         where = ["--peers", f"127.0.0.1:{port}"] if discovery == "static" else ["--peers", "auto", "--interface", "127.0.0.1"]
         common = [*where, "--cluster-dir", str(directory)]
-        peers = subprocess.run([sys.executable, "-m", "coordinator.cli", "peers", *common, "--json"],
+        peers = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "peers", *common, "--json"],
                                capture_output=True, text=True, timeout=60)
         rows = json.loads(peers.stdout)
         assert len(rows) == 1 and rows[0]["healthy"] and rows[0]["name"] == "loop", peers.stderr
         gen = subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", "generate", "--model", str(packed), "--prompt", PROMPT,
+            [sys.executable, "-m", "edgemoe.coordinator.cli", "generate", "--model", str(packed), "--prompt", PROMPT,
              "--no-chat-template", "--max-tokens", str(MAX_TOKENS), "--json", "--cache-mb", "0.01", *common],
             capture_output=True, text=True, timeout=120,
         )
@@ -326,9 +325,9 @@ def test_node_that_returns_comes_back_into_use(models, nodes, token, tmp_path):
 def test_a_long_prompt_past_the_request_limits_keeps_nodes_in_use(models, nodes, token, tmp_path):
     """At 8 experts per token a long prefill routes more (row, expert) pairs to a node than one
     compute request may carry: they go in several requests, and the node stays in use."""
-    from coordinator.pack import pack
-    from coordinator.tiny_models import write_tiny_model
-    from node.wire import MAX_ROWS
+    from edgemoe.coordinator.pack import pack
+    from edgemoe.coordinator.tiny_models import write_tiny_model
+    from edgemoe.node.wire import MAX_ROWS
 
     src = write_tiny_model(tmp_path / "src", num_experts=16, num_experts_per_tok=8)
     packed = tmp_path / "packed"
@@ -358,7 +357,7 @@ def test_a_long_prompt_past_the_request_limits_keeps_nodes_in_use(models, nodes,
 def test_node_timeout_decides_whether_a_slow_node_is_waited_for(models, nodes, token, node_timeout_s, waited_for):
     """A node behind 0.3 s of delay each way answers in over 0.6 s: `--node-timeout` 0.2 sets it
     aside and computes its experts here; 10 waits for it. The tokens are the same either way."""
-    from coordinator.relay import DelayRelay
+    from edgemoe.coordinator.relay import DelayRelay
 
     src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)

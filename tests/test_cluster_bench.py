@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from coordinator.cluster_bench import format_cluster_report
-from coordinator.pack import pack
-from coordinator.tiny_models import write_tiny_model
+from edgemoe.coordinator.cluster_bench import format_cluster_report
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.tiny_models import write_tiny_model
 
 NODES = 2
 TOKENS = 6

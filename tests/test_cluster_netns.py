@@ -57,7 +57,7 @@ def start_nodes(nodes: list[Node], token: str) -> None:
     """Starts `edge-node` in each node's namespace (all at once) and waits until each listens."""
     for node in nodes:
         node.proc = netns.run_in(node.ns, [
-            sys.executable, "-m", "node.daemon", "--join", token, "--listen", node.address, "--interface",
+            sys.executable, "-m", "edgemoe.node.daemon", "--join", token, "--listen", node.address, "--interface",
             node.ns.address, "--data-dir", str(node.data_dir), "--cache-mb", "1", "--name", node.name,
         ], env=cli_env())
     for node in nodes:
@@ -76,7 +76,7 @@ def cluster(models, tmp_path_factory):
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("netns-cluster")
     cluster_dir = root / "cluster"
-    init = subprocess.run([sys.executable, "-m", "coordinator.cli", "cluster", "init", "--dir", str(cluster_dir)],
+    init = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "cluster", "init", "--dir", str(cluster_dir)],
                           capture_output=True, text=True, timeout=60, env=cli_env(), cwd=REPO)
     assert init.returncode == 0, init.stderr
     token = init.stdout.strip().splitlines()[-1]
@@ -102,7 +102,7 @@ def nodes_up(cluster) -> None:
 
 def cli_in(ns: netns.Namespace, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
     """`edgemoe ARGS` run inside a namespace."""
-    return subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-m", "coordinator.cli", *args],
+    return subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-m", "edgemoe.coordinator.cli", *args],
                           capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO)
 
 
@@ -189,7 +189,7 @@ def test_node_killed_mid_generation_same_tokens(models, cluster, placed):
     expected, _ = mlx_lm_tokens(models.src("qwen3_moe", True), cluster.prompt_ids, max_tokens=KILL_TOKENS,
                                 models=models)
     gen = netns.run_in(cluster.coordinator, [
-        sys.executable, "-m", "coordinator.cli", "-v",
+        sys.executable, "-m", "edgemoe.coordinator.cli", "-v",
         *generate_args(cluster, ["--peers", f"{victim.address},{survivor.address}"], KILL_TOKENS),
     ], env=cli_env())
     try:

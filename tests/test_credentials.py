@@ -21,7 +21,7 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from node.credentials import (
+from edgemoe.node.credentials import (
     CHANNEL_OPTIONS,
     SERVER_OPTIONS,
     TARGET_NAME,
@@ -36,7 +36,7 @@ from node.credentials import (
     parse_token,
     server_credentials,
 )
-from node.errors import ClusterConfigError, EdgemoeError, JoinTokenError
+from edgemoe.node.errors import ClusterConfigError, EdgemoeError, JoinTokenError
 
 REPO = Path(__file__).resolve().parent.parent
 REFUSAL_DEADLINE_S = 3.0
@@ -241,9 +241,8 @@ def test_create_wants_the_secret_not_the_token(secret: bytes) -> None:
 
 def run_cluster_init(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "cluster", "init", *args],
+        [sys.executable, "-m", "edgemoe.coordinator.cli", "cluster", "init", *args],
         capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
     )
 
@@ -304,7 +303,7 @@ def test_world_writable_dir_is_refused(tmp_path: Path) -> None:
 
 
 def test_expired_token_is_refused_with_one_line_and_a_cut_expiry_is_another_cluster(tmp_path):
-    from node.credentials import cluster_id, format_token, new_secret
+    from edgemoe.node.credentials import cluster_id, format_token, new_secret
 
     secret = new_secret()
     expired = format_token(secret, int(time.time()) - 60)
@@ -312,7 +311,7 @@ def test_expired_token_is_refused_with_one_line_and_a_cut_expiry_is_another_clus
         parse_token(expired)
     valid = format_token(secret, int(time.time()) + 3600)
     assert cluster_id(parse_token(valid)) != cluster_id(parse_token(valid.partition(".")[0]))
-    out = subprocess.run([sys.executable, "-m", "node.daemon", "--join", expired, "--listen", "127.0.0.1:0",
+    out = subprocess.run([sys.executable, "-m", "edgemoe.node.daemon", "--join", expired, "--listen", "127.0.0.1:0",
                           "--data-dir", str(tmp_path / "n"), "--no-advertise"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and "Traceback" not in out.stderr
@@ -321,9 +320,9 @@ def test_expired_token_is_refused_with_one_line_and_a_cut_expiry_is_another_clus
 
 
 def test_cluster_init_with_expiry_gives_an_expiring_token(tmp_path):
-    from node.credentials import token_expiry
+    from edgemoe.node.credentials import token_expiry
 
-    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "cluster", "init", "--dir", str(tmp_path / "c"),
+    out = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "cluster", "init", "--dir", str(tmp_path / "c"),
                           "--expires-days", "1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     token = out.stdout.strip().splitlines()[-1]

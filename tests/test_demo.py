@@ -10,8 +10,8 @@ import mlx.core as mx
 import pytest
 
 from conftest import run_cli
-from coordinator.demo import DEMO_PROMPT
-from node.manifest import read_manifest
+from edgemoe.coordinator.demo import DEMO_PROMPT
+from edgemoe.node.manifest import read_manifest
 
 MAX_TOKENS = 16
 

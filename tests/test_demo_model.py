@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from coordinator.demo import DEMO_PROMPT as PROMPT
-from coordinator.demo_model import WEIGHT_FILES, WEIGHTS_DIR, write_demo_model
-from coordinator.generate import generate
-from coordinator.pack import pack
-from coordinator.streaming import load_streaming_model
-from node.manifest import read_manifest
+from edgemoe.coordinator.demo import DEMO_PROMPT as PROMPT
+from edgemoe.coordinator.demo_model import WEIGHT_FILES, WEIGHTS_DIR, write_demo_model
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.node.manifest import read_manifest
 
 MAX_TOKENS = 30
 MARKERS = ("def", "self", "return", "(", ":")

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 import netns
-from coordinator.discovery import DiscoveredPeer, PeerBrowser, parse_static_peers
-from node.advertise import SERVICE_TYPE, TXT_STRING_MAX, NodeAdvertisement, build_txt, models_txt
-from node.errors import DuplicateNodeError, EdgemoeError, PeerAddressError
+from edgemoe.coordinator.discovery import DiscoveredPeer, PeerBrowser, parse_static_peers
+from edgemoe.node.advertise import SERVICE_TYPE, TXT_STRING_MAX, NodeAdvertisement, build_txt, models_txt
+from edgemoe.node.errors import DuplicateNodeError, EdgemoeError, PeerAddressError
 
 PROTO = 7
 TIMEOUT = 15.0
@@ -139,7 +139,7 @@ def browsers():
 
 
 def test_loopback_discovery_filters_duplicates_and_withdrawal(adverts, browsers, sniffer_factory, caplog):
-    caplog.set_level(logging.INFO, logger="coordinator.discovery")
+    caplog.set_level(logging.INFO, logger="edgemoe.coordinator.discovery")
     # Random cluster ids: other test runs on this machine share loopback mDNS.
     cluster, other_cluster = new_id()[:12], new_id()[:12]
     fingerprints = ["a1" * 32, "b2" * 32]
@@ -364,8 +364,8 @@ def test_delay_relay_stops_itself_after_its_lifetime():
 
 ADVERTISE = """
 import json, logging, signal, sys, threading
-from node.advertise import NodeAdvertisement
-from node.errors import DuplicateNodeError
+from edgemoe.node.advertise import NodeAdvertisement
+from edgemoe.node.errors import DuplicateNodeError
 logging.basicConfig(level=logging.INFO)
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -383,7 +383,7 @@ print("WITHDRAWN", flush=True)
 
 BROWSE = """
 import dataclasses, json, signal, sys, threading
-from coordinator.discovery import PeerBrowser
+from edgemoe.coordinator.discovery import PeerBrowser
 cfg = json.loads(sys.argv[1])
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())

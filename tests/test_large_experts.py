@@ -9,12 +9,12 @@ import shutil
 import pytest
 
 from conftest import encode, mlx_lm_tokens
-from coordinator.generate import generate
-from coordinator.pack import pack
-from coordinator.streaming import StreamingExperts, load_streaming_model
-from coordinator.tiny_models import write_tiny_model
-from node.manifest import read_manifest
-from node.store import INLINE_READ_BYTES
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.streaming import StreamingExperts, load_streaming_model
+from edgemoe.coordinator.tiny_models import write_tiny_model
+from edgemoe.node.manifest import read_manifest
+from edgemoe.node.store import INLINE_READ_BYTES
 from test_bad_input import assert_corrupted_expert_never_computed
 
 PROMPT = "The quick brown fox jumps over the lazy dog."

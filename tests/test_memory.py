@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.pack import pack
-from coordinator.tiny_models import write_tiny_model
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.tiny_models import write_tiny_model
 
 MiB = 2**20
 # Python, MLX, mlx-lm and the tokenizer, measured at ~160 MiB on Linux.
@@ -18,8 +18,8 @@ MAX_INFLIGHT = 8
 RUN = """
 import json, sys
 from pathlib import Path
-from coordinator.streaming import load_streaming_model
-from coordinator.generate import generate, peak_rss_bytes
+from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.coordinator.generate import generate, peak_rss_bytes
 sm = load_streaming_model(Path(sys.argv[1]), cache_bytes=int(sys.argv[2]), max_inflight_experts=int(sys.argv[3]))
 prompt = sm.tokenizer.encode("The quick brown fox jumps over the lazy dog, again and again and again.")
 r = generate(sm, prompt, max_tokens=24)

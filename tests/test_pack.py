@@ -14,11 +14,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import REPO, SUPPORTED_ARCHS, cli_env, run_cli, write_large_moe_source
-from coordinator.pack import pack
-from coordinator.streaming import load_streaming_model
-from node.compute import record_to_arrays
-from node.errors import ManifestError, SourceModelError
-from node.manifest import (
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.node.compute import record_to_arrays
+from edgemoe.node.errors import ManifestError, SourceModelError
+from edgemoe.node.manifest import (
     DENSE_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -27,7 +27,7 @@ from node.manifest import (
     TENSOR_ALIGNMENT,
     read_manifest,
 )
-from node.store import ExpertStore
+from edgemoe.node.store import ExpertStore
 
 QUANT = [pytest.param(True, id="q4"), pytest.param(False, id="f32")]
 MiB = 2**20
@@ -192,7 +192,7 @@ def assert_no_usable_partial(dst):
 @pytest.mark.parametrize("where", ["_write_dense", "_fill_record", "_copy_side_files", "_install"])
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_interrupted_pack_leaves_nothing(models, tmp_path, monkeypatch, where, exc):
-    import coordinator.pack as pack_module
+    import edgemoe.coordinator.pack as pack_module
 
     src = models.src("qwen3_moe", True)
     dst = tmp_path / "packed"
@@ -216,7 +216,7 @@ def test_interrupted_pack_leaves_nothing(models, tmp_path, monkeypatch, where, e
 
 
 def test_interrupted_force_repack_keeps_the_old_pack(models, tmp_path, monkeypatch):
-    import coordinator.pack as pack_module
+    import edgemoe.coordinator.pack as pack_module
 
     old_src, new_src = models.src("qwen3_moe", True), models.src("qwen3_moe", True, seed=1)
     dst = tmp_path / "packed"
@@ -258,7 +258,7 @@ def test_failed_swap_into_place_keeps_the_old_pack(models, tmp_path, monkeypatch
 KILLED_PACK = """
 import os, sys
 from pathlib import Path
-import coordinator.pack as p
+import edgemoe.coordinator.pack as p
 real, n = p._fill_record, [0]
 def dying(*a, **k):
     n[0] += 1
@@ -334,7 +334,7 @@ def test_dst_equal_to_src_is_refused(models, tmp_path):
 
 PACK_RSS = """
 import json, sys
-import coordinator.cli, coordinator.pack, mlx.core, mlx_lm.utils  # imports are the baseline
+import edgemoe.coordinator.cli, coordinator.pack, mlx.core, mlx_lm.utils  # imports are the baseline
 
 def peak_rss():
     # VmHWM, not ru_maxrss: on Linux ru_maxrss starts at the parent's peak after fork+exec.
@@ -383,7 +383,7 @@ def test_pack_memory_is_bounded_by_far_less_than_the_experts(large_sources, tmp_
         f"packing {m.total_expert_bytes / MiB:.0f} MiB of experts grew RSS by {result['growth'] / MiB:.0f} MiB"
     )
     # And what it wrote is the source's bytes: spot-check experts against the source file.
-    from coordinator.safetensors_io import read_header
+    from edgemoe.coordinator.safetensors_io import read_header
 
     header = read_header(src / "model.safetensors")
     with ExpertStore(dst, m) as store:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from coordinator.cluster import keep_local, place_experts
-from node.cache import ExpertCache
+from edgemoe.coordinator.cluster import keep_local, place_experts
+from edgemoe.node.cache import ExpertCache
 
 RECORD = 100  # bytes of one expert record in these tests
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from coordinator.local_nodes import Children, start_nodes
-from node.manifest import read_manifest
+from edgemoe.coordinator.local_nodes import Children, start_nodes
+from edgemoe.node.manifest import read_manifest
 
 BAR = "%|"
 
@@ -27,7 +27,7 @@ def run_on_terminal(*args: str, timeout: float = 180) -> tuple[int, str, str]:
     """`edgemoe ARGS` with stderr on a pseudo-terminal; returns (exit code, stdout, what the terminal showed)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", *map(str, args)], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "edgemoe.coordinator.cli", *map(str, args)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=slave, env=cli_env(), cwd=REPO)
     os.close(slave)
     shown: list[bytes] = []

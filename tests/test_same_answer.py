@@ -17,8 +17,8 @@ from conftest import (
     mlx_lm_tokens,
     run_cli,
 )
-from coordinator.generate import generate
-from coordinator.streaming import load_streaming_model
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.streaming import load_streaming_model
 
 QUANT = [pytest.param(True, id="q4"), pytest.param(False, id="f32")]
 BUDGETS = ("one", "middle", "all")
@@ -44,7 +44,7 @@ def budget_bytes(manifest, which: str) -> int:
 def stream(packed, prompt_ids, which="all", policy="lfu", experts_per_token=None, max_inflight=None,
            io_mode="auto", prefetch=False, **kw):
     """Generates on the packed model; returns (result, the streaming model's cache/store counters)."""
-    from node.manifest import read_manifest
+    from edgemoe.node.manifest import read_manifest
 
     cache_bytes = budget_bytes(read_manifest(packed), which)
     extra = {} if max_inflight is None else {"max_inflight_experts": max_inflight}
@@ -61,7 +61,7 @@ def stream(packed, prompt_ids, which="all", policy="lfu", experts_per_token=None
 @pytest.fixture
 def chunked_calls(monkeypatch):
     """Counts calls of the streaming layer's path that fetches a layer's experts in groups."""
-    from coordinator.streaming import StreamingExperts
+    from edgemoe.coordinator.streaming import StreamingExperts
 
     calls = {"n": 0}
     original = StreamingExperts._chunked
@@ -213,7 +213,7 @@ def test_sampling_with_temperature_and_seed_same_as_mlx_lm(models):
 
 def test_comparison_detects_a_wrong_expert(models, monkeypatch):
     """Guards the tests above: handing compute a neighbouring expert's weights changes the tokens."""
-    from node.local import LocalExperts
+    from edgemoe.node.local import LocalExperts
 
     src = models.src("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
@@ -346,7 +346,7 @@ def test_cli_text_streaming_prints_text_and_one_summary_line(models, cli_packed)
 def test_hugging_face_layout_source_same_tokens_as_mlx_lm(models, tmp_path):
     """A source with per-expert tensors (mlx-lm stacks them on load) packs to the same answers."""
     from conftest import write_large_moe_source
-    from coordinator.pack import pack
+    from edgemoe.coordinator.pack import pack
 
     src = write_large_moe_source(tmp_path / "hf", num_layers=3, num_experts=8, hidden_size=64,
                                  moe_intermediate_size=32, stacked=False)

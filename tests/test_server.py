@@ -44,7 +44,7 @@ class Server:
 def start_server(model: Path, log: Path, *extra: str, timeout: float = 60) -> Server:
     f = open(log, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "serve", "--model", str(model), "--port", "0", "--peers", "none",
+        [sys.executable, "-m", "edgemoe.coordinator.cli", "serve", "--model", str(model), "--port", "0", "--peers", "none",
          *extra],
         stdout=f, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO,
     )
@@ -366,7 +366,7 @@ def test_cluster_metrics_collector():
     """Per-node calls, round trips and fallbacks, read from a cluster at scrape time."""
     from types import SimpleNamespace as NS
 
-    from coordinator.metrics import ServerMetrics
+    from edgemoe.coordinator.metrics import ServerMetrics
 
     local = NS(cache_stats=NS(hits=3, misses=2, evictions=0), stats=NS(experts_from_cache=3, experts_from_ssd=2),
                store=NS(stats=NS(bytes_read=1000, read_seconds=0.01)), cache_bytes_used=500, budget_bytes=900)
