@@ -600,7 +600,7 @@ def run_bench(
     try:
         report.update(_disk_figures(manifest, paths, notes))
         budget = sm.local.budget_bytes
-        prompt_tokens = build_prompt(sm, prompt)
+        prompt_tokens = build_prompt(sm.tokenizer, prompt)
         if not prompt_tokens:
             raise EdgemoeError(f"--prompt {prompt!r} encodes to no tokens; pass some text")
         report.update(
@@ -618,7 +618,7 @@ def run_bench(
         )
         log.info("warming up MLX")
         with ignore_eos(sm.tokenizer):
-            generate(sm, build_prompt(sm, WARMUP_PROMPT), max_tokens=WARMUP_TOKENS)
+            generate(sm, build_prompt(sm.tokenizer, WARMUP_PROMPT), max_tokens=WARMUP_TOKENS)
 
         log.info("cold decode, cache budget %.1f MiB", budget / MiB)
         cold = best_of(lambda: cold_run(sm, paths, prompt_tokens, tokens, budget))
@@ -751,7 +751,7 @@ def _mlx_lm_figures(model_dir: Path, sm: StreamingModel, manifest: Manifest, pro
     log.info("rebuilding the full model for plain mlx-lm")
     model = build_reference_model(model_dir, sm.config, manifest)
     try:
-        time_mlx_lm(model, sm.tokenizer, build_prompt(sm, WARMUP_PROMPT), WARMUP_TOKENS)
+        time_mlx_lm(model, sm.tokenizer, build_prompt(sm.tokenizer, WARMUP_PROMPT), WARMUP_TOKENS)
         log.info("plain mlx-lm decode")
         return best_of(lambda: time_mlx_lm(model, sm.tokenizer, prompt_tokens, tokens))
     finally:
@@ -764,7 +764,7 @@ def _warm_eighth_run(sm: StreamingModel, paths: list[Path], prompt_tokens: list[
     budget = max(sm.manifest.expert_bytes, sm.manifest.total_expert_bytes // 8)
     log.info("warm decode, cache budget 1/8 of the experts (%.1f MiB)", budget / MiB)
     warm_page_cache(paths)
-    warmup_tokens = build_prompt(sm, WARMUP_PROMPT)
+    warmup_tokens = build_prompt(sm.tokenizer, WARMUP_PROMPT)
 
     def once() -> DecodeRun:
         # Filled by other text each time, so the cache never holds exactly what the timed text needs.

@@ -6,20 +6,12 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .generate import GenerationResult, generate
+from .generate import GenerationResult, build_prompt, generate
 from .status import nodes_in_use, save_last_run
 
 USER_PROMPT = "you> "
 MODEL_PROMPT = "model> "
 HELP = "type a message; /reset clears the history, /exit (or end of input) quits"
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """The whole history through the model's chat template (plain concatenation if it has none)."""
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-    return list(tokenizer.encode(text))
 
 
 def _read_line(stdin: TextIO, stdout: TextIO) -> str:
@@ -72,7 +64,7 @@ def run_chat(sm, model_dir: Path | str, max_tokens: int = 512, temp: float = 0.0
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        prompt = chat_prompt(sm.tokenizer, messages)
+        prompt = build_prompt(sm.tokenizer, messages)
         print(MODEL_PROMPT, end="", file=stdout, flush=True)
         result = generate(sm, prompt, max_tokens=max_tokens, temp=temp, seed=seed,
                           on_text=lambda chunk: print(chunk, end="", file=stdout, flush=True))

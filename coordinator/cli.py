@@ -94,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         node_timeout_s=_node_timeout(args),
     )
     try:
-        prompt = build_prompt(sm, args.prompt, chat_template=not args.no_chat_template)
+        prompt = build_prompt(sm.tokenizer, args.prompt, chat_template=not args.no_chat_template)
         if not prompt:
             raise EdgemoeError(
                 f"--prompt {args.prompt!r} encodes to no tokens with the tokenizer in {args.model}; pass some text "

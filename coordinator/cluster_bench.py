@@ -155,7 +155,7 @@ def timed_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int, prob
 def fastest_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int, probe: LayerProbe | None) -> Decode:
     """Warms MLX up on other text, then the fastest of REPEATS timed decodes."""
     with ignore_eos(sm.tokenizer):
-        generate(sm, build_prompt(sm, WARMUP_PROMPT), max_tokens=WARMUP_TOKENS)
+        generate(sm, build_prompt(sm.tokenizer, WARMUP_PROMPT), max_tokens=WARMUP_TOKENS)
     runs = [timed_decode(sm, prompt_tokens, tokens, probe) for _ in range(REPEATS)]
     return max(runs, key=lambda r: r.tokens_per_s or 0.0)
 
@@ -303,7 +303,7 @@ def run_cluster_bench(
             log.info("decode with no peers")
             sm = _load(setup)
             try:
-                prompt_tokens = build_prompt(sm, prompt)
+                prompt_tokens = build_prompt(sm.tokenizer, prompt)
                 if not prompt_tokens:
                     raise EdgemoeError(f"--prompt {prompt!r} encodes to no tokens; pass some text")
                 report["experts_per_token"] = routed_experts_per_token(sm.config)

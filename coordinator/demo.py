@@ -171,7 +171,7 @@ def run_demo(
                     say(f"placement was not complete after {PUSH_TIMEOUT_S:.0f}s: more experts come from the SSD")
                 report.placed = sm.cluster.placed()
                 say("placement: " + ", ".join(f"{name} holds {count} experts" for name, count in report.placed.items()))
-                prompt_tokens = build_prompt(sm, prompt, chat_template=False)
+                prompt_tokens = build_prompt(sm.tokenizer, prompt, chat_template=False)
                 if not prompt_tokens:
                     raise EdgemoeError(f"--prompt {prompt!r} encodes to no tokens; pass some text")
                 report.reference_token_ids = mlx_lm_reference(src, prompt_tokens, max_tokens)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate
+from mlx_lm.generate import GenerationResponse, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from .streaming import StreamingModel, guesses
+from .counters import snapshot
+from .streaming import StreamingModel
 
 
 @dataclass
@@ -56,11 +56,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     stats: GenerationStats
-
-
-def _accuracy(before: tuple[int, int], after: tuple[int, int]) -> float | None:
-    guessed, right = after[0] - before[0], after[1] - before[1]
-    return right / guessed if guessed else None
+    finish_reason: str = "length"
 
 
 def peak_rss_bytes() -> int:
@@ -77,11 +73,35 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def build_prompt(sm: StreamingModel, prompt: str, chat_template: bool = True) -> list[int]:
-    tokenizer = sm.tokenizer
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return tokenizer.encode(prompt)
+def build_prompt(tokenizer: Any, prompt: str | list[dict], chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt: a user message, or a whole chat history (a list of
+    {"role", "content"}), through the model's chat template when it has one and
+    `chat_template` is set. Without a template a message is its plain text, and a
+    history is "role: content" lines ending in "assistant: "."""
+    templated = chat_template and getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, str):
+        if templated:
+            return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+        return list(tokenizer.encode(prompt))
+    if templated:
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+    return list(tokenizer.encode("".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "))
+
+
+def stream(
+    sm: StreamingModel,
+    prompt_tokens: list[int],
+    max_tokens: int = 100,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Iterator[GenerationResponse]:
+    """mlx-lm's `stream_generate` on the streaming model: the one place edgemoe generates."""
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temp, top_p=top_p if 0.0 < top_p < 1.0 else 0.0)
+    yield from stream_generate(sm.model, sm.tokenizer, mx.array(prompt_tokens), max_tokens=max_tokens,
+                               sampler=sampler)
 
 
 def generate(
@@ -89,22 +109,18 @@ def generate(
     prompt_tokens: list[int],
     max_tokens: int = 100,
     temp: float = 0.0,
+    top_p: float = 1.0,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
     on_token: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
-    if seed is not None:
-        mx.random.seed(seed)
-    store, local = sm.local.store, sm.local
-    before = (local.cache_stats.hits, local.cache_stats.misses, store.stats.bytes_read, store.stats.read_seconds,
-              local.stats.experts_from_cache, local.stats.experts_from_ssd,
-              local.stats.prefetched, local.stats.prefetch_used, guesses(sm.model))
-    start = time.perf_counter()
+    """Generates, calling `on_text`/`on_token` as each token arrives, until `max_tokens`,
+    an end-of-sequence token, or `stop()` returns True (checked after each token)."""
+    before = snapshot(sm)
     text, tokens, last = [], [], None
-    responses: Iterator = stream_generate(
-        sm.model, sm.tokenizer, mx.array(prompt_tokens), max_tokens=max_tokens, sampler=make_sampler(temp=temp)
-    )
-    for response in responses:
+    finish = "length"
+    for response in stream(sm, prompt_tokens, max_tokens, temp, top_p, seed):
         last = response
         tokens.append(response.token)
         text.append(response.text)
@@ -112,33 +128,35 @@ def generate(
             on_text(response.text)
         if on_token is not None:
             on_token(response.token)
-    seconds = time.perf_counter() - start
-    hits = local.cache_stats.hits - before[0]
-    misses = local.cache_stats.misses - before[1]
-    read_bytes = store.stats.bytes_read - before[2]
-    read_seconds = store.stats.read_seconds - before[3]
+        if response.finish_reason:
+            finish = response.finish_reason
+        if stop is not None and stop():
+            finish = "cancelled"
+            break
+    run = snapshot(sm) - before
     generated = len(tokens)
+    local = sm.local
     stats = GenerationStats(
         prompt_tokens=len(prompt_tokens),
         generated_tokens=generated,
         prompt_tokens_per_s=last.prompt_tps if last else 0.0,
         tokens_per_s=last.generation_tps if last else 0.0,
-        cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
-        cache_hits=hits,
-        cache_misses=misses,
+        cache_hit_rate=run.cache_hit_rate or 0.0,
+        cache_hits=run.cache_hits,
+        cache_misses=run.cache_misses,
         cache_bytes_used=local.cache_bytes_used,
         cache_budget_bytes=local.budget_bytes,
-        experts_from_cache=local.stats.experts_from_cache - before[4],
-        experts_from_ssd=local.stats.experts_from_ssd - before[5],
-        ssd_bytes_read=read_bytes,
-        ssd_read_seconds=read_seconds,
-        ssd_read_gbps=read_bytes / read_seconds / 1e9 if read_seconds else 0.0,
-        ssd_bytes_per_token=read_bytes / generated if generated else 0.0,
+        experts_from_cache=run.experts_from_cache,
+        experts_from_ssd=run.experts_from_ssd,
+        ssd_bytes_read=run.ssd_bytes_read,
+        ssd_read_seconds=run.ssd_read_seconds,
+        ssd_read_gbps=run.ssd_read_gbps or 0.0,
+        ssd_bytes_per_token=run.ssd_bytes_read / generated if generated else 0.0,
         peak_rss_bytes=peak_rss_bytes(),
-        seconds=seconds,
-        direct_io=store.direct,
-        experts_prefetched=local.stats.prefetched - before[6],
-        experts_prefetch_used=local.stats.prefetch_used - before[7],
-        prefetch_accuracy=_accuracy(before[8], guesses(sm.model)),
+        seconds=run.t,
+        direct_io=local.store.direct,
+        experts_prefetched=run.experts_prefetched,
+        experts_prefetch_used=run.experts_prefetch_used,
+        prefetch_accuracy=run.prefetch_accuracy,
     )
-    return GenerationResult("".join(text), tokens, stats)
+    return GenerationResult("".join(text), tokens, stats, finish)

@@ -164,6 +164,9 @@ class StreamingModel:
     dense_bytes: int
     cluster: object = None
 
+    def guesses(self) -> tuple[int, int]:
+        return guesses(self.model)
+
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.close()
