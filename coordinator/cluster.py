@@ -105,6 +105,11 @@ class ClusterStats:
     peer_calls: int = 0
     experts_from_peers: int = 0
     fallbacks: int = 0
+    # MoE layer calls while a cluster is configured, those that sent work to a node,
+    # and over the latter the sum of each layer's slowest reply (the layer waits for it).
+    layers: int = 0
+    peer_layers: int = 0
+    slowest_rtt_ms_total: float = 0.0
 
 
 @dataclass
@@ -296,6 +301,20 @@ class Cluster:
         for layer, expert in keys:
             record = self.local.store.read(layer, expert)
             yield layer, expert, self.manifest.layer(layer).experts[expert].checksum, record.tobytes()
+
+    def snapshot(self) -> dict:
+        """The cluster's counters and each node's state, as `status`, `--json`, the demo and /metrics show them."""
+        return {
+            "peer_calls": self.stats.peer_calls,
+            "experts_from_peers": self.stats.experts_from_peers,
+            "fallbacks": self.stats.fallbacks,
+            "nodes": [
+                {"address": p.address, "name": p.name, "node_id": p.node_id, "healthy": p.healthy,
+                 "calls": p.stats.calls, "failures": p.stats.failures, "experts_computed": p.stats.experts,
+                 "mean_rtt_ms": p.stats.mean_rtt_ms, "experts_held": len(p.held), "error": p.last_error or None}
+                for p in self.peers
+            ],
+        }
 
     def close(self) -> None:
         self._stop.set()
