@@ -33,6 +33,42 @@ LONG_PROMPT = (
 )
 
 
+def in_ci() -> bool:
+    """CI sets CI=true (`.ci/run` does too): there every test must run, none may skip."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def unavailable(reason: str | None) -> None:
+    """Skips the calling test where it cannot run, with `reason`; under CI fails with it instead."""
+    if reason is None:
+        return
+    if in_ci():
+        pytest.fail(f"this test must run in CI but cannot: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_root() -> None:
+    unavailable(None if os.geteuid() == 0 else "needs root (run the tests as root)")
+
+
+def require(tool: str) -> None:
+    unavailable(None if shutil.which(tool) else f"`{tool}` is not installed")
+
+
+def require_namespaces() -> None:
+    import netns
+
+    unavailable(netns.unavailable_reason())
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Marking a test `netns` is enough: it runs only where namespaces work (or fails in CI).
+    if item.get_closest_marker("netns"):
+        require_namespaces()
+    for marker in item.iter_markers("requires_tool"):
+        require(*marker.args)
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     # An empty TMPDIR breaks mlx's compiled sampler (DESIGN.md).
@@ -224,7 +260,11 @@ __all__ = [
     "encode",
     "mlx_lm_experts_per_token_config",
     "mlx_lm_tokens",
+    "require",
+    "require_namespaces",
+    "require_root",
     "run_cli",
+    "unavailable",
     "write_large_moe_source",
 ]
 
