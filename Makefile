@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: setup demo test bench clean protos
+.PHONY: setup demo test quick bench clean protos
 
 $(BIN)/edgemoe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ protos: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# For development: everything but the long tests and the root/namespace ones.
+quick: setup
+	$(BIN)/python -m pytest -q -m "not slow and not netns"
 
 bench: setup
 	$(BIN)/edgemoe demo-model $(DEMO_DIR)/bench-src --size random
