@@ -15,6 +15,7 @@ class Counters:
     t: float = 0.0
     cache_hits: int = 0
     cache_misses: int = 0
+    cache_evictions: int = 0
     ssd_bytes_read: int = 0
     ssd_read_seconds: float = 0.0
     ssd_reads: int = 0
@@ -56,6 +57,7 @@ def snapshot(sm: StreamingModel) -> Counters:
         t=time.perf_counter(),
         cache_hits=cache.hits,
         cache_misses=cache.misses,
+        cache_evictions=cache.evictions,
         ssd_bytes_read=store.stats.bytes_read,
         ssd_read_seconds=store.stats.read_seconds,
         ssd_reads=store.stats.reads,
