@@ -35,6 +35,7 @@ class GenerationStats:
     peak_rss_bytes: int
     seconds: float
     direct_io: bool
+    io_modes: dict[str, str]  # per expert file: "direct" or "buffered", the I/O in effect
     experts_prefetched: int
     experts_prefetch_used: int
     prefetch_accuracy: float | None
@@ -155,6 +156,7 @@ def generate(
         peak_rss_bytes=peak_rss_bytes(),
         seconds=run.t,
         direct_io=local.store.direct,
+        io_modes=local.store.io_modes(),
         experts_prefetched=run.experts_prefetched,
         experts_prefetch_used=run.experts_prefetch_used,
         prefetch_accuracy=run.prefetch_accuracy,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ChecksumError, ExpertFileError
+from .limits import ram_bytes
 from .manifest import Manifest, resolve_file
 
 log = logging.getLogger(__name__)
@@ -28,25 +29,31 @@ IO_MODES = ("auto", "direct", "buffered")
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
-def _ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _bypass_page_cache(fd: int, path: Path) -> int:
-    """Reopens with O_DIRECT (Linux) or sets F_NOCACHE (macOS); keeps buffered I/O where neither works."""
+def _bypass_page_cache(fd: int, path: Path) -> tuple[int, bool]:
+    """Reopens with O_DIRECT (Linux) or sets F_NOCACHE (macOS); returns the fd and whether
+    its reads now bypass the page cache (not where the file system refuses direct I/O)."""
     if _O_DIRECT:
         try:
             direct = os.open(path, os.O_RDONLY | _O_DIRECT)
         except OSError:
             log.warning("%s does not support direct I/O; reading it through the page cache", path)
-            return fd
+            return fd, False
+        # Some file systems accept O_DIRECT at open and refuse the reads: try one.
+        try:
+            os.preadv(direct, [mmap.mmap(-1, DIRECT_ALIGNMENT)], 0)
+        except OSError:
+            os.close(direct)
+            log.warning("%s refuses direct reads; reading it through the page cache", path)
+            return fd, False
         os.close(fd)
-        return direct
+        return direct, True
     import fcntl
 
     if hasattr(fcntl, "F_NOCACHE"):
         fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
-    return fd
+        return fd, True
+    log.warning("this OS cannot bypass the page cache; reading %s through it", path)
+    return fd, False
 
 
 @dataclass
@@ -74,6 +81,7 @@ class ExpertStore:
         self._bounce = threading.local()
         self._paths = [resolve_file(self.model_dir, name) for name in manifest.files]
         self._fds: list[int] = []
+        self._direct_fds: list[bool] = []
         self.set_io_mode(io_mode)
         self._check_sizes()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="expert-io")
@@ -82,14 +90,23 @@ class ExpertStore:
         """Reopens the files for direct or buffered reads (not while reads are in flight)."""
         if io_mode not in IO_MODES:
             raise ValueError(f"unknown I/O mode {io_mode!r}; use one of {', '.join(IO_MODES)}")
-        self.direct = io_mode == "direct" or (io_mode == "auto" and self.manifest.total_expert_bytes > _ram_bytes() // 2)
+        self.direct = io_mode == "direct" or (io_mode == "auto" and self.manifest.total_expert_bytes > ram_bytes() // 2)
         for fd in self._fds:
             os.close(fd)
-        self._fds = []
+        self._fds, self._direct_fds = [], []
         for path in self._paths:
-            self._fds.append(self._open(path))
+            fd, direct = self._open(path)
+            self._fds.append(fd)
+            self._direct_fds.append(direct)
 
-    def _open(self, path: Path) -> int:
+    def io_modes(self) -> dict[str, str]:
+        """Per expert file, the I/O in effect: "direct" (around the page cache) or "buffered".
+
+        `direct` is what was asked for; a file system that refuses direct I/O leaves its
+        files "buffered" here (with a warning in the log)."""
+        return {str(p): "direct" if d else "buffered" for p, d in zip(self._paths, self._direct_fds)}
+
+    def _open(self, path: Path) -> tuple[int, bool]:
         try:
             fd = os.open(path, os.O_RDONLY)
             # Experts are read whole and at random: kernel readahead would only
@@ -97,8 +114,8 @@ class ExpertStore:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             if self.direct:
-                fd = _bypass_page_cache(fd, path)
-            return fd
+                return _bypass_page_cache(fd, path)
+            return fd, False
         except FileNotFoundError as exc:
             self.close()
             if self.manifest.in_place:
@@ -200,7 +217,7 @@ class ExpertStore:
         return out
 
     def _read_chunk(self, layer: int, expert: int, file: int, iov: list[memoryview], offset: int, length: int) -> None:
-        if self.direct and _O_DIRECT:
+        if self._direct_fds[file] and _O_DIRECT:
             got = self._read_direct(self._fds[file], iov, offset, length)
         else:
             got = os.preadv(self._fds[file], iov, offset)

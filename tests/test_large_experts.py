@@ -11,7 +11,8 @@ import pytest
 from conftest import encode, mlx_lm_tokens
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.pack import pack
-from edgemoe.coordinator.streaming import StreamingExperts, load_streaming_model
+from edgemoe.coordinator.dispatch import LayerDispatch
+from edgemoe.coordinator.streaming import load_streaming_model
 from edgemoe.coordinator.tiny_models import write_tiny_model
 from edgemoe.node.manifest import read_manifest
 from edgemoe.node.store import INLINE_READ_BYTES
@@ -33,13 +34,13 @@ def large(tmp_path_factory):
 @pytest.fixture
 def as_read_calls(monkeypatch):
     calls = {"n": 0}
-    original = StreamingExperts._as_read
+    original = LayerDispatch._as_read
 
     def counting(self, *args, **kwargs):
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(StreamingExperts, "_as_read", counting)
+    monkeypatch.setattr(LayerDispatch, "_as_read", counting)
     return calls
 
 
@@ -58,6 +59,7 @@ def test_same_tokens_as_mlx_lm_computed_as_read_or_not(models, large, as_read_ca
         sm.close()
     assert result.token_ids == expected
     assert result.stats.experts_from_ssd > 12
+    assert set(result.stats.io_modes.values()) == {io_mode}
     # computed as read only when reads bypass the page cache
     assert (as_read_calls["n"] > 0) == (io_mode == "direct")
 

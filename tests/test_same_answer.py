@@ -61,16 +61,16 @@ def stream(packed, prompt_ids, which="all", policy="lfu", experts_per_token=None
 @pytest.fixture
 def chunked_calls(monkeypatch):
     """Counts calls of the streaming layer's path that fetches a layer's experts in groups."""
-    from edgemoe.coordinator.streaming import StreamingExperts
+    from edgemoe.coordinator.dispatch import LayerDispatch
 
     calls = {"n": 0}
-    original = StreamingExperts._chunked
+    original = LayerDispatch._chunked
 
     def counting(self, *args, **kwargs):
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(StreamingExperts, "_chunked", counting)
+    monkeypatch.setattr(LayerDispatch, "_chunked", counting)
     return calls
 
 
@@ -149,7 +149,47 @@ def test_direct_io_same_tokens_as_mlx_lm(models, arch, in_place):
         result, sm = stream(models.packed(arch, True, in_place=in_place), prompt, which, io_mode="direct")
         assert sm.local.store.direct
         assert result.stats.direct_io
+        # This machine's file system takes O_DIRECT: every file is really read around the page cache.
+        assert set(result.stats.io_modes.values()) == {"direct"}, result.stats.io_modes
+        assert len(result.stats.io_modes) == len(sm.manifest.files)
         assert result.token_ids == expected, f"budget {which}"
+
+
+@pytest.mark.parametrize("refuses", ["open", "read"])
+def test_direct_io_refused_by_the_file_system_reads_buffered_and_says_so(models, monkeypatch, caplog, refuses):
+    """A file system without O_DIRECT (refused at open, or accepted at open and refused on read,
+    as some network and FUSE file systems do) falls back to the page cache, visibly.
+
+    tmpfs refused O_DIRECT before Linux 6.6 and takes it since, so the refusal is simulated."""
+    import errno
+    import fcntl
+    import os
+
+    from edgemoe.node import store
+
+    real_open, real_preadv = os.open, os.preadv
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & store._O_DIRECT and refuses == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    def refusing_preadv(fd, buffers, offset, *args):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & store._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(store.os, "open", refusing_open)
+    monkeypatch.setattr(store.os, "preadv", refusing_preadv)
+    src = models.src("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    caplog.set_level("WARNING", logger="edgemoe.node.store")
+    result, sm = stream(models.packed("qwen3_moe", True), prompt, "one", io_mode="direct")
+    assert result.stats.direct_io  # asked for
+    assert set(result.stats.io_modes.values()) == {"buffered"}, result.stats.io_modes  # in effect
+    assert any("through the page cache" in r.getMessage() for r in caplog.records)
+    assert result.token_ids == expected
 
 
 @pytest.mark.parametrize("quantized", QUANT)
