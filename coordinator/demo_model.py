@@ -1,9 +1,9 @@
 """The built-in demo models: small qwen3_moe models shaped like the ones users stream, made offline.
 
 ``small`` is a trained model that ships with the package (``demo_weights/``,
-reproduced by ``python -m edgemoe.coordinator.train_demo OUT_DIR``): 4 layers of 32
-4-bit experts, 4 per token, trained on the Python standard library's sources,
-so it writes Python-ish text and routes tokens unevenly, as real models do.
+reproduced from a checkout by ``python -m edgemoe.coordinator.devtools.train_demo
+OUT_DIR``): 4 layers of 32 4-bit experts, 4 per token, trained on the Python standard
+library's sources, so it writes Python-ish text and routes tokens unevenly, as real models do.
 ``random`` is the random 8-layer, 64-expert model the benchmark figures use;
 ``large`` is random, sized so the disk matters in benchmarks.
 """

@@ -1,6 +1,6 @@
 """Train the built-in demo model: a small qwen3_moe on the Python standard library's sources.
 
-    python -m edgemoe.coordinator.train_demo OUT_DIR [--steps N]
+    python -m edgemoe.coordinator.devtools.train_demo OUT_DIR [--steps N]
 
 Everything is offline and deterministic: the training text is a fixed, sorted
 list of standard-library modules present in every CPython 3.10+ install, the
@@ -40,7 +40,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 from tokenizers import Tokenizer
 
-from .tiny_models import _BOS_TOKEN, _CHAT_TEMPLATE, _EOS_TOKEN, _IM_START, _SPECIAL_TOKENS, train_bpe
+from ..tiny_tokenizer import BOS_TOKEN, EOS_TOKEN, IM_START, MAX_POSITIONS, SPECIAL_TOKENS, train_bpe, write_tokenizer_files
 
 # Present (as plain modules, not shims) in CPython 3.10 through 3.14.
 STDLIB_FILES: tuple[str, ...] = tuple(sorted((
@@ -98,25 +98,6 @@ def train_tokenizer(texts: list[str]) -> Tokenizer:
     return train_bpe(texts, VOCAB_SIZE)
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def write_tokenizer_files(tokenizer: Tokenizer, dst: Path) -> None:
-    tokenizer.save(str(dst / "tokenizer.json"), pretty=True)
-    special = {"bos_token": _BOS_TOKEN, "eos_token": _EOS_TOKEN, "pad_token": _BOS_TOKEN, "unk_token": None}
-    _write_json(dst / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": _CHAT_TEMPLATE,
-        "model_max_length": 4096,
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        **special,
-    })
-    _write_json(dst / "special_tokens_map.json", {k: v for k, v in special.items() if v is not None})
-
-
 def model_config(vocab_size: int) -> dict[str, Any]:
     a = ARCH
     return {
@@ -128,12 +109,12 @@ def model_config(vocab_size: int) -> dict[str, Any]:
         "num_attention_heads": a["num_heads"],
         "num_key_value_heads": a["num_kv_heads"],
         "head_dim": a["head_dim"],
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": MAX_POSITIONS,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "bos_token_id": _SPECIAL_TOKENS.index(_BOS_TOKEN),
-        "eos_token_id": _SPECIAL_TOKENS.index(_EOS_TOKEN),
+        "bos_token_id": SPECIAL_TOKENS.index(BOS_TOKEN),
+        "eos_token_id": SPECIAL_TOKENS.index(EOS_TOKEN),
         "intermediate_size": 2 * a["hidden_size"],
         "num_experts": a["num_experts"],
         "num_experts_per_tok": a["num_experts_per_tok"],
@@ -152,9 +133,9 @@ def build_rows(texts: list[str], tokenizer: Tokenizer, rng: random.Random) -> np
     the end-of-text token). Chat rows wrap the start of a source line as the
     user turn and the text that follows it as the assistant turn.
     """
-    bos = tokenizer.token_to_id(_BOS_TOKEN)
-    eos = tokenizer.token_to_id(_EOS_TOKEN)
-    im_start = tokenizer.token_to_id(_IM_START)
+    bos = tokenizer.token_to_id(BOS_TOKEN)
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    im_start = tokenizer.token_to_id(IM_START)
     stream: list[int] = []
     for enc in tokenizer.encode_batch(texts):
         stream.extend(enc.ids)
@@ -219,7 +200,7 @@ def train(out: Path, steps: int = STEPS, log=print) -> dict[str, Any]:
     log(f"model: {n_params} parameters")
 
     optimizer = optim.AdamW(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    pad = tokenizer.token_to_id(_BOS_TOKEN)
+    pad = tokenizer.token_to_id(BOS_TOKEN)
 
     def loss_fn(m, x, y):
         logits = m(x)
@@ -265,7 +246,7 @@ def train(out: Path, steps: int = STEPS, log=print) -> dict[str, Any]:
         "train_tokens": steps * BATCH_SIZE * SEQ_LEN, "rows": len(rows),
         "seconds": round(time.perf_counter() - started, 1), "loss_curve": curve,
     }
-    _write_json(out / "train.json", meta)
+    (out / "train.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return meta
 
 
