@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import REPO, SUPPORTED_ARCHS, cli_env, run_cli, write_large_moe_source
+from conftest import PROMPT, REPO, SUPPORTED_ARCHS, cli_env, encode, mlx_lm_tokens, run_cli, write_large_moe_source
+from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.streaming import load_streaming_model
 from edgemoe.node.compute import record_to_arrays
@@ -136,6 +138,54 @@ def test_in_place_pack_has_the_full_packs_checksums(models, arch, quantized):
     # In place: the expert ranges are in the source's own safetensors files; nothing copied.
     assert all(os.path.isabs(f) and os.path.dirname(f) == str(src.resolve()) for f in inplace.files)
     assert not list((models.packed(arch, quantized, in_place=True) / "experts").glob("*.bin"))
+
+
+def write_shards(src, dst, shards: int = 3):
+    """`src` with its weights in `shards` files, named and indexed as mlx-lm's `save_model`
+    names big models' shards. Tensors are dealt out in turn, so one expert's tensors
+    (gate, up, down, their scales) sit in different files."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    weights = {}
+    for f in sorted(src.glob("model*.safetensors")):
+        weights.update(mx.load(str(f)))
+    names = sorted(weights)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: weights[n] for n in names[i::shards]}
+        mx.save_safetensors(str(dst / file), part, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    return dst
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["full", "in-place"])
+@pytest.mark.parametrize("arch, quantized", [("qwen3_moe", True), ("deepseek_v3", True), ("gpt_oss", False)])
+def test_sharded_source_same_tokens_as_mlx_lm(models, tmp_path, arch, quantized, in_place):
+    """A source in several safetensors shards (every large model on the Hub) packs, in full
+    and in place, to mlx-lm's tokens."""
+    src = write_shards(models.src(arch, quantized), tmp_path / "sharded")
+    assert len(list(src.glob("model-*-of-00003.safetensors"))) == 3
+    assert not (src / "model.safetensors").exists()
+    dst = tmp_path / "packed"
+    pack(src, dst, in_place=in_place)
+    m = read_manifest(dst)
+    if in_place:
+        # Experts are read from all three shards, and single experts from several of them.
+        assert sorted(os.path.basename(f) for f in m.files) == sorted(p.name for p in src.glob("model-*.safetensors"))
+        assert any(len({s.file for s in e.segments}) > 1 for layer in m.layers for e in layer.experts)
+    prompt = encode(models, models.src(arch, quantized), PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt)
+    # The shards hold the same model: the same tokens as the one-file source.
+    assert expected == mlx_lm_tokens(models.src(arch, quantized), prompt, models=models)[0]
+    for budget in (m.expert_bytes, m.total_expert_bytes):
+        sm = load_streaming_model(dst, cache_bytes=budget)
+        try:
+            assert generate(sm, prompt, max_tokens=len(expected)).token_ids == expected
+        finally:
+            sm.close()
 
 
 def test_fingerprint_stable_across_packs_and_differs_between_models(models, tmp_path):
