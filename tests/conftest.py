@@ -141,6 +141,7 @@ def mlx_lm_tokens(
     temp: float = 0.0,
     seed: int | None = None,
     models: Models | None = None,
+    top_p: float = 0.0,
 ) -> tuple[list[int], str]:
     """What plain mlx-lm generates from the source model: the reference every test compares with."""
     import mlx_lm
@@ -155,7 +156,7 @@ def mlx_lm_tokens(
         mx.random.seed(seed)
     tokens, text = [], []
     for response in stream_generate(
-        model, tokenizer, mx.array(prompt_ids), max_tokens=max_tokens, sampler=make_sampler(temp=temp)
+        model, tokenizer, mx.array(prompt_ids), max_tokens=max_tokens, sampler=make_sampler(temp=temp, top_p=top_p)
     ):
         tokens.append(response.token)
         text.append(response.text)

@@ -241,14 +241,48 @@ def test_long_prompt_takes_mlx_lms_sorted_gather_path(models, arch, quantized, m
             assert result.token_ids == expected, f"K={k}, max inflight {inflight}"
 
 
-def test_sampling_with_temperature_and_seed_same_as_mlx_lm(models):
+@pytest.mark.slow
+def test_prompt_longer_than_mlx_lms_prefill_step_same_tokens(models, monkeypatch):
+    """A prompt over 2048 tokens is prefilled in chunks (mlx-lm's prefill_step_size): the
+    cache carries over between chunks and the streaming layers see 2048-row batches."""
+    from mlx_lm.models import qwen3_moe
+
+    calls: list[int] = []
+    original = qwen3_moe.Model.__call__
+
+    def counting(self, inputs, *args, **kwargs):
+        calls.append(inputs.shape[1])
+        return original(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(qwen3_moe.Model, "__call__", counting)
+    src = models.src("qwen3_moe", True)
+    prompt = encode(models, src, " ".join([LONG_PROMPT] * 40))[:2300]
+    assert len(prompt) == 2300
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=8, models=models)
+    assert calls[:2] == [2048, 2300 - 1 - 2048], f"mlx-lm did not prefill in chunks: {calls[:3]}"
+    calls.clear()
+    result, _ = stream(models.packed("qwen3_moe", True), prompt, "middle", max_tokens=8)
+    assert calls[:2] == [2048, 2300 - 1 - 2048], f"the streaming model was not prefilled in chunks: {calls[:3]}"
+    assert result.token_ids == expected
+
+
+def test_sampling_with_temperature_top_p_and_seed_same_as_mlx_lms_sampler(models):
+    """mlx-lm's own sampler (make_sampler(temp, top_p) after mx.random.seed) on the source model
+    draws exactly our tokens, for each setting; and each setting changes what is drawn."""
     src = models.src("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
-    expected, _ = mlx_lm_tokens(src, prompt, temp=1.0, seed=7, models=models)
+    packed = models.packed("qwen3_moe", True)
     greedy, _ = mlx_lm_tokens(src, prompt, models=models)
-    assert expected != greedy
-    result, _ = stream(models.packed("qwen3_moe", True), prompt, "middle", temp=1.0, seed=7)
-    assert result.token_ids == expected
+    drawn = {}
+    for temp, top_p, seed in [(1.0, 1.0, 7), (1.0, 1.0, 8), (1.0, 0.3, 7)]:
+        expected, _ = mlx_lm_tokens(src, prompt, temp=temp, top_p=top_p, seed=seed, models=models)
+        result, _ = stream(packed, prompt, "middle", temp=temp, top_p=top_p, seed=seed)
+        assert result.token_ids == expected, f"temp {temp}, top_p {top_p}, seed {seed}"
+        drawn[top_p, seed] = expected
+    # The seed and top_p each change the draw (else this test could not catch one ignored).
+    assert drawn[1.0, 7] != greedy
+    assert drawn[1.0, 7] != drawn[1.0, 8]
+    assert drawn[1.0, 7] != drawn[0.3, 7]
 
 
 def test_comparison_detects_a_wrong_expert(models, monkeypatch):
