@@ -310,6 +310,15 @@ def test_concurrent_clients_all_correct(server, reference):
     assert got == expected
 
 
+def wait_for(server: Server, condition, what: str, timeout: float = 60) -> dict[str, float]:
+    """The server's metrics as soon as `condition(metrics)` holds; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition(metrics := server.metrics()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {metrics}"
+        time.sleep(0.02)
+    return metrics
+
+
 def test_disconnect_mid_stream_stops_generation(server, client):
     long = 3000
     before = server.metrics()["edgemoe_tokens_generated_total"]
@@ -326,62 +335,71 @@ def test_disconnect_mid_stream_stops_generation(server, client):
         received += chunk
     assert b" 200 " in received.split(b"\r\n", 1)[0]
     sock.close()
-    # generation stops: the token count settles well short of the request's max_tokens
-    time.sleep(0.5)
-    settled = server.metrics()["edgemoe_tokens_generated_total"]
-    time.sleep(0.5)
-    after = server.metrics()
-    assert after["edgemoe_tokens_generated_total"] == settled
-    assert settled - before < long / 2
-    assert after["edgemoe_requests_total{endpoint=completions,outcome=disconnected}"] >= 1
-    # and the next request is served at once
-    start = time.monotonic()
+    # generation stops: the worker goes idle (nothing queued or running) well short of the request's max_tokens
+    after = wait_for(server, lambda m: m["edgemoe_queue_depth"] == 0
+                     and m.get("edgemoe_requests_total{endpoint=completions,outcome=disconnected}", 0) >= 1,
+                     "the worker to go idle after the disconnect")
+    assert after["edgemoe_tokens_generated_total"] - before < long / 2
+    # and the next request finds the worker idle, so it is served at once
     assert chat(client, "next", max_tokens=4, temperature=0).usage.completion_tokens >= 1
-    assert time.monotonic() - start < 5
 
 
 def test_disconnect_while_waiting_non_stream_stops_generation(server, client):
     """A non-streaming client that gives up also stops its generation."""
-    before = server.metrics()["edgemoe_tokens_generated_total"]
+    metrics = server.metrics()
+    before = metrics["edgemoe_tokens_generated_total"]
+    cancelled = metrics.get("edgemoe_requests_total{endpoint=completions,outcome=cancelled}", 0)
     url = httpx.URL(server.url)
     sock = socket.create_connection((url.host, url.port))
     body = (b'{"model": "%s", "prompt": "%s", "max_tokens": 3000, "temperature": 0}'
             % (server.model_id.encode(), PROMPT.encode()))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    deadline = time.monotonic() + 10
-    while server.metrics()["edgemoe_tokens_generated_total"] < before + 20:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(server, lambda m: m["edgemoe_tokens_generated_total"] >= before + 20, "generation to start", timeout=10)
     sock.close()
-    time.sleep(0.5)
-    settled = server.metrics()["edgemoe_tokens_generated_total"]
-    time.sleep(0.5)
-    assert server.metrics()["edgemoe_tokens_generated_total"] == settled
-    assert settled - before < 1500
+    after = wait_for(server, lambda m: m["edgemoe_queue_depth"] == 0
+                     and m.get("edgemoe_requests_total{endpoint=completions,outcome=cancelled}", 0) > cancelled,
+                     "the request to end cancelled")
+    assert after["edgemoe_tokens_generated_total"] - before < 1500
     assert chat(client, "next", max_tokens=4, temperature=0).usage.completion_tokens >= 1
 
 
 def test_cluster_metrics_collector():
-    """Per-node calls, round trips and fallbacks, read from a cluster at scrape time."""
-    from types import SimpleNamespace as NS
+    """Per-node calls, round trips and fallbacks, from the counters and cluster snapshots at scrape time."""
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    from edgemoe.coordinator.metrics import ServerMetrics
+    from edgemoe.coordinator.counters import Counters
+    from edgemoe.coordinator.server.metrics import model_families
 
-    local = NS(cache_stats=NS(hits=3, misses=2, evictions=0), stats=NS(experts_from_cache=3, experts_from_ssd=2),
-               store=NS(stats=NS(bytes_read=1000, read_seconds=0.01)), cache_bytes_used=500, budget_bytes=900)
-    peer = NS(address="10.0.0.2:7070", healthy=True, held={(0, 1), (0, 2)},
-              stats=NS(calls=4, failures=1, experts=6, rtt_ms=[2.0, 4.0]))
-    cluster = NS(peers=[peer], stats=NS(peer_calls=4, experts_from_peers=6, fallbacks=1))
-    text = ServerMetrics(NS(local=local, cluster=cluster)).render().decode()
+    counters = Counters(cache_hits=3, cache_misses=2, cache_evictions=1, experts_from_cache=3, experts_from_ssd=2,
+                        ssd_bytes_read=1000, ssd_read_seconds=0.01, peer_calls=99)
+    node = {"address": "10.0.0.2:7070", "name": "n", "node_id": "x", "healthy": True, "calls": 4, "failures": 1,
+            "experts_computed": 6, "mean_rtt_ms": 3.0, "experts_held": 2, "error": None}
+    cluster = {"peer_calls": 4, "experts_from_peers": 6, "fallbacks": 1, "nodes": [node]}
+
+    class Collector:
+        def collect(self):
+            return model_families(counters, 500, 900, cluster, {"10.0.0.2:7070": [2.0, 4.0]})
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())
+    text = generate_latest(registry).decode()
     samples = {(s.name, s.labels.get("node")): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples["edgemoe_node_calls_total", "10.0.0.2:7070"] == 4
+    assert samples["edgemoe_node_failures_total", "10.0.0.2:7070"] == 1
+    assert samples["edgemoe_node_experts_total", "10.0.0.2:7070"] == 6
+    assert samples["edgemoe_node_experts_held", "10.0.0.2:7070"] == 2
+    assert samples["edgemoe_node_healthy", "10.0.0.2:7070"] == 1
     assert samples["edgemoe_node_rtt_seconds_count", "10.0.0.2:7070"] == 2
     assert samples["edgemoe_node_rtt_seconds_sum", "10.0.0.2:7070"] == pytest.approx(0.006)
+    assert samples["edgemoe_cluster_nodes", None] == 1
+    assert samples["edgemoe_cluster_peer_calls_total", None] == 4
     assert samples["edgemoe_cluster_fallbacks_total", None] == 1
     assert samples["edgemoe_cache_hits_total", None] == 3
+    assert samples["edgemoe_cache_evictions_total", None] == 1
     assert samples["edgemoe_ssd_bytes_read_total", None] == 1000
+    assert samples["edgemoe_cache_bytes_used", None] == 500
 
 
 def test_port_in_use_is_a_one_line_error(models):
@@ -392,3 +410,19 @@ def test_port_in_use_is_a_one_line_error(models):
                     "--peers", "none", timeout=60)
     assert r.returncode == 2
     assert r.stderr.startswith("edgemoe: error: cannot listen on 127.0.0.1:")
+
+
+def test_chat_template_refusal_is_a_400():
+    """A chat template that raises on the messages (roles, order) is the caller's mistake, not the server's."""
+    from edgemoe.coordinator.server.schema import ApiError, chat_prompt
+
+    class Refusing:
+        chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+
+        def apply_chat_template(self, messages, add_generation_prompt):
+            raise ValueError("Conversation roles must alternate")
+
+    with pytest.raises(ApiError) as refused:
+        chat_prompt(Refusing(), {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+    assert (refused.value.status, refused.value.param, refused.value.code) == (400, "messages", "invalid_value")
+    assert "Conversation roles must alternate" in refused.value.message
