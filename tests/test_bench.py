@@ -6,15 +6,22 @@ and byte counts add up.
 
 import json
 import math
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
-from edgemoe.coordinator.bench import Mark, decode_figures, format_report, run_fio
+from edgemoe.coordinator.bench import format_report
+from edgemoe.coordinator.bench.decode import Mark, decode_figures
+from edgemoe.coordinator.bench.disk import run_fio
+from edgemoe.coordinator.counters import Counters
 from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.tiny_models import write_tiny_model
+from edgemoe.node.manifest import DENSE_NAME
 
 TOKENS = 8
 # Holds 4 of the tiny model's 32 experts (4.5 KiB each): decode both hits and misses.
@@ -25,7 +32,9 @@ REQUIRED_KEYS = [
     "tokens_per_s", "prompt_tokens_per_s", "cache_hit_rate", "ssd_bytes_read", "ssd_bytes_per_token",
     "expert_read_gbps",
     "ssd_bound_tokens_per_s", "read_efficiency", "bound_efficiency",
-    "mlx_lm_tokens_per_s", "relative_to_mlx_lm", "same_tokens_as_mlx_lm",
+    "mlx_lm_tokens_per_s", "relative_to_mlx_lm", "same_tokens_as_mlx_lm", "mlx_lm_model",
+    "dead_peer_tokens_per_s", "no_peers_tokens_per_s", "dead_peer_relative_to_no_peers",
+    "dead_peer_same_tokens_as_no_peers",
     "warm_eighth_tokens_per_s", "warm_eighth_relative_to_mlx_lm",
     "in_place_tokens_per_s", "in_place_expert_read_gbps", "repack_tokens_per_s_gain", "repack_read_gbps_gain",
     "decode_tokens", "prefill_ssd_bytes_read", "ssd_read_seconds", "expert_reads", "notes",
@@ -68,10 +77,45 @@ def test_every_figure_is_reported(report):
         assert any("fio" in note for note in report["notes"])
 
 
-def test_same_tokens_everywhere(report):
-    assert report["same_tokens_as_mlx_lm"] is True
-    assert report["warm_eighth_same_tokens"] is True
-    assert report["in_place_same_tokens"] is True
+def test_same_tokens_everywhere(report, model):
+    src, _ = model
+    # With the source known, the reference is mlx-lm's own load of it, not our rebuild.
+    assert report["mlx_lm_model"] == f"mlx_lm.load({src})"
+    assert report["same_tokens_as_mlx_lm"] is True and report["same_tokens_as_rebuilt_model"] is None
+    assert report["warm_eighth_same_tokens_as_cold_run"] is True
+    assert report["in_place_same_tokens_as_cold_run"] is True
+    assert report["dead_peer_same_tokens_as_no_peers"] is True
+
+
+def test_a_packing_fault_is_caught_by_mlx_lms_own_load(model, tmp_path):
+    """A dense part the packer got wrong is shared by the streaming model and a model rebuilt
+    from the packed files: only mlx_lm.load(SRC) can tell."""
+    src, packed = model
+    broken = tmp_path / "broken"
+    shutil.copytree(packed, broken)
+    dense = mx.load(str(broken / DENSE_NAME))
+    dense["model.norm.weight"] = -dense["model.norm.weight"]  # every logit negated: greedy picks another token
+    mx.save_safetensors(str(broken / DENSE_NAME), dense)
+    args = ("--model", str(broken), "--cache-mb", str(CACHE_MB), "--tokens", "4")
+    rebuilt = bench(*args)
+    assert rebuilt["mlx_lm_model"] == "rebuilt from the packed files"
+    assert rebuilt["same_tokens_as_rebuilt_model"] is True and rebuilt["same_tokens_as_mlx_lm"] is None
+    assert any("--in-place SRC" in note for note in rebuilt["notes"])
+    own = bench(*args, "--in-place", str(src))
+    assert own["mlx_lm_model"] == f"mlx_lm.load({src})"
+    assert own["same_tokens_as_mlx_lm"] is False
+
+
+def test_dead_peer_case(report):
+    r = report
+    assert r["dead_peer_runs"] == 3
+    assert len(r["dead_peer_tokens_per_s_runs"]) == len(r["no_peers_tokens_per_s_runs"]) == 3
+    assert close(r["dead_peer_tokens_per_s"], statistics.median(r["dead_peer_tokens_per_s_runs"]))
+    assert close(r["no_peers_tokens_per_s"], statistics.median(r["no_peers_tokens_per_s_runs"]))
+    assert close(r["dead_peer_relative_to_no_peers"], r["dead_peer_tokens_per_s"] / r["no_peers_tokens_per_s"])
+    # Nothing listens there: no call ever went out, so none fell back either.
+    assert r["dead_peer_address"].startswith("127.0.0.1:")
+    assert r["dead_peer_peer_calls"] == 0 and r["dead_peer_fallbacks"] == 0
 
 
 def test_ratios_are_their_parts(report):
@@ -109,7 +153,8 @@ def test_cold_run_starts_cold(report):
 
 def test_text_report_names_the_figures(report):
     text = format_report(report)
-    for phrase in ("raw sequential read", "SSD bound", "plain mlx-lm", "1/8 of the experts", "in-place pack"):
+    for phrase in ("raw sequential read", "SSD bound", "plain mlx-lm", "1/8 of the experts", "in-place pack",
+                   "peers configured but all down", "same tokens as mlx_lm.load(", "same tokens as the cold run"):
         assert phrase in text
 
 
@@ -117,18 +162,22 @@ def test_skips_say_why(model):
     _, packed = model
     r = bench("--model", str(packed), "--cache-mb", str(CACHE_MB), "--tokens", "4", "--no-mlx-lm")
     assert r["mlx_lm_tokens_per_s"] is None and r["relative_to_mlx_lm"] is None
-    assert r["same_tokens_as_mlx_lm"] is None and r["warm_eighth_relative_to_mlx_lm"] is None
+    assert r["same_tokens_as_mlx_lm"] is None and r["same_tokens_as_rebuilt_model"] is None
+    assert r["mlx_lm_model"] is None and r["warm_eighth_relative_to_mlx_lm"] is None
     assert r["in_place_tokens_per_s"] is None and r["repack_tokens_per_s_gain"] is None
     assert any("--no-mlx-lm" in note for note in r["notes"])
     assert r["warm_eighth_tokens_per_s"] is not None
 
 
 def test_decode_figures_split_prefill_from_decode():
-    start = Mark(t=0.0)
+    start = Mark(Counters(t=0.0))
     marks = [
-        Mark(t=1.0, bytes_read=100, read_seconds=0.5, reads=10, hits=1, misses=9),
-        Mark(t=1.5, bytes_read=130, read_seconds=0.6, reads=13, hits=6, misses=12),
-        Mark(t=2.0, bytes_read=150, read_seconds=0.7, reads=15, hits=12, misses=14),
+        Mark(Counters(t=1.0, ssd_bytes_read=100, ssd_read_seconds=0.5, ssd_reads=10, cache_hits=1, cache_misses=9),
+             first_reads=4, disk_bytes=4096),
+        Mark(Counters(t=1.5, ssd_bytes_read=130, ssd_read_seconds=0.6, ssd_reads=13, cache_hits=6, cache_misses=12),
+             first_reads=5, disk_bytes=8192),
+        Mark(Counters(t=2.0, ssd_bytes_read=150, ssd_read_seconds=0.7, ssd_reads=15, cache_hits=12, cache_misses=14),
+             first_reads=7, disk_bytes=12288),
     ]
     run = decode_figures(start, marks, [1, 2, 3], prompt_tokens=20)
     assert run.decode_tokens == 2
@@ -138,6 +187,7 @@ def test_decode_figures_split_prefill_from_decode():
     assert close(run.ssd_bytes_per_token, 25.0)
     assert close(run.expert_read_gbps, 50 / 0.2 / 1e9)
     assert close(run.cache_hit_rate, 11 / 16)
+    assert run.expert_reads == 5 and run.first_reads == 3 and run.disk_bytes_read == 8192
 
 
 def test_fio_missing_is_a_note(monkeypatch, tmp_path):

@@ -30,15 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgemoe.node.architecture import routed_experts_per_token
 from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret
 from edgemoe.node.errors import EdgemoeError
 from edgemoe.node.manifest import read_manifest
 
-from edgemoe.node.architecture import routed_experts_per_token
-from .bench import MiB, REPEATS, WARMUP_PROMPT, WARMUP_TOKENS, ignore_eos, ram_bytes
-from .generate import build_prompt, generate
-from .local_nodes import HOST, START_TIMEOUT_S, Children, sigterm_as_interrupt, start_nodes, wait_for_output
-from .streaming import StreamingModel, load_streaming_model
+from ..cluster import Cluster
+from ..counters import Counters, snapshot
+from ..generate import build_prompt, generate
+from ..local_nodes import HOST, START_TIMEOUT_S, Children, sigterm_as_interrupt, start_nodes, wait_for_output
+from ..streaming import StreamingModel, load_streaming_model
+from .decode import REPEATS, ignore_eos, warm_up
+from .reference import ram_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,50 +70,29 @@ def start_relay(children: Children, workdir: Path, target: str, one_way_ms: floa
 # --- timed decode -----------------------------------------------------------------
 
 
-class LayerProbe:
-    """Counts a cluster's MoE layer calls, those that sent a node a request, and the
-    slowest of each such layer's round trips (what the layer waited for)."""
+@dataclass(frozen=True)
+class Mark:
+    """The model's counters at one instant, with the cluster's layer counters and, per node,
+    its replies so far and the sum of their round trips (ms)."""
 
-    def __init__(self, cluster: Any):
-        self.cluster = cluster
-        self.layers = 0
-        self.peer_layers = 0
-        self.slowest_rtt_ms = 0.0
-        self._run_layer = cluster.run_layer
-        cluster.run_layer = self._counted
-
-    def _counted(self, *args: Any, **kwargs: Any) -> Any:
-        before = [len(p.stats.rtt_ms) for p in self.cluster.peers]
-        out = self._run_layer(*args, **kwargs)
-        new = [rtt for p, n in zip(self.cluster.peers, before) for rtt in p.stats.rtt_ms[n:]]
-        self.layers += 1
-        if new:
-            self.peer_layers += 1
-            self.slowest_rtt_ms += max(new)
-        return out
-
-
-@dataclass
-class Snapshot:
-    t: float
-    rtt_counts: list[int]
-    peer_calls: int = 0
-    experts_from_peers: int = 0
-    fallbacks: int = 0
-    experts_from_ssd: int = 0
+    counters: Counters
     layers: int = 0
     peer_layers: int = 0
-    slowest_rtt_ms: float = 0.0
+    slowest_rtt_ms_total: float = 0.0
+    node_rtts: tuple[tuple[int, float], ...] = ()
 
 
-def snapshot(sm: StreamingModel, probe: LayerProbe | None) -> Snapshot:
-    t = time.perf_counter()
-    if probe is None:
-        return Snapshot(t, [], experts_from_ssd=sm.local.stats.experts_from_ssd)
-    cluster = probe.cluster
-    return Snapshot(t, [len(p.stats.rtt_ms) for p in cluster.peers], cluster.stats.peer_calls,
-                    cluster.stats.experts_from_peers, cluster.stats.fallbacks, sm.local.stats.experts_from_ssd,
-                    probe.layers, probe.peer_layers, probe.slowest_rtt_ms)
+def node_rtts(cluster: Cluster) -> tuple[tuple[int, float], ...]:
+    """Per node: replies so far and their summed round trips (ms); counts and sums subtract, a window would not."""
+    return tuple((len(p.stats.rtt_ms), sum(p.stats.rtt_ms)) for p in cluster.peers)
+
+
+def mark(sm: StreamingModel) -> Mark:
+    counters = snapshot(sm)
+    if sm.cluster is None:
+        return Mark(counters)
+    stats = sm.cluster.stats
+    return Mark(counters, stats.layers, stats.peer_layers, stats.slowest_rtt_ms_total, node_rtts(sm.cluster))
 
 
 @dataclass
@@ -120,43 +102,46 @@ class Decode:
     token_ids: list[int]
     decode_tokens: int
     tokens_per_s: float | None
-    rtts_ms: list[list[float]]  # per node, every call's round trip
+    node_rtts: list[tuple[int, float]]  # per node: replies, and their summed round trips (ms)
     peer_calls: int
     experts_from_peers: int
     experts_from_ssd: int
     fallbacks: int
     layers: int
     peer_layers: int
-    slowest_rtt_ms: float
+    slowest_rtt_ms_total: float
 
 
-def timed_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int, probe: LayerProbe | None) -> Decode:
-    marks: list[Snapshot] = []
-    with ignore_eos(sm.tokenizer):
-        result = generate(sm, prompt_tokens, max_tokens=tokens, on_token=lambda _: marks.append(snapshot(sm, probe)))
-    first, last = marks[0], marks[-1]
-    n, seconds = len(marks) - 1, last.t - first.t
-    peers = probe.cluster.peers if probe else []
+def decode_between(first: Mark, last: Mark, token_ids: list[int]) -> Decode:
+    """The figures of the tokens after `first` up to `last`."""
+    d = last.counters - first.counters
+    n = len(token_ids) - 1
     return Decode(
-        token_ids=result.token_ids,
+        token_ids=token_ids,
         decode_tokens=n,
-        tokens_per_s=n / seconds if n and seconds > 0 else None,
-        rtts_ms=[p.stats.rtt_ms[a:b] for p, a, b in zip(peers, first.rtt_counts, last.rtt_counts)],
-        peer_calls=last.peer_calls - first.peer_calls,
-        experts_from_peers=last.experts_from_peers - first.experts_from_peers,
-        experts_from_ssd=last.experts_from_ssd - first.experts_from_ssd,
-        fallbacks=last.fallbacks - first.fallbacks,
+        tokens_per_s=n / d.t if n and d.t > 0 else None,
+        node_rtts=[(c1 - c0, s1 - s0) for (c0, s0), (c1, s1) in zip(first.node_rtts, last.node_rtts)],
+        peer_calls=d.peer_calls,
+        experts_from_peers=d.experts_from_peers,
+        experts_from_ssd=d.experts_from_ssd,
+        fallbacks=d.fallbacks,
         layers=last.layers - first.layers,
         peer_layers=last.peer_layers - first.peer_layers,
-        slowest_rtt_ms=last.slowest_rtt_ms - first.slowest_rtt_ms,
+        slowest_rtt_ms_total=last.slowest_rtt_ms_total - first.slowest_rtt_ms_total,
     )
 
 
-def fastest_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int, probe: LayerProbe | None) -> Decode:
-    """Warms MLX up on other text, then the fastest of REPEATS timed decodes."""
+def timed_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int) -> Decode:
+    marks: list[Mark] = []
     with ignore_eos(sm.tokenizer):
-        generate(sm, build_prompt(sm.tokenizer, WARMUP_PROMPT), max_tokens=WARMUP_TOKENS)
-    runs = [timed_decode(sm, prompt_tokens, tokens, probe) for _ in range(REPEATS)]
+        result = generate(sm, prompt_tokens, max_tokens=tokens, on_token=lambda _: marks.append(mark(sm)))
+    return decode_between(marks[0], marks[-1], result.token_ids)
+
+
+def fastest_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int) -> Decode:
+    """Warms MLX up on other text, then the fastest of REPEATS timed decodes."""
+    warm_up(sm)
+    runs = [timed_decode(sm, prompt_tokens, tokens) for _ in range(REPEATS)]
     return max(runs, key=lambda r: r.tokens_per_s or 0.0)
 
 
@@ -176,24 +161,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def run_figures(run: Decode, baseline: Decode, added_rtt_ms: float, relayed: bool, moe_layers: int,
                 local_layer_ms: float) -> dict[str, Any]:
-    calls = [rtt for node in run.rtts_ms for rtt in node]
+    replies = sum(n for n, _ in run.node_rtts)
     fraction = run.peer_layers / run.layers if run.layers else 0.0
-    layer_rtt = run.slowest_rtt_ms / run.peer_layers if run.peer_layers else None
+    layer_rtt = run.slowest_rtt_ms_total / run.peer_layers if run.peer_layers else None
     bound = cluster_bound(moe_layers, fraction, layer_rtt, local_layer_ms)
     return {
         "added_rtt_ms": added_rtt_ms,
         "through_relay": relayed,
         "tokens_per_s": run.tokens_per_s,
         "decode_tokens": run.decode_tokens,
-        "rtt_ms": _mean(calls),
-        "min_rtt_ms": min(calls) if calls else None,
-        "node_rtt_ms": [_mean(node) for node in run.rtts_ms],
+        "rtt_ms": _ratio(sum(total for _, total in run.node_rtts), replies),
+        "node_rtt_ms": [_ratio(total, n) for n, total in run.node_rtts],
         "layer_rtt_ms": layer_rtt,
         "peer_layer_fraction": fraction,
         "peer_layers_per_token": fraction * moe_layers,
@@ -228,9 +208,9 @@ def _load(setup: Setup, peers: list[str] | None = None, credentials: ClusterCred
                                 peers=peers, credentials=credentials)
 
 
-def _wait_for_placement(sm: StreamingModel, notes: list[str]) -> float:
+def _wait_for_placement(cluster: Cluster, notes: list[str]) -> float:
     start = time.monotonic()
-    while not sm.cluster.placement_complete():
+    while not cluster.placement_complete():
         if time.monotonic() - start > PLACEMENT_TIMEOUT_S:
             notes.append(f"placement was not complete after {PLACEMENT_TIMEOUT_S:.0f}s: "
                          "some experts were still read from SSD")
@@ -243,13 +223,14 @@ def _cluster_run(setup: Setup, addresses: list[str], credentials: ClusterCredent
                  report: dict[str, Any], notes: list[str]) -> Decode:
     sm = _load(setup, addresses, credentials)
     try:
+        assert sm.cluster is not None
         down = [f"{p.address}: {p.last_error}" for p in sm.cluster.peers if not p.healthy]
         if down:
             raise EdgemoeError(f"the bench's own nodes are unusable ({'; '.join(down)})")
-        push_seconds = _wait_for_placement(sm, notes)
+        push_seconds = _wait_for_placement(sm.cluster, notes)
         report.setdefault("push_seconds", push_seconds)
         report.setdefault("experts_placed", sm.cluster.placed())
-        return fastest_decode(sm, prompt_tokens, setup.tokens, LayerProbe(sm.cluster))
+        return fastest_decode(sm, prompt_tokens, setup.tokens)
     finally:
         sm.close()
 
@@ -308,7 +289,7 @@ def run_cluster_bench(
                     raise EdgemoeError(f"--prompt {prompt!r} encodes to no tokens; pass some text")
                 report["experts_per_token"] = routed_experts_per_token(sm.config)
                 report["prompt_tokens"] = len(prompt_tokens)
-                baseline = fastest_decode(sm, prompt_tokens, tokens, None)
+                baseline = fastest_decode(sm, prompt_tokens, tokens)
             finally:
                 sm.close()
             local_layer_ms = _ratio(1e3, baseline.tokens_per_s * len(manifest.layers)) if baseline.tokens_per_s else None
@@ -333,46 +314,3 @@ def run_cluster_bench(
     report["notes"] = notes
     report["bench_seconds"] = time.perf_counter() - began
     return report
-
-
-# --- the text report --------------------------------------------------------------
-
-
-def _f(value: Any, fmt: str = "{:.2f}", unit: str = "") -> str:
-    return "n/a" if value is None else fmt.format(value) + unit
-
-
-def format_cluster_report(report: dict[str, Any]) -> str:
-    r = report
-    placed = ", ".join(f"{name} {count}" for name, count in r.get("experts_placed", {}).items())
-    lines = [
-        f"cluster bench: {r['model']} ({r['model_type']}), {r['nodes']} edge nodes on {r['host']}, "
-        f"{r['tokens']} tokens, fastest of {r['repeats']}",
-        f"  {r['moe_layers']} MoE layers, {r['experts_per_token']} experts per token; coordinator cache "
-        f"{r['coordinator_cache_budget_bytes'] / MiB:.2f} MiB of {r['total_expert_bytes'] / MiB:.2f} MiB of experts, "
-        f"each node {r['node_cache_budget_bytes'] / MiB:.2f} MiB",
-        f"  placement: {placed or 'nothing'} experts, pushed in {_f(r.get('push_seconds'), '{:.1f}', ' s')}",
-        "",
-        f"no peers: {_f(r['no_peer_tokens_per_s'], '{:.1f}', ' tok/s')}, "
-        f"local work {_f(r['local_layer_ms'], '{:.3f}', ' ms')} per MoE layer",
-        "",
-        "added RTT   RTT per call (min)   slowest per layer   peer layers/token   tok/s   cluster bound   "
-        "of bound   vs no peers   same tokens",
-    ]
-    for run in r["runs"]:
-        added = f"{run['added_rtt_ms']:g} ms" if run["through_relay"] else "0 (direct)"
-        lines.append(
-            f"{added:<11} {_f(run['rtt_ms'], '{:.2f}'):>6} ms ({_f(run['min_rtt_ms'], '{:.2f}')})   "
-            f"{_f(run['layer_rtt_ms'], '{:.2f}', ' ms'):>17}   {_f(run['peer_layers_per_token'], '{:.1f}'):>17}   "
-            f"{_f(run['tokens_per_s'], '{:.1f}'):>5}   {_f(run['cluster_bound_tokens_per_s'], '{:.1f}', ' tok/s'):>13}   "
-            f"{_f(run['bound_efficiency'] and 100 * run['bound_efficiency'], '{:.0f}', '%'):>8}   "
-            f"{_f(run['relative_to_no_peers'] and 100 * run['relative_to_no_peers'], '{:.0f}', '%'):>11}   "
-            f"{run['same_tokens']}"
-        )
-    lines.append("")
-    lines.append("cluster bound: tok/s <= 1 / (MoE layers x (peer share x max(slowest RTT, local work) "
-                 "+ (1 - peer share) x local work))")
-    if r["notes"]:
-        lines += ["", "notes"] + [f"  - {n}" for n in r["notes"]]
-    lines.append(f"\n(bench took {r['bench_seconds']:.1f} s)")
-    return "\n".join(lines)

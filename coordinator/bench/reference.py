@@ -1,0 +1,108 @@
+"""Plain mlx-lm on the same weights, timed as the streaming model is: `mlx_lm.load(SRC)`
+where the model's source is known, else mlx-lm's model with every expert in RAM, rebuilt
+from the packed files (which checks our decode, not our packing)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import load_config
+
+from edgemoe.node.architecture import build_model, with_experts_per_token
+from edgemoe.node.compute import record_to_arrays
+from edgemoe.node.manifest import DENSE_NAME, Manifest
+from edgemoe.node.store import ExpertStore
+
+from ..streaming import StreamingModel
+from ..generate import build_prompt
+from .decode import WARMUP_PROMPT, WARMUP_TOKENS, best_of, decode_figures, ignore_eos, mark
+from .report import Notes
+
+MLX_LM_RAM_FRACTION = 0.5
+REBUILT = "rebuilt from the packed files"
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_reference_model(model_dir: Path, config: dict, manifest: Manifest) -> nn.Module:
+    """mlx-lm's model with every expert in RAM, rebuilt from the packed files."""
+    model = build_model(config)
+    quantization = dict(manifest.dense_quantization)
+    for spec in manifest.layers:
+        for child, params in spec.quantization.items():
+            quantization[f"{spec.module_path}.{child}"] = params
+    nn.quantize(model, class_predicate=lambda path, _: quantization.get(path, False))
+    weights = mx.load(str(Path(model_dir) / DENSE_NAME))
+    with ExpertStore(model_dir, manifest) as store:
+        for spec in manifest.layers:
+            experts = [record_to_arrays(spec, store.read(spec.layer, e)) for e in range(spec.num_experts)]
+            for t in spec.tensors:
+                stacked = mx.stack([arrays[t.name] for arrays in experts])
+                mx.eval(stacked)
+                weights[f"{spec.module_path}.{t.name}"] = stacked
+            del experts
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def load_source_model(src: Path, experts_per_token: int | None) -> nn.Module:
+    """mlx-lm's own load of the source, routed to the same number of experts as the bench."""
+    config = None if experts_per_token is None else with_experts_per_token(load_config(Path(src)), experts_per_token)
+    model, _ = mlx_lm.load(str(src), model_config=config)
+    return model
+
+
+@dataclass
+class MlxLmRun:
+    token_ids: list[int]
+    tokens_per_s: float | None
+    prompt_tokens_per_s: float
+    model: str  # which model ran: `mlx_lm.load(SRC)`, or REBUILT
+
+
+def time_mlx_lm(model: nn.Module, tokenizer: Any, prompt_tokens: list[int], tokens: int, name: str) -> MlxLmRun:
+    marks = []
+    ids: list[int] = []
+    with ignore_eos(tokenizer):
+        start = mark()
+        for response in stream_generate(
+            model, tokenizer, mx.array(prompt_tokens), max_tokens=tokens, sampler=make_sampler(temp=0.0)
+        ):
+            ids.append(response.token)
+            marks.append(mark())
+    run = decode_figures(start, marks, ids, len(prompt_tokens))
+    return MlxLmRun(ids, run.tokens_per_s, run.prompt_tokens_per_s, name)
+
+
+def mlx_lm_run(model_dir: Path, sm: StreamingModel, prompt_tokens: list[int], tokens: int, source: Path | None,
+               experts_per_token: int | None, notes: Notes) -> MlxLmRun | None:
+    """The fastest of the bench's repeats on plain mlx-lm, or None (with a note) where RAM is short."""
+    need = sm.manifest.total_expert_bytes + sm.dense_bytes
+    if need > MLX_LM_RAM_FRACTION * ram_bytes():
+        notes.add(f"plain mlx-lm skipped: the full model ({need / 2**30:.1f} GiB) is over "
+                  f"{MLX_LM_RAM_FRACTION:.0%} of RAM ({ram_bytes() / 2**30:.1f} GiB)")
+        return None
+    if source is not None:
+        name = f"mlx_lm.load({source})"
+        model = load_source_model(source, experts_per_token)
+    else:
+        name = REBUILT
+        model = build_reference_model(model_dir, sm.config, sm.manifest)
+    try:
+        time_mlx_lm(model, sm.tokenizer, build_prompt(sm.tokenizer, WARMUP_PROMPT), WARMUP_TOKENS, name)
+        return best_of(lambda: time_mlx_lm(model, sm.tokenizer, prompt_tokens, tokens, name))
+    finally:
+        del model
+        mx.clear_cache()
