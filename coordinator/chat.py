@@ -8,6 +8,7 @@ from typing import TextIO
 
 from .generate import GenerationResult, build_prompt, generate
 from .status import nodes_in_use, save_last_run
+from .streaming import StreamingModel
 
 USER_PROMPT = "you> "
 MODEL_PROMPT = "model> "
@@ -29,7 +30,8 @@ def _read_line(stdin: TextIO, stdout: TextIO) -> str:
     return stdin.readline()
 
 
-def status_line(result: GenerationResult, cluster) -> str:
+def status_line(result: GenerationResult, cluster: dict | None) -> str:
+    """The line under a reply; `cluster` is the cluster's snapshot (None when running alone)."""
     s = result.stats
     used = nodes_in_use(cluster)
     where = f"nodes in use: {len(used)} ({', '.join(used)})" if used else "nodes in use: local only"
@@ -39,11 +41,9 @@ def status_line(result: GenerationResult, cluster) -> str:
             f"cache hit rate {s.cache_hit_rate:.1%} | {where}]")
 
 
-def run_chat(sm, model_dir: Path | str, max_tokens: int = 512, temp: float = 0.0, seed: int | None = None,
+def run_chat(sm: StreamingModel, model_dir: Path | str, max_tokens: int = 512, temp: float = 0.0, seed: int | None = None,
              stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Reads lines until /exit or end of input; returns how many replies were given."""
-    from .cli import cluster_stats
-
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     messages: list[dict] = []
@@ -68,12 +68,11 @@ def run_chat(sm, model_dir: Path | str, max_tokens: int = 512, temp: float = 0.0
         print(MODEL_PROMPT, end="", file=stdout, flush=True)
         result = generate(sm, prompt, max_tokens=max_tokens, temp=temp, seed=seed,
                           on_text=lambda chunk: print(chunk, end="", file=stdout, flush=True))
+        cluster = sm.cluster.snapshot() if sm.cluster is not None else None
         print(file=stdout)
-        print(status_line(result, sm.cluster), file=stdout, flush=True)
+        print(status_line(result, cluster), file=stdout, flush=True)
         messages.append({"role": "assistant", "content": result.text})
         replies += 1
-        stats = result.stats.to_dict()
-        if sm.cluster is not None:
-            stats.update(cluster_stats(sm.cluster))
-        save_last_run("chat", model_dir, stats, sm.dense_bytes, nodes_in_use(sm.cluster))
+        save_last_run("chat", model_dir, {**result.stats.to_dict(), **(cluster or {})}, sm.dense_bytes,
+                      nodes_in_use(cluster))
     return replies

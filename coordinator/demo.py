@@ -110,13 +110,16 @@ def mlx_lm_reference(src: Path, prompt_tokens: list[int], max_tokens: int) -> li
     return tokens
 
 
-def _sources(sm: StreamingModel, run: Callable[[], GenerationResult]) -> tuple[GenerationResult, Sources]:
-    peers = sm.cluster.peers
-    before = ([p.stats.experts for p in peers], sm.cluster.stats.peer_calls, sm.cluster.stats.fallbacks)
-    result = run()
-    nodes = {p.name: p.stats.experts - b for p, b in zip(peers, before[0])}
-    return result, Sources(result.stats.experts_from_cache, result.stats.experts_from_ssd, nodes,
-                           sm.cluster.stats.peer_calls - before[1], sm.cluster.stats.fallbacks - before[2])
+def _run(sm: StreamingModel, generate_run: Callable[[], GenerationResult]
+         ) -> tuple[GenerationResult, Sources, dict[str, bool]]:
+    """One generation, where its experts came from, and each node's health when it ended."""
+    before = sm.cluster.snapshot()
+    result = generate_run()
+    after = sm.cluster.snapshot()
+    nodes = {n["name"]: n["experts_computed"] - b["experts_computed"] for n, b in zip(after["nodes"], before["nodes"])}
+    sources = Sources(result.stats.experts_from_cache, result.stats.experts_from_ssd, nodes,
+                      after["peer_calls"] - before["peer_calls"], after["fallbacks"] - before["fallbacks"])
+    return result, sources, {n["name"]: n["healthy"] for n in after["nodes"]}
 
 
 def run_demo(
@@ -179,10 +182,10 @@ def run_demo(
                 say(f"\n--- run 1: {nodes} node(s) ---")
                 if show_text is not None:
                     show_text(prompt)
-                result, sources = _sources(sm, lambda: generate(sm, prompt_tokens, max_tokens, on_text=show_text))
+                result, sources, healthy = _run(sm, lambda: generate(sm, prompt_tokens, max_tokens,
+                                                                     on_text=show_text))
                 report.runs.append(DemoRun(result.text, result.token_ids, result.stats.tokens_per_s, sources,
-                                           result.token_ids == report.reference_token_ids,
-                                           nodes_healthy={p.name: p.healthy for p in sm.cluster.peers}))
+                                           result.token_ids == report.reference_token_ids, nodes_healthy=healthy))
                 say("\n" + format_run(report.runs[-1]))
 
                 victim = running[-1][0]
@@ -198,11 +201,11 @@ def run_demo(
                 say(f"\n--- run 2: the same prompt; {victim.name} is killed (SIGKILL) after token {halfway} ---")
                 if show_text is not None:
                     show_text(prompt)
-                result, sources = _sources(sm, lambda: generate(sm, prompt_tokens, max_tokens, on_text=show_text,
-                                                                on_token=kill_halfway))
+                result, sources, healthy = _run(sm, lambda: generate(sm, prompt_tokens, max_tokens,
+                                                                     on_text=show_text, on_token=kill_halfway))
                 report.runs.append(DemoRun(result.text, result.token_ids, result.stats.tokens_per_s, sources,
                                            result.token_ids == report.reference_token_ids, victim.name, halfway,
-                                           {p.name: p.healthy for p in sm.cluster.peers}))
+                                           healthy))
                 say("\n" + format_run(report.runs[-1]))
                 say(f"\nnext: `{command} chat --model {packed}` to talk to it, `{command} serve --model {packed}` for an "
                     "OpenAI-compatible API; README.md shows how to run a real model")

@@ -1,28 +1,29 @@
-"""Finding edge-nodes: a zeroconf browser on one interface, and peers given by address.
+"""Finding edge-nodes: a zeroconf browser on one interface, or peers given by address.
 
 mDNS is blocked on many networks (Wi-Fi client isolation, multi-homed hosts),
-so `--peers HOST:PORT,...` is parsed here too.
+so `--peers HOST:PORT,...` (parsed by edgemoe.node.addresses) is the other way.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
+from edgemoe.node.addresses import format_address, parse_static_peers
 from edgemoe.node.advertise import SERVICE_TYPE, ip_version_of, new_zeroconf
-from edgemoe.node.errors import PeerAddressError
+from edgemoe.node.credentials import TOKEN_FILE, ClusterCredentials, default_cluster_dir, load_cluster_secret
+from edgemoe.node.version import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
-PEERS_HELP = "write peers as HOST:PORT,HOST:PORT (IPv6 as [ADDR]:PORT)"
+# How long `--peers auto` listens for announcements before generating.
+DISCOVERY_SECONDS = 2.0
 
 
 @dataclass
@@ -161,45 +162,33 @@ class PeerBrowser:
         log.info(message)
 
 
-def parse_static_peers(spec: str) -> list[tuple[str, int]]:
-    """`"host:port,[::1]:port"` -> [(host, port), ...], IPv6 hosts without brackets, duplicates dropped.
-
-    Raises PeerAddressError with a one-line message for a malformed entry.
-    """
-    entries = spec.split(",")
-    if not spec.strip():
-        raise PeerAddressError(f"no peers given; {PEERS_HELP}")
-    peers: list[tuple[str, int]] = []
-    for raw in entries:
-        peer = _parse_peer(raw.strip(), spec)
-        if peer not in peers:
-            peers.append(peer)
-    return peers
+def cluster_directory(cluster_dir: str | Path | None) -> Path:
+    """`--cluster-dir`, else where `edgemoe cluster init` keeps the token by default."""
+    return Path(cluster_dir).expanduser() if cluster_dir else default_cluster_dir()
 
 
-def _parse_peer(entry: str, spec: str) -> tuple[str, int]:
-    if not entry:
-        raise PeerAddressError(f"empty entry in peers {spec!r}; {PEERS_HELP}")
-    if entry.startswith("["):
-        m = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", entry)
-        if not m or m.group(2) is None:
-            raise PeerAddressError(f"peer {entry!r} has no port; {PEERS_HELP}")
-        host, port_text = m.group(1), m.group(2)
-        try:
-            if ipaddress.ip_address(host).version != 6:
-                raise ValueError
-        except ValueError:
-            raise PeerAddressError(f"peer {entry!r}: {host!r} is not an IPv6 address; {PEERS_HELP}") from None
-    else:
-        host, sep, port_text = entry.rpartition(":")
-        if not sep:
-            raise PeerAddressError(f"peer {entry!r} has no port; {PEERS_HELP}")
-        if ":" in host:
-            raise PeerAddressError(f"peer {entry!r}: put the IPv6 address in brackets; {PEERS_HELP}")
-        if not host:
-            raise PeerAddressError(f"peer {entry!r} has no host; {PEERS_HELP}")
-        if not _HOSTNAME_RE.match(host):
-            raise PeerAddressError(f"peer {entry!r}: {host!r} is not a host name or address; {PEERS_HELP}")
-    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
-        raise PeerAddressError(f"peer {entry!r}: port {port_text!r} is not a number in 1-65535; {PEERS_HELP}")
-    return host, int(port_text)
+def resolve_peers(
+    peers: str = "auto",
+    interface: str | None = None,
+    cluster_dir: str | Path | None = None,
+) -> tuple[list[str], ClusterCredentials | None]:
+    """The peer addresses to use (`--peers`: auto, none, or HOST:PORT,...) and this
+    coordinator's cluster credentials (None without a cluster)."""
+    if peers == "none":
+        return [], None
+    directory = cluster_directory(cluster_dir)
+    if peers != "auto":
+        credentials = ClusterCredentials.create(load_cluster_secret(directory), "coordinator")
+        return [format_address(h, p) for h, p in parse_static_peers(peers)], credentials
+    if not (directory / TOKEN_FILE).exists():
+        log.info("no cluster in %s: running on this machine alone", directory)
+        return [], None
+    if not interface:
+        log.warning("not browsing for nodes: pass --interface ADDR (this machine's LAN address) or --peers HOST:PORT")
+        return [], None
+    credentials = ClusterCredentials.create(load_cluster_secret(directory), "coordinator")
+    with PeerBrowser(interface, credentials.cluster_id, PROTOCOL_VERSION) as browser:
+        time.sleep(DISCOVERY_SECONDS)
+        found = browser.peers()
+    log.info("found %d nodes over mDNS", len(found))
+    return [format_address(p.host, p.port) for p in found], credentials

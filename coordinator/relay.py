@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from edgemoe.node.addresses import parse_address
+
 log = logging.getLogger(__name__)
 
 
@@ -143,12 +145,6 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def split_hostport(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[V6]:PORT` as (host, port)."""
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgemoe.coordinator.relay", description="Run a DelayRelay until SIGTERM.")
     parser.add_argument("--listen", required=True, help="HOST:PORT (port 0: any free port)")
@@ -159,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    with DelayRelay(split_hostport(args.target), args.delay_ms / 1000, listen=split_hostport(args.listen),
-                    max_lifetime_s=args.max_lifetime_s) as relay:
+    target, listen = parse_address(args.target), parse_address(args.listen, port_zero=True)
+    with DelayRelay(target, args.delay_ms / 1000, listen=listen, max_lifetime_s=args.max_lifetime_s) as relay:
         print(f"LISTENING {relay.address[0]} {relay.address[1]}", flush=True)
         done.wait(args.max_lifetime_s)
     return 0

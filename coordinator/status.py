@@ -60,11 +60,12 @@ def load_last_run() -> dict | None:
         return None
 
 
-def nodes_in_use(cluster) -> list[str]:
-    """Names (else addresses) of the cluster's healthy nodes; empty when running alone."""
+def nodes_in_use(cluster: dict | None) -> list[str]:
+    """Names (else addresses) of the healthy nodes in a cluster snapshot (`Cluster.snapshot()`);
+    empty when running alone (None)."""
     if cluster is None:
         return []
-    return [p.name or p.address for p in cluster.peers if p.healthy]
+    return [n["name"] or n["address"] for n in cluster["nodes"] if n["healthy"]]
 
 
 def probe_peers(addresses: list[str], credentials) -> list[dict]:

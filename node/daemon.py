@@ -18,15 +18,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 
-from .credentials import ClusterCredentials, parse_token, server_credentials, token_expiry
+from .addresses import format_address, parse_address
+from .credentials import SERVER_OPTIONS, ClusterCredentials, parse_token, server_credentials, token_expiry
 from .errors import EdgemoeError
 from .holdings import NodeHoldings
 from .service import NodeIdentity, NodeService
 from .version import PROTOCOL_VERSION
 
 log = logging.getLogger("edge-node")
-
-MAX_MESSAGE_BYTES = 64 * 2**20
 
 
 class ListenError(EdgemoeError):
@@ -44,10 +43,11 @@ def node_id(data_dir: Path) -> str:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ListenError(f"--listen {text!r} is not HOST:PORT (e.g. 0.0.0.0:7070)")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    """`--listen HOST:PORT`; no host means every IPv4 interface."""
+    try:
+        return parse_address(text, empty_host="0.0.0.0")
+    except ValueError as exc:
+        raise ListenError(f"--listen {text!r}: {exc}; write HOST:PORT (e.g. 0.0.0.0:7070, IPv6 as [ADDR]:PORT)") from None
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -60,15 +60,13 @@ async def serve(args: argparse.Namespace) -> None:
     holdings = NodeHoldings(data_dir)
     service = NodeService(identity, holdings)
     # so_reuseport off: a second node on a taken port must fail, not share it.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
     pb_grpc.add_EdgeNodeServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, port = parse_listen(args.listen)
     try:
-        port = server.add_secure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                                      server_credentials(credentials))
+        port = server.add_secure_port(format_address(host, port), server_credentials(credentials))
     except RuntimeError as exc:
         raise ListenError(f"cannot listen on {args.listen} (in use?); pick another port with --listen") from exc
     if port == 0:
@@ -76,7 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     advertisement = await _advertise(args, identity, port, credentials.cluster_id, holdings)
-    print(f"edge-node {identity.name} ({identity.node_id}) listening on {host}:{port}", flush=True)
+    print(f"edge-node {identity.name} ({identity.node_id}) listening on {format_address(host, port)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,7 +96,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 async def _advertise(args, identity: NodeIdentity, port: int, cluster_id: str, holdings: NodeHoldings):
-    address = args.interface or (None if parse_listen(args.listen)[0] in ("0.0.0.0", "::") else parse_listen(args.listen)[0])
+    host = parse_listen(args.listen)[0]
+    address = args.interface or (None if host in ("0.0.0.0", "::") else host)
     if address is None or args.no_advertise:
         log.warning("not advertising over mDNS: pass --interface ADDR (this device's LAN address) to be found")
         return None

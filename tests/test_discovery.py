@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 import netns
-from edgemoe.coordinator.discovery import DiscoveredPeer, PeerBrowser, parse_static_peers
+from edgemoe.coordinator.discovery import DiscoveredPeer, PeerBrowser
+from edgemoe.node.addresses import parse_static_peers
 from edgemoe.node.advertise import SERVICE_TYPE, TXT_STRING_MAX, NodeAdvertisement, build_txt, models_txt
 from edgemoe.node.errors import DuplicateNodeError, EdgemoeError, PeerAddressError
 
