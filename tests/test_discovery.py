@@ -2,8 +2,10 @@
 static peers, and the delaying relay the cluster tests use.
 
 Every mDNS socket here is bound to 127.0.0.1 or to an address inside a
-namespace the test made; a passive capture checks that nothing carrying this
-test's ids shows up on the root namespace's other interfaces.
+namespace the test made; passive captures check that nothing carrying this
+test's ids shows up on the root namespace's other interfaces. Each capture first
+proves it sees what it should (the test's mDNS on loopback or on the namespaces'
+bridge, or a probe of its own), so "nothing seen" means nothing was there.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import netns
+from conftest import in_ci
 from edgemoe.coordinator.discovery import DiscoveredPeer, PeerBrowser
 from edgemoe.node.addresses import parse_static_peers
 from edgemoe.node.advertise import SERVICE_TYPE, TXT_STRING_MAX, NodeAdvertisement, build_txt, models_txt
@@ -48,58 +52,80 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+SNIFF = """
+import json, signal, socket, sys, threading
+needles = json.loads(sys.argv[1])
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # every protocol, every interface
+sock.settimeout(0.05)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+print("SNIFFING", flush=True)
+seen = {}
+while True:
+    try:
+        data, addr = sock.recvfrom(65535)
+    except TimeoutError:
+        if done.is_set():  # stops only once what arrived before SIGTERM is read
+            break
+        continue
+    for n in needles:
+        if n.encode() in data:
+            seen.setdefault(n, {}).setdefault(addr[0], 0)
+            seen[n][addr[0]] += 1
+print(json.dumps(seen), flush=True)
+"""
+
+
 class Sniffer:
-    """Passive capture (AF_PACKET) in the root namespace: packets containing any of `needles`.
+    """Passive capture (AF_PACKET, sends nothing) of the packets that carry any of `needles`,
+    on every interface of the root namespace, or of namespace `ns`."""
 
-    Sends nothing. `allowed_ifaces` are the interfaces where such packets are fine.
-    """
+    def __init__(self, needles: list[str], ns: netns.Namespace | None = None) -> None:
+        argv = [sys.executable, "-c", SNIFF, json.dumps(needles)]
+        if ns is None:
+            err = tempfile.NamedTemporaryFile("w+", prefix="edgemoe-sniff-", suffix=".err")
+            self.proc = netns.Proc(argv, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True), err)
+        else:
+            self.proc = netns.run_in(ns, argv)
+        self.proc.wait_for_line(lambda line: line == "SNIFFING", TIMEOUT)
+        self.seen: dict[str, dict[str, int]] | None = None
 
-    def __init__(self, needles: list[str], allowed_ifaces: tuple[str, ...] = ()) -> None:
-        self.needles = [n.encode() for n in needles]
-        self.allowed = allowed_ifaces
-        self.leaks: list[str] = []
-        self.seen_allowed = 0
-        self._stop = threading.Event()
-        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        self._sock.settimeout(0.05)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+    def stop(self) -> dict[str, dict[str, int]]:
+        """{needle: {interface: packets}} of everything captured; stops the capture."""
+        if self.seen is None:
+            self.proc.popen.terminate()
+            self.seen = json.loads(self.proc.wait_for_line(lambda line: line.startswith("{"), TIMEOUT))
+            self.proc.stop()
+        return self.seen
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, addr = self._sock.recvfrom(65535)
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            if any(n in data for n in self.needles):
-                if addr[0] in self.allowed:
-                    self.seen_allowed += 1
-                else:
-                    self.leaks.append(addr[0])
+    def interfaces(self, *needles: str) -> set[str]:
+        """The interfaces where packets carrying any of `needles` were seen."""
+        seen = self.stop()
+        return {iface for n in needles for iface in seen.get(n, {})}
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._sock.close()
+
+def loopback_probe(needle: str) -> None:
+    """One UDP datagram carrying `needle` to a closed port on 127.0.0.1: a root capture must see it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(f"probe {needle}".encode(), ("127.0.0.1", 9))
 
 
 @pytest.fixture
 def sniffer_factory():
     sniffers: list[Sniffer] = []
 
-    def make(needles: list[str], allowed_ifaces: tuple[str, ...] = ()) -> Sniffer | None:
-        try:
-            s = Sniffer(needles, allowed_ifaces)
-        except PermissionError:
-            return None  # not root: the check is skipped, discovery is still tested
+    def make(needles: list[str], ns: netns.Namespace | None = None) -> Sniffer | None:
+        if os.geteuid() != 0:
+            if in_ci():
+                pytest.fail("capturing packets needs root, and CI must check that mDNS stays off real interfaces")
+            return None  # not root: the leak check is skipped, discovery is still tested
+        s = Sniffer(needles, ns)
         sniffers.append(s)
         return s
 
     yield make
     for s in sniffers:
-        s.stop()
+        s.proc.stop()
 
 
 @pytest.fixture
@@ -147,7 +173,7 @@ def test_loopback_discovery_filters_duplicates_and_withdrawal(adverts, browsers,
     ours = adverts(node_id=new_id(), name="alpha node", port=50101, cluster_id=cluster, fingerprints=fingerprints)
     stranger = adverts(node_id=new_id(), name="stranger", port=50102, cluster_id=other_cluster)
     newer = adverts(node_id=new_id(), name="newer", port=50103, cluster_id=cluster, protocol_version=PROTO + 1)
-    sniffer = sniffer_factory([ours.node_id, stranger.node_id, cluster], allowed_ifaces=("lo",))
+    sniffer = sniffer_factory([ours.node_id, stranger.node_id, cluster])
 
     mine = browsers("127.0.0.1", cluster_id=cluster, protocol_version=PROTO)
     everyone = browsers("127.0.0.1")
@@ -199,8 +225,9 @@ def test_loopback_discovery_filters_duplicates_and_withdrawal(adverts, browsers,
     assert len(proto_rejections) == 1 and f"protocol {PROTO + 1}" in proto_rejections[0]
 
     if sniffer is not None:
-        assert sniffer.seen_allowed > 0, "the capture saw no loopback mDNS at all: it is not working"
-        assert sniffer.leaks == [], f"mDNS carrying this test's ids left on {set(sniffer.leaks)}"
+        where = sniffer.interfaces(ours.node_id, stranger.node_id, cluster)
+        assert "lo" in where, "the capture saw none of this test's mDNS on loopback: it is not working"
+        assert where == {"lo"}, f"mDNS carrying this test's ids left on {where - {'lo'}}"
 
 
 async def test_advertise_and_browse_from_an_event_loop(adverts, browsers):
@@ -413,10 +440,8 @@ def netns_names() -> set[str]:
 
 @pytest.fixture
 def lan():
-    """Three namespaces on a bridge (in a fourth, hub namespace); all removed afterwards."""
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    """Three namespaces on a bridge (in a fourth, hub namespace); all removed afterwards.
+    Its tests are marked `netns`: they run only where namespaces work (conftest)."""
     with netns.Lan(3) as made:
         names = {ns.name for ns in [made.hub, *made.hosts]}
         yield made
@@ -428,14 +453,18 @@ def node_ids(snapshot: dict, which: str) -> set[str]:
     return {p["node_id"] for p in snapshot[which]}
 
 
+@pytest.mark.netns
 def test_discovery_between_namespaces(lan, sniffer_factory):
     a, b, c = lan.hosts
     cluster = new_id()[:12]
     node = {"node_id": new_id(), "name": "ns-a", "port": 50051, "address": a.address,
             "protocol_version": PROTO, "cluster_id": cluster, "fingerprints": ["f" * 64]}
     stranger = dict(node, node_id=new_id(), name="ns-c", address=c.address, cluster_id="someone-else")
-    # The root namespace must not see a single packet of this test.
-    sniffer = sniffer_factory([node["node_id"], stranger["node_id"], cluster])
+    ids = [node["node_id"], stranger["node_id"], cluster]
+    # The namespaces' bridge must carry this test's mDNS, and the root namespace not a single packet of it.
+    on_bridge = sniffer_factory(ids, lan.hub)
+    probe = new_id()
+    in_root = sniffer_factory([*ids, probe])
 
     browser = netns.run_in(b, python(BROWSE, {"address": b.address, "cluster": cluster, "proto": PROTO}))
     advertiser = netns.run_in(a, python(ADVERTISE, node))
@@ -472,8 +501,12 @@ def test_discovery_between_namespaces(lan, sniffer_factory):
     )
     assert advertiser.popen.wait(TIMEOUT) == 0
 
-    if sniffer is not None:
-        assert sniffer.leaks == [], f"this test's mDNS reached the root namespace on {set(sniffer.leaks)}"
+    # Each capture sees what it should: the bridge the nodes' mDNS, the root its own loopback probe.
+    assert on_bridge.interfaces(node["node_id"]) >= {"br0", "h0"}, on_bridge.stop()
+    loopback_probe(probe)
+    assert in_root.interfaces(probe) == {"lo"}, "the root capture did not see its probe: it is not working"
+    where = in_root.interfaces(*ids)
+    assert not where, f"this test's mDNS reached the root namespace on {where}"
 
 
 ECHO = """
@@ -503,6 +536,7 @@ print(json.dumps({"rtts": rtts, "ok": got == b"x" * 1000}), flush=True)
 """
 
 
+@pytest.mark.netns
 def test_relay_between_namespaces(lan):
     """The cluster tests' set-up: node in one namespace, a delaying relay next to the coordinator."""
     a, b, _ = lan.hosts
@@ -526,10 +560,8 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.netns
 def test_namespace_cleanup_kills_processes():
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     with netns.Namespace() as ns:
         proc = netns.run_in(ns, [sys.executable, "-c", "import time; print('UP', flush=True); time.sleep(60)"])
         proc.wait_for_line(lambda s: s == "UP", TIMEOUT)
@@ -552,10 +584,8 @@ def root_links_and_addresses() -> str:
     )
 
 
+@pytest.mark.netns
 def test_netns_cluster_script_up_and_down(tmp_path):
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     prefix = f"{netns.PREFIX}{os.getpid()}-{uuid.uuid4().hex[:4]}-"
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
@@ -586,10 +616,8 @@ def test_netns_cluster_script_up_and_down(tmp_path):
     assert server.popen.wait(5) is not None
 
 
+@pytest.mark.netns
 def test_stale_namespaces_of_dead_runs_are_swept(monkeypatch):
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = f"{netns.PREFIX}{dead.pid}-{uuid.uuid4().hex[:6]}"
