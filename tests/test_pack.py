@@ -384,7 +384,7 @@ def test_dst_equal_to_src_is_refused(models, tmp_path):
 
 PACK_RSS = """
 import json, sys
-import edgemoe.coordinator.cli, coordinator.pack, mlx.core, mlx_lm.utils  # imports are the baseline
+import edgemoe.coordinator.cli, edgemoe.coordinator.pack, mlx.core, mlx_lm.utils  # imports are the baseline
 
 def peak_rss():
     # VmHWM, not ru_maxrss: on Linux ru_maxrss starts at the parent's peak after fork+exec.
@@ -392,7 +392,7 @@ def peak_rss():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 base = peak_rss()
-rc = coordinator.cli.main(sys.argv[1:])
+rc = edgemoe.coordinator.cli.main(sys.argv[1:])
 print(json.dumps({"rc": rc, "base": base, "growth": peak_rss() - base}))
 """
 
