@@ -1,4 +1,5 @@
-"""The coordinator's view of its peers: which node computes which experts, and what to push where."""
+"""The coordinator's view of its nodes: placement (which node holds which experts), transport
+(requests and replies, pushes) and health. What a layer computes where is `dispatch`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from edgemoe.node.compute import ExpertKernel, compute_pairs
 from edgemoe.node.credentials import MAX_MESSAGE_BYTES, ClusterCredentials
 from edgemoe.node.holdings import layer_specs_to_json
 from edgemoe.node.local import LocalExperts
@@ -113,6 +113,19 @@ class ClusterStats:
 
 
 @dataclass
+class Call:
+    """A compute request in flight: its node, the layer's pairs it carries (indices
+    into the router's flattened choice) and their experts, its reply, and its turn
+    among that node's requests of the layer."""
+
+    peer: Peer
+    pairs: np.ndarray
+    experts: np.ndarray
+    future: Future
+    turn: int
+
+
+@dataclass
 class NodeShare:
     name: str
     held_experts: int
@@ -162,71 +175,35 @@ class Cluster:
             if peer.due_for_retry():
                 peer.reconnect_in_background(self.manifest.fingerprint)
 
-    def run_layer(self, layer: int, kernel: ExpertKernel, x: mx.array, chosen: np.ndarray, max_inflight: int) -> mx.array:
-        """One MoE layer: each peer gets one request with all its (row, expert) pairs (a long
-        prefill's are split to fit a request's limits); the rest, and whatever a peer fails
-        to return in time, is computed here from cache or SSD."""
-        self._retry_failed()
-        k = chosen.shape[-1]
-        flat = chosen.reshape(-1)
-        rows = np.arange(flat.size) // k
-        hidden = x.reshape(-1, x.shape[-1])
-        by_peer: dict[Peer, list[int]] = {}
-        local_pairs = []
-        for i, e in enumerate(flat.tolist()):
-            peer = None if (layer, e) in self.local else self.owner(layer, e)
-            if peer is None:
-                local_pairs.append(i)
-            else:
-                by_peer.setdefault(peer, []).append(i)
-        calls = []
-        if by_peer:
-            self.local.note_routed(layer, sorted({int(flat[i]) for pairs in by_peer.values() for i in pairs}))
-            calls = self._send(layer, hidden, rows, flat, by_peer)
-        out = mx.zeros((flat.size, hidden.shape[-1]), dtype=x.dtype)
-        slots_for = lambda group: self.local.slots(layer, group)  # noqa: E731
-        if local_pairs:
-            picked = np.array(local_pairs)
-            out[mx.array(picked)] = compute_pairs(kernel, slots_for, hidden, rows[picked], flat[picked], max_inflight)
-        sent = time.monotonic()
-        served: dict[Peer, set[int]] = {}
-        for peer, pairs, future, turn in calls:
-            picked = np.array(pairs)
-            # A node answers its requests in turn: the n-th may take n deadlines.
-            deadline = sent + self.deadline_s * turn
-            try:
-                reply = future.result(timeout=max(0.0, deadline - time.monotonic()))
-                if reply.error:
-                    raise WireError(f"node {peer.name}: {reply.error}")
-                y = array_from_tensor(reply.output, max_rows=len(pairs))
-                if list(y.shape) != [len(pairs), hidden.shape[-1]] or y.dtype != out.dtype:
-                    raise WireError(f"node {peer.name} answered shape {list(y.shape)} {y.dtype}")
-                self.stats.experts_from_peers += len(pairs)
-                served.setdefault(peer, set()).update(flat[picked].tolist())
-            except (FutureTimeout, PeerDown, WireError) as exc:
-                if isinstance(exc, FutureTimeout):
-                    peer.mark_failed(f"node {peer.name} did not answer within {self.deadline_s:.1f}s")
-                elif isinstance(exc, WireError):
-                    peer.mark_failed(str(exc) if str(exc).startswith(f"node {peer.name}") else
-                                     f"node {peer.name} sent a malformed reply ({exc}): check that it runs the "
-                                     "same edgemoe version as this coordinator")
-                self.stats.fallbacks += 1
-                y = compute_pairs(kernel, slots_for, hidden, rows[picked], flat[picked], max_inflight)
-            out[mx.array(picked)] = y
-        for peer, experts in served.items():
-            peer.stats.experts += len(experts)
-        return out.reshape(*chosen.shape, -1)
+    def is_remote(self, layer: int, expert: int) -> bool:
+        """Whether a node would compute this expert now (this machine does not cache it)."""
+        return (layer, expert) not in self.local and self.owner(layer, expert) is not None
 
-    def _send(self, layer: int, hidden: mx.array, rows: np.ndarray, flat: np.ndarray,
-              by_peer: dict[Peer, list[int]]) -> list[tuple[Peer, list[int], Future, int]]:
-        """The compute requests, started: one per peer, or several when its pairs (a long
-        prefill's) exceed a request's row or byte limit; a request carries only the rows it uses.
-        Each comes with its turn among its node's requests."""
+    def route(self, layer: int, experts: list[int]) -> dict[Peer, list[int]]:
+        """Which of a layer's chosen experts go to which healthy node; the rest stay local."""
+        self._retry_failed()
+        by_node: dict[Peer, list[int]] = {}
+        for e in experts:
+            peer = None if (layer, e) in self.local else self.owner(layer, e)
+            if peer is not None:
+                by_node.setdefault(peer, []).append(e)
+        self.stats.layers += 1
+        if by_node:
+            self.stats.peer_layers += 1
+            # The cache counts what the router chose, wherever it was computed: placement ranks by it.
+            self.local.note_routed(layer, [e for experts in by_node.values() for e in experts])
+        return by_node
+
+    def send(self, layer: int, hidden: mx.array, rows: np.ndarray, flat: np.ndarray,
+             by_node: dict[Peer, list[int]]) -> list[Call]:
+        """Starts the compute requests: one per node, or several when its pairs (a long
+        prefill's) exceed a request's row or byte limit; a request carries only the rows it uses."""
         row_bytes = hidden.nbytes // hidden.shape[0]
         per_request = max(1, min(MAX_ROWS, MAX_REQUEST_HIDDEN_BYTES // row_bytes))
         whole = None
         calls = []
-        for peer, pairs in by_peer.items():
+        for peer, experts in by_node.items():
+            pairs = np.flatnonzero(np.isin(flat, experts))
             for turn, start in enumerate(range(0, len(pairs), per_request), 1):
                 part = pairs[start : start + per_request]
                 used, remapped = np.unique(rows[part], return_inverse=True)
@@ -238,9 +215,46 @@ class Cluster:
                     wire_hidden, wire_rows = tensor_from_array(hidden[mx.array(used)]), remapped
                 request = pb.ComputeRequest(fingerprint=self.manifest.fingerprint, layer=layer, hidden=wire_hidden,
                                             rows=wire_rows.tolist(), experts=flat[part].tolist())
-                calls.append((peer, part, peer.compute(request), turn))
+                calls.append(Call(peer, part, flat[part], peer.compute(request), turn))
                 self.stats.peer_calls += 1
         return calls
+
+    def collect(self, calls: list[Call], hidden: mx.array) -> list[mx.array | None]:
+        """Each call's output `[len(pairs), hidden]`, or None where the node failed, sent a
+        malformed reply or missed its deadline (the node is then set aside until its retry)."""
+        sent = time.monotonic()
+        outputs: list[mx.array | None] = []
+        served: dict[Peer, set[int]] = {}
+        slowest = 0.0
+        for call in calls:
+            peer = call.peer
+            # A node answers its requests in turn: the n-th may take n deadlines.
+            deadline = sent + self.deadline_s * call.turn
+            try:
+                reply, rtt_ms = call.future.result(timeout=max(0.0, deadline - time.monotonic()))
+                if reply.error:
+                    raise WireError(f"node {peer.name}: {reply.error}")
+                y = array_from_tensor(reply.output, max_rows=len(call.pairs))
+                if list(y.shape) != [len(call.pairs), hidden.shape[-1]] or y.dtype != hidden.dtype:
+                    raise WireError(f"node {peer.name} answered shape {list(y.shape)} {y.dtype}")
+            except (FutureTimeout, PeerDown, WireError) as exc:
+                if isinstance(exc, FutureTimeout):
+                    peer.mark_failed(f"node {peer.name} did not answer within {self.deadline_s:.1f}s")
+                elif isinstance(exc, WireError):
+                    peer.mark_failed(str(exc) if str(exc).startswith(f"node {peer.name}") else
+                                     f"node {peer.name} sent a malformed reply ({exc}): check that it runs the "
+                                     "same edgemoe version as this coordinator")
+                self.stats.fallbacks += 1
+                outputs.append(None)
+                continue
+            self.stats.experts_from_peers += len(call.pairs)
+            served.setdefault(peer, set()).update(call.experts.tolist())
+            slowest = max(slowest, rtt_ms)
+            outputs.append(y)
+        for peer, experts in served.items():
+            peer.stats.experts += len(experts)
+        self.stats.slowest_rtt_ms_total += slowest
+        return outputs
 
     def _push_loop(self) -> None:
         """Places experts on nodes in the background (see `place_experts`), redoing the

@@ -120,6 +120,7 @@ class Peer:
         self.held = _held(info, fingerprint)
 
     def compute(self, request: pb.ComputeRequest) -> Future:
+        """Sends a request on the compute stream; the future resolves to (reply, round trip in ms)."""
         future: Future = Future()
         with self._lock:
             if self._requests is None:
@@ -141,8 +142,9 @@ class Peer:
                     entry = self._pending.pop(reply.request_id, None)
                 if entry is not None:
                     future, sent = entry
-                    self.stats.rtt_ms.append((time.perf_counter() - sent) * 1e3)
-                    future.set_result(reply)
+                    rtt = (time.perf_counter() - sent) * 1e3
+                    self.stats.rtt_ms.append(rtt)
+                    future.set_result((reply, rtt))
             self._failed(f"node {self.name} closed its stream", stream)
         except grpc.RpcError as exc:
             self._failed(f"node {self.name} failed: {exc.code().name} {_detail(exc)}", stream)

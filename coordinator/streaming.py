@@ -1,26 +1,26 @@
-"""The streaming model: mlx-lm's architecture with every routed-expert module swapped for one that fetches."""
+"""The streaming model: mlx-lm's architecture with every routed-expert module swapped for
+one that hands its work to the layer's dispatcher (`dispatch.LayerDispatch`)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import load_tokenizer
 
-from edgemoe.node.compute import ExpertKernel, compute_pairs
+from edgemoe.node.compute import ExpertKernel
 from edgemoe.node.errors import ManifestError
-from edgemoe.node.local import LocalExperts, Misses
+from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
 from edgemoe.node.store import ExpertStore
 
 from edgemoe.node.architecture import (
     build_model,
-    module_at,
     read_config,
     replace_module,
     routed_expert_modules,
@@ -28,19 +28,11 @@ from edgemoe.node.architecture import (
     router_of,
     with_experts_per_token,
 )
+from .cluster import Cluster
+from .dispatch import LayerDispatch, Prefetch
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-
-class ExpertSource(Protocol):
-    def arrays(self, layer: int) -> dict[str, mx.array]: ...
-
-    def slots(self, layer: int, experts: list[int]) -> np.ndarray: ...
-
-    def start_slots(self, layer: int, experts: list[int]) -> tuple[np.ndarray, Misses | None]: ...
-
-    def prefetch(self, layer: int, experts: list[int]) -> None: ...
 
 
 # A prompt can route to every expert of a layer at once; holding them all would
@@ -59,99 +51,16 @@ def router_logits(router: nn.Module | None) -> Callable[[mx.array], mx.array] | 
     return None
 
 
-@dataclass
-class Prefetch:
-    """How a layer's call guesses the next MoE layer's experts: that layer's router
-    applied to this layer's input (an approximation: the residual has not changed yet)."""
-
-    next_module: "StreamingExperts"
-    logits: Callable[[mx.array], mx.array]
-
-
 class StreamingExperts(nn.Module):
-    """Stands in for mlx-lm's SwitchGLU/SwitchMLP: same call, experts fetched into slots per call."""
+    """Stands in for mlx-lm's SwitchGLU/SwitchMLP: same call, its work done by the layer's dispatcher."""
 
-    def __init__(self, layer: int, kernel: ExpertKernel, source: ExpertSource, max_inflight: int = MAX_INFLIGHT_EXPERTS):
+    def __init__(self, dispatch: LayerDispatch):
         super().__init__()
-        self.layer = layer
-        self.kernel = kernel
-        self.source = source
-        self.max_inflight = max_inflight
-        self.prefetch: Prefetch | None = None
-        self.cluster = None
-        # What the previous layer guessed this one would ask for, and how well it did.
-        self.guess: set[int] | None = None
-        self.guessed = 0
-        self.guessed_right = 0
-        self._bound = None
+        self.dispatch = dispatch
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        arrays = self.source.arrays(self.layer)
-        if arrays is not self._bound:
-            self.kernel.bind(arrays)
-            self._bound = arrays
         # The one host sync per layer: which experts the router chose.
-        chosen = np.array(indices)
-        if self.cluster is not None:
-            return self.cluster.run_layer(self.layer, self.kernel, x, chosen, self.max_inflight)
-        flat = chosen.ravel().tolist()
-        needed = sorted(set(flat))
-        if self.guess is not None:
-            self.guessed += len(self.guess)
-            self.guessed_right += len(self.guess.intersection(needed))
-            self.guess = None
-        if len(needed) <= self.max_inflight:
-            slots, misses = self.source.start_slots(self.layer, needed)
-            slot_of = dict(zip(needed, slots.tolist()))
-            if misses is not None and misses.experts:
-                out = self._as_read(x, chosen, slot_of, misses)
-            else:
-                out = self.kernel(x, np.array([slot_of[e] for e in flat], dtype=np.uint32).reshape(chosen.shape))
-            # Start computing now, while Python builds the next layer's graph.
-            mx.async_eval(out)
-            if self.prefetch is not None and chosen.size // chosen.shape[-1] == 1:
-                self._prefetch_next(x, chosen.shape[-1])
-            return out
-        return self._chunked(x, chosen)
-
-    def _as_read(self, x: mx.array, chosen: np.ndarray, slot_of: dict[int, int], misses: Misses) -> mx.array:
-        """Computes the experts at hand at once, then each miss as soon as its read is in,
-        so compute overlaps the reads still in flight. Every (token, expert) pair is the
-        same arithmetic as in one call (as in `compute_pairs`), so the output is too."""
-        k = chosen.shape[-1]
-        flat = chosen.reshape(-1)
-        rows = np.arange(flat.size) // k
-        hidden = x.reshape(-1, x.shape[-1])
-        pending = misses.experts
-        at_hand = [e for e in slot_of if e not in pending]
-        groups = ([(at_hand, None)] if at_hand else []) + [([e], e) for e in pending]
-        parts, order = [], []
-        for group, read in groups:
-            if read is not None:
-                misses.wait(read)
-            picked = np.flatnonzero(np.isin(flat, group))
-            slots = np.array([slot_of[e] for e in flat[picked].tolist()], dtype=np.uint32)
-            y = self.kernel(hidden[mx.array(rows[picked])], slots[:, None]).reshape(len(picked), -1)
-            mx.async_eval(y)
-            parts.append(y)
-            order.append(picked)
-        inverse = np.argsort(np.concatenate(order))
-        return mx.concatenate(parts)[mx.array(inverse)].reshape(*chosen.shape, -1)
-
-    def _prefetch_next(self, x: mx.array, k: int) -> None:
-        logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1])
-        guess = np.argpartition(-np.array(logits.astype(mx.float32)), k - 1)[:k].tolist()
-        following = self.prefetch.next_module
-        self.source.prefetch(following.layer, guess)
-        following.guess = set(guess)
-
-    def _chunked(self, x: mx.array, chosen: np.ndarray) -> mx.array:
-        """Every (token, slot) pair as a row, a group of experts at a time."""
-        k = chosen.shape[-1]
-        flat = chosen.reshape(-1)
-        out = compute_pairs(self.kernel, lambda group: self.source.slots(self.layer, group),
-                            x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, self.max_inflight)
-        return out.reshape(*chosen.shape, -1)
+        return self.dispatch(x, np.array(indices))
 
 
 @dataclass
@@ -162,7 +71,7 @@ class StreamingModel:
     manifest: Manifest
     local: LocalExperts
     dense_bytes: int
-    cluster: object = None
+    cluster: Cluster | None = None
 
     def guesses(self) -> tuple[int, int]:
         return guesses(self.model)
@@ -173,20 +82,30 @@ class StreamingModel:
         self.local.close()
 
 
-def _wire_prefetch(model: nn.Module, manifest: Manifest) -> None:
-    specs = sorted(manifest.layers, key=lambda spec: spec.layer)
-    for spec, following in zip(specs, specs[1:]):
-        logits = router_logits(router_of(model, following.module_path))
-        if logits is None:
-            log.info("no router found for layer %d: no prefetch into it", following.layer)
-            continue
-        module_at(model, spec.module_path).prefetch = Prefetch(module_at(model, following.module_path), logits)
-
-
 def guesses(model: nn.Module) -> tuple[int, int]:
     """Prefetch guesses made so far, and how many of them the next layer did ask for."""
-    modules = [m for _, m in model.named_modules() if isinstance(m, StreamingExperts)]
-    return sum(m.guessed for m in modules), sum(m.guessed_right for m in modules)
+    layers = [m.dispatch for _, m in model.named_modules() if isinstance(m, StreamingExperts)]
+    return sum(d.guessed for d in layers), sum(d.guessed_right for d in layers)
+
+
+def _dispatchers(model: nn.Module, manifest: Manifest, local: LocalExperts, max_inflight: int,
+                 remote: Cluster | None, prefetch: bool) -> dict[str, LayerDispatch]:
+    """Every MoE layer's dispatcher by module path, built last to first so that each is
+    given the next one (to prefetch into, through that layer's router)."""
+    modules = dict(routed_expert_modules(model))
+    specs = sorted(manifest.layers, key=lambda spec: spec.layer)
+    built: dict[str, LayerDispatch] = {}
+    for spec, following in reversed(list(zip(specs, [*specs[1:], None]))):
+        ahead = None
+        if prefetch and following is not None:
+            logits = router_logits(router_of(model, following.module_path))
+            if logits is None:
+                log.info("no router found for layer %d: no prefetch into it", following.layer)
+            else:
+                ahead = Prefetch(built[following.module_path], logits)
+        kernel = ExpertKernel(modules[spec.module_path], spec, local.arrays(spec.layer))
+        built[spec.module_path] = LayerDispatch(spec.layer, kernel, local, max_inflight, remote, ahead)
+    return built
 
 
 def _read_dense(weights: dict[str, mx.array], path: Path) -> None:
@@ -241,12 +160,16 @@ def load_streaming_model(
     except BaseException:
         store.close()
         raise
+    cluster = None
     try:
-        for spec in manifest.layers:
-            kernel = ExpertKernel(modules[spec.module_path], spec, local.arrays(spec.layer))
-            replace_module(model, spec.module_path, StreamingExperts(spec.layer, kernel, local, max_inflight_experts))
+        if peers:
+            timeout = {} if node_timeout_s is None else {"deadline_s": node_timeout_s}
+            cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers, **timeout)
         quantized = manifest.dense_quantization
         nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
+        # After quantizing: a prefetching layer holds the next layer's (quantized) router.
+        for path, dispatch in _dispatchers(model, manifest, local, max_inflight_experts, cluster, prefetch).items():
+            replace_module(model, path, StreamingExperts(dispatch))
         dense_path = model_dir / DENSE_NAME
         if not dense_path.exists():
             raise ManifestError(f"{dense_path} is missing; repack the model (`edgemoe pack SRC DST --force`)")
@@ -259,21 +182,13 @@ def load_streaming_model(
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as exc:
             raise ManifestError(f"{dense_path} does not fit the model ({str(exc).splitlines()[0]}); repack the model") from exc
-        if prefetch:
-            _wire_prefetch(model, manifest)
         model.eval()
         mx.eval(model.parameters())
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     except BaseException:
+        if cluster is not None:
+            cluster.close()
         local.close()
         raise
     dense_bytes = sum(a.nbytes for a in weights.values())
-    sm = StreamingModel(model, tokenizer, config, manifest, local, dense_bytes)
-    if peers:
-        from .cluster import Cluster
-
-        timeout = {} if node_timeout_s is None else {"deadline_s": node_timeout_s}
-        sm.cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers, **timeout)
-        for spec in manifest.layers:
-            module_at(model, spec.module_path).cluster = sm.cluster
-    return sm
+    return StreamingModel(model, tokenizer, config, manifest, local, dense_bytes, cluster)

@@ -1,0 +1,170 @@
+"""One MoE layer's expert work, split between this machine and the nodes.
+
+The router's choice for a layer is a set of (row, expert) pairs. Pairs whose expert a
+healthy node holds (and this machine does not cache) are remote work: one request per
+node, sent first. The rest are local work: cache hits, prefetched experts and SSD
+misses, computed here while the nodes compute theirs. A node that fails or misses its
+deadline hands its pairs back to the same local path. Outputs are merged back into the
+router's order, so the result is the tensor mlx-lm's SwitchGLU/SwitchMLP returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from edgemoe.node.compute import ExpertKernel, compute_pairs
+from edgemoe.node.local import LocalExperts, Misses
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prefetch:
+    """How a layer guesses the next MoE layer's experts: that layer's router applied to
+    this layer's input (an approximation: the residual has not changed yet)."""
+
+    next_layer: LayerDispatch
+    logits: Callable[[mx.array], mx.array]
+
+
+class LayerDispatch:
+    """Computes one MoE layer's routed experts for the router's choice `chosen`
+    (`x.shape[:-1] + (k,)` expert ids), from wherever each expert is."""
+
+    def __init__(
+        self,
+        layer: int,
+        kernel: ExpertKernel,
+        local: LocalExperts,
+        max_inflight: int,
+        remote: Cluster | None = None,
+        prefetch: Prefetch | None = None,
+    ):
+        self.layer = layer
+        self.kernel = kernel
+        self.local = local
+        self.max_inflight = max_inflight
+        self.remote = remote
+        self.prefetch = prefetch
+        # What the previous layer guessed this one would ask for, and how well it did.
+        self.guess: set[int] | None = None
+        self.guessed = 0
+        self.guessed_right = 0
+        self._bound: dict[str, mx.array] | None = None
+
+    def __call__(self, x: mx.array, chosen: np.ndarray) -> mx.array:
+        arrays = self.local.arrays(self.layer)
+        if arrays is not self._bound:  # the pools are rebuilt when the cache is reset
+            self.kernel.bind(arrays)
+            self._bound = arrays
+        flat = chosen.reshape(-1)
+        needed = sorted(set(flat.tolist()))
+        if self.guess is not None:
+            self.guessed += len(self.guess)
+            self.guessed_right += len(self.guess.intersection(needed))
+            self.guess = None
+        by_node = self.remote.route(self.layer, needed) if self.remote is not None else {}
+        if by_node:
+            return self._split(x, chosen, by_node)
+        if len(needed) > self.max_inflight:
+            return self._chunked(x, chosen)
+        slots, misses = self.local.start_slots(self.layer, needed)
+        slot_of = dict(zip(needed, slots.tolist()))
+        if misses is not None and misses.experts:
+            k = chosen.shape[-1]
+            out = self._as_read(x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, slot_of, misses)
+            out = out.reshape(*chosen.shape, -1)
+        else:
+            # The whole layer in one call, in mlx-lm's own batch shape.
+            out = self.kernel(x, np.array([slot_of[e] for e in flat.tolist()], dtype=np.uint32).reshape(chosen.shape))
+        # Start computing now, while Python builds the next layer's graph.
+        mx.async_eval(out)
+        self._prefetch_next(x, chosen)
+        return out
+
+    def _split(self, x: mx.array, chosen: np.ndarray, by_node: dict) -> mx.array:
+        assert self.remote is not None
+        k = chosen.shape[-1]
+        flat = chosen.reshape(-1)
+        rows = np.arange(flat.size) // k
+        hidden = x.reshape(-1, x.shape[-1])
+        remote_experts = [e for experts in by_node.values() for e in experts]
+        calls = self.remote.send(self.layer, hidden, rows, flat, by_node)
+        parts: list[tuple[np.ndarray, mx.array]] = []
+        local_pairs = np.flatnonzero(~np.isin(flat, remote_experts))
+        if local_pairs.size:
+            parts.append((local_pairs, self._pairs(hidden, rows[local_pairs], flat[local_pairs])))
+        self._prefetch_next(x, chosen)
+        for call, y in zip(calls, self.remote.collect(calls, hidden)):
+            if y is None:
+                # The fallback's reads may reuse scratch or evicted slots that the work
+                # queued so far still reads: finish that work first.
+                mx.eval([part for _, part in parts])
+                y = self._pairs(hidden, rows[call.pairs], flat[call.pairs])
+            parts.append((call.pairs, y))
+        order = np.concatenate([pairs for pairs, _ in parts])
+        merged = mx.concatenate([y for _, y in parts])[mx.array(np.argsort(order))]
+        return merged.reshape(*chosen.shape, -1)
+
+    def _pairs(self, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
+        """Output i is expert `experts[i]` applied to `hidden[rows[i]]`, computed here."""
+        needed = sorted(set(experts.tolist()))
+        if len(needed) > self.max_inflight:
+            return compute_pairs(self.kernel, lambda group: self.local.slots(self.layer, group), hidden, rows,
+                                 experts, self.max_inflight)
+        slots, misses = self.local.start_slots(self.layer, needed)
+        return self._as_read(hidden, rows, experts, dict(zip(needed, slots.tolist())), misses)
+
+    def _as_read(self, hidden: mx.array, rows: np.ndarray, experts: np.ndarray, slot_of: dict[int, int],
+                 misses: Misses | None) -> mx.array:
+        """Computes the experts at hand at once, then each miss as soon as its read is in,
+        so compute overlaps the reads still in flight. Every (row, expert) pair is the
+        same arithmetic as in one call (as in `compute_pairs`), so the output is too."""
+        pending = misses.experts if misses is not None else []
+        at_hand = [e for e in slot_of if e not in pending]
+        groups = ([(at_hand, None)] if at_hand else []) + [([e], e) for e in pending]
+        parts, order = [], []
+        for group, read in groups:
+            if read is not None:
+                assert misses is not None
+                misses.wait(read)
+            picked = np.flatnonzero(np.isin(experts, group))
+            slots = np.array([slot_of[e] for e in experts[picked].tolist()], dtype=np.uint32)
+            y = self.kernel(hidden[mx.array(rows[picked])], slots[:, None]).reshape(len(picked), -1)
+            mx.async_eval(y)
+            parts.append(y)
+            order.append(picked)
+        if len(parts) == 1:
+            return parts[0]
+        return mx.concatenate(parts)[mx.array(np.argsort(np.concatenate(order)))]
+
+    def _chunked(self, x: mx.array, chosen: np.ndarray) -> mx.array:
+        """Every (token, slot) pair as a row, a group of experts at a time: a prompt can
+        route to more experts than the scratch slots hold."""
+        k = chosen.shape[-1]
+        flat = chosen.reshape(-1)
+        out = compute_pairs(self.kernel, lambda group: self.local.slots(self.layer, group),
+                            x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, self.max_inflight)
+        return out.reshape(*chosen.shape, -1)
+
+    def _prefetch_next(self, x: mx.array, chosen: np.ndarray) -> None:
+        """In decode (one token), starts reading the next layer's likely experts, except
+        those a node will compute: their reads would only cost disk time."""
+        k = chosen.shape[-1]
+        if self.prefetch is None or chosen.size != k:
+            return
+        following = self.prefetch.next_layer
+        logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1])
+        guess = np.argpartition(-np.array(logits.astype(mx.float32)), k - 1)[:k].tolist()
+        following.guess = set(guess)
+        if self.remote is not None:
+            guess = [e for e in guess if not self.remote.is_remote(following.layer, e)]
+        self.local.prefetch(following.layer, guess)
