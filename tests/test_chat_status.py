@@ -85,7 +85,7 @@ def test_chat_reset_and_eof(models, home):
     assert len(replies) == 2 and replies[0] == replies[1], proc.stdout
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.requires_tool("tmux")
 def test_chat_in_a_real_terminal(models, home, tmp_path):
     packed = models.packed("qwen3_moe", True)
     socket = tmp_path / "tmux.sock"  # a private server, removed with tmp_path

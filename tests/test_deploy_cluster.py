@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import netns
 from conftest import PROMPT, REPO, cli_env, encode, mlx_lm_tokens
 
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
 SCRIPT = REPO / "deploy" / "netns-cluster.sh"
 PREFIX, SUBNET = "emdt-", "10.213.7"
 BAD_PREFIX, BAD_SUBNET = "emdb-", "10.213.8"
