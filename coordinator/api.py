@@ -1,0 +1,71 @@
+"""The Python API behind `edgemoe.load` and `edgemoe.stats` (see edgemoe/__init__.py).
+
+A loaded model is mlx-lm's own model object with its routed-expert modules replaced,
+so mlx-lm's `generate`/`stream_generate` run it unchanged; its dispatchers lead back
+to the expert cache and the cluster, so `stats` needs nothing but the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+
+from .cluster import Cluster
+from .counters import snapshot
+from .discovery import resolve_peers
+from .streaming import StreamingExperts, StreamingModel, load_streaming_model
+
+
+def load(
+    path: str | Path,
+    cache_mb: float | None = None,
+    peers: list[str] | str | None = None,
+    interface: str | None = None,
+    cluster_dir: str | Path | None = None,
+    **options: Any,
+) -> tuple[nn.Module, Any]:
+    if peers is None or peers == "none" or peers == []:
+        addresses, credentials = [], None
+    else:
+        spec = peers if isinstance(peers, str) else ",".join(peers)
+        addresses, credentials = resolve_peers(spec, interface, cluster_dir)
+    cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
+    sm = load_streaming_model(Path(path), cache_bytes=cache_bytes, peers=addresses, credentials=credentials, **options)
+    return sm.model, sm.tokenizer
+
+
+def _parts(model: nn.Module) -> tuple[Any, Cluster | None]:
+    for _, module in model.named_modules():
+        if isinstance(module, StreamingExperts):
+            return module.dispatch.local, module.dispatch.remote
+    raise TypeError("not a model loaded by edgemoe.load: it has no streaming expert layers")
+
+
+def streaming_model(model: nn.Module) -> StreamingModel:
+    """The `StreamingModel` view of a model from `load` (what the CLI works with)."""
+    local, cluster = _parts(model)
+    return StreamingModel(model, None, {}, local.manifest, local, 0, cluster)
+
+
+def stats(model: nn.Module) -> dict[str, Any]:
+    sm = streaming_model(model)
+    counters = snapshot(sm)
+    figures = {k: v for k, v in asdict(counters).items() if k != "t"}
+    figures.update(
+        cache_hit_rate=counters.cache_hit_rate,
+        ssd_read_gbps=counters.ssd_read_gbps,
+        prefetch_accuracy=counters.prefetch_accuracy,
+        cache_bytes_used=sm.local.cache_bytes_used,
+        cache_budget_bytes=sm.local.budget_bytes,
+        cached_experts=sm.local.cached_experts,
+    )
+    if sm.cluster is not None:
+        figures["cluster"] = sm.cluster.snapshot()
+    return figures
+
+
+def close(model: nn.Module) -> None:
+    streaming_model(model).close()
