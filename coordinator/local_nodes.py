@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from edgemoe.node.addresses import format_address
 from edgemoe.node.errors import EdgemoeError
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def _spawn_node(children: Children, token: str, workdir: Path, index: int, cache_bytes: int) -> tuple[Child, str]:
     name = f"node{index}"
-    address = f"{HOST}:{free_port()}"
+    address = format_address(HOST, free_port())
     # The token goes by environment, out of the process list.
     env = dict(os.environ, EDGEMOE_JOIN_TOKEN=token)
     child = children.start(name, [
