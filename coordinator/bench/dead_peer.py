@@ -39,6 +39,18 @@ def refused_address() -> Iterator[str]:
         yield f"{HOST}:{s.getsockname()[1]}"
 
 
+@contextlib.contextmanager
+def quiet_peers() -> Iterator[None]:
+    """The dead peer's "cannot reach node" warnings are this case's premise, not news."""
+    peers_log = logging.getLogger("edgemoe.coordinator.peers")
+    level = peers_log.level
+    peers_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        peers_log.setLevel(level)
+
+
 def _median(runs: list[DecodeRun]) -> float | None:
     speeds = [r.tokens_per_s for r in runs if r.tokens_per_s is not None]
     return statistics.median(speeds) if len(speeds) == len(runs) else None
@@ -55,7 +67,7 @@ def dead_peer_figures(sm: StreamingModel, model_dir: Path, load_options: dict[st
                   f"{TWO_MODELS_RAM_FRACTION:.0%} of RAM")
         return out
     credentials = ClusterCredentials.create(new_secret(), "coordinator")
-    with refused_address() as address:
+    with refused_address() as address, quiet_peers():
         log.info("decode with a dead peer (%s) against no peers, %d alternating runs each", address, runs)
         dead = load_streaming_model(model_dir, peers=[address], credentials=credentials, **load_options)
         try:
