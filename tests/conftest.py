@@ -98,18 +98,19 @@ class Models:
         self._packs: dict[tuple, Path] = {}
         self._mlx: dict[Path, tuple] = {}
 
-    def src(self, arch: str = "qwen3_moe", quantized: bool = True, seed: int = 0) -> Path:
-        key = (arch, quantized, seed)
+    def src(self, arch: str = "qwen3_moe", quantized: bool = True, seed: int = 0, dtype: str = "float32") -> Path:
+        key = (arch, quantized, seed, dtype)
         if key not in self._srcs:
-            path = self.root / f"src-{arch}-{'q' if quantized else 'f'}-{seed}"
-            self._srcs[key] = write_tiny_model(path, arch=arch, quantized=quantized, seed=seed)
+            path = self.root / f"src-{arch}-{'q' if quantized else 'f'}-{seed}-{dtype}"
+            self._srcs[key] = write_tiny_model(path, arch=arch, quantized=quantized, seed=seed, dtype=dtype)
         return self._srcs[key]
 
-    def packed(self, arch: str = "qwen3_moe", quantized: bool = True, in_place: bool = False, seed: int = 0) -> Path:
-        key = (arch, quantized, in_place, seed)
+    def packed(self, arch: str = "qwen3_moe", quantized: bool = True, in_place: bool = False, seed: int = 0,
+               dtype: str = "float32") -> Path:
+        key = (arch, quantized, in_place, seed, dtype)
         if key not in self._packs:
-            src = self.src(arch, quantized, seed)
-            dst = self.root / f"packed-{arch}-{'q' if quantized else 'f'}-{seed}{'-inplace' if in_place else ''}"
+            src = self.src(arch, quantized, seed, dtype)
+            dst = self.root / f"packed-{arch}-{'q' if quantized else 'f'}-{seed}-{dtype}{'-inplace' if in_place else ''}"
             pack(src, dst, in_place=in_place)
             self._packs[key] = dst
         return self._packs[key]
