@@ -16,7 +16,8 @@ import mlx.nn as nn
 from .cluster import Cluster
 from .counters import snapshot
 from .discovery import resolve_peers
-from .streaming import StreamingExperts, StreamingModel, load_streaming_model
+from .loader import load_streaming_model
+from .streaming import StreamingExperts, StreamingModel
 
 
 def load(

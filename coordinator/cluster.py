@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from edgemoe.node.credentials import MAX_MESSAGE_BYTES, ClusterCredentials
+from edgemoe.node.credentials import ClusterCredentials
+from edgemoe.node.limits import MAX_MESSAGE_BYTES
 from edgemoe.node.holdings import layer_specs_to_json
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import Manifest

@@ -60,7 +60,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import build_prompt, generate
     from .status import nodes_in_use, save_last_run
-    from .streaming import load_streaming_model
+    from .loader import load_streaming_model
 
     _check_max_tokens(args)
     peers, credentials = _peers(args)
@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
-    from .streaming import load_streaming_model
+    from .loader import load_streaming_model
 
     _check_max_tokens(args)
     if not 0 <= args.port <= 65535:
@@ -118,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from .chat import run_chat
-    from .streaming import load_streaming_model
+    from .loader import load_streaming_model
 
     _check_max_tokens(args)
     peers, credentials = _peers(args)
@@ -189,7 +189,7 @@ def cmd_cluster_bench(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> None:
     from .progress import show_push_progress
-    from .streaming import load_streaming_model
+    from .loader import load_streaming_model
 
     peers, credentials = _peers(args)
     if not peers:

@@ -28,7 +28,8 @@ from .generate import GenerationResult, build_prompt, generate
 from .local_nodes import Children, sigterm_as_interrupt, start_nodes
 from .pack import pack
 from .progress import show_push_progress
-from .streaming import StreamingModel, load_streaming_model
+from .loader import load_streaming_model
+from .streaming import StreamingModel
 
 DEMO_PROMPT = "def get(self, key"
 DEMO_TOKENS = 40

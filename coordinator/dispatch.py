@@ -10,9 +10,9 @@ router's order, so the result is the tensor mlx-lm's SwitchGLU/SwitchMLP returns
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -20,10 +20,22 @@ import numpy as np
 from edgemoe.node.compute import ExpertKernel, compute_pairs
 from edgemoe.node.local import LocalExperts, Misses
 
-if TYPE_CHECKING:
-    from .cluster import Cluster
 
-log = logging.getLogger(__name__)
+class RemoteCall(Protocol):
+    pairs: np.ndarray
+
+
+class Remote(Protocol):
+    """The nodes as a layer sees them (`cluster.Cluster`): the engine never imports the cluster client."""
+
+    def route(self, layer: int, experts: list[int]) -> dict[Any, list[int]]: ...
+
+    def is_remote(self, layer: int, expert: int) -> bool: ...
+
+    def send(self, layer: int, hidden: mx.array, rows: np.ndarray, flat: np.ndarray,
+             by_node: dict[Any, list[int]]) -> Sequence[RemoteCall]: ...
+
+    def collect(self, calls: Any, hidden: mx.array) -> list[mx.array | None]: ...
 
 
 @dataclass
@@ -45,7 +57,7 @@ class LayerDispatch:
         kernel: ExpertKernel,
         local: LocalExperts,
         max_inflight: int,
-        remote: Cluster | None = None,
+        remote: Remote | None = None,
         prefetch: Prefetch | None = None,
     ):
         self.layer = layer
@@ -71,9 +83,10 @@ class LayerDispatch:
             self.guessed += len(self.guess)
             self.guessed_right += len(self.guess.intersection(needed))
             self.guess = None
-        by_node = self.remote.route(self.layer, needed) if self.remote is not None else {}
-        if by_node:
-            return self._split(x, chosen, by_node)
+        remote = self.remote
+        by_node = remote.route(self.layer, needed) if remote is not None else {}
+        if remote is not None and by_node:
+            return self._split(remote, x, chosen, by_node)
         if len(needed) > self.max_inflight:
             return self._chunked(x, chosen)
         slots, misses = self.local.start_slots(self.layer, needed)
@@ -90,20 +103,19 @@ class LayerDispatch:
         self._prefetch_next(x, chosen)
         return out
 
-    def _split(self, x: mx.array, chosen: np.ndarray, by_node: dict) -> mx.array:
-        assert self.remote is not None
+    def _split(self, remote: Remote, x: mx.array, chosen: np.ndarray, by_node: dict) -> mx.array:
         k = chosen.shape[-1]
         flat = chosen.reshape(-1)
         rows = np.arange(flat.size) // k
         hidden = x.reshape(-1, x.shape[-1])
         remote_experts = [e for experts in by_node.values() for e in experts]
-        calls = self.remote.send(self.layer, hidden, rows, flat, by_node)
+        calls = remote.send(self.layer, hidden, rows, flat, by_node)
         parts: list[tuple[np.ndarray, mx.array]] = []
         local_pairs = np.flatnonzero(~np.isin(flat, remote_experts))
         if local_pairs.size:
             parts.append((local_pairs, self._pairs(hidden, rows[local_pairs], flat[local_pairs])))
         self._prefetch_next(x, chosen)
-        for call, y in zip(calls, self.remote.collect(calls, hidden)):
+        for call, y in zip(calls, remote.collect(calls, hidden)):
             if y is None:
                 # The fallback's reads may reuse scratch or evicted slots that the work
                 # queued so far still reads: finish that work first.

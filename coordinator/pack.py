@@ -17,7 +17,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_model
 
-from edgemoe.node.compute import array_bytes, dtype_name
+from edgemoe.node.compute import array_bytes
+from edgemoe.node.dtypes import dtype_name
 from edgemoe.node.errors import SourceModelError
 from edgemoe.node.manifest import (
     DENSE_NAME,

@@ -9,20 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-SAFETENSORS_DTYPES = {
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "uint32": "U32",
-    "int32": "I32",
-    "uint16": "U16",
-    "int16": "I16",
-    "uint8": "U8",
-    "int8": "I8",
-    "uint64": "U64",
-    "int64": "I64",
-    "bool": "BOOL",
-}
+from edgemoe.node.dtypes import SAFETENSORS_NAMES as SAFETENSORS_DTYPES
+
 MLX_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 

@@ -15,39 +15,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .dtypes import array_from_bytes
 from .manifest import LayerSpec
-
-# numpy has no bfloat16: its bytes travel as uint16 and are reinterpreted in mlx.
-_NUMPY_DTYPES = {
-    "bfloat16": np.uint16,
-    "float16": np.float16,
-    "float32": np.float32,
-    "uint32": np.uint32,
-    "uint8": np.uint8,
-    "int8": np.int8,
-    "uint16": np.uint16,
-    "int32": np.int32,
-}
 
 ExpertWeights = dict[str, mx.array]
 
 
-def dtype_name(dtype: mx.Dtype) -> str:
-    return str(dtype).removeprefix("mlx.core.")
-
-
 def record_to_arrays(spec: LayerSpec, record: np.ndarray) -> ExpertWeights:
     """Turns one expert's record bytes into its tensors (copies: the record can go)."""
-    arrays = {}
-    for t in spec.tensors:
-        np_dtype = _NUMPY_DTYPES[t.dtype]
-        count = t.nbytes // np.dtype(np_dtype).itemsize
-        flat = np.frombuffer(record, dtype=np_dtype, count=count, offset=t.offset)
-        arr = mx.array(flat.reshape(t.shape))
-        if t.dtype == "bfloat16":
-            arr = arr.view(mx.bfloat16)
-        arrays[t.name] = arr
-    return arrays
+    return {t.name: array_from_bytes(record, t.dtype, list(t.shape), t.offset) for t in spec.tensors}
 
 
 def array_bytes(arr: mx.array) -> memoryview:

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ClusterConfigError, JoinTokenError
+from .limits import MAX_MESSAGE_BYTES
 
 TOKEN_VERSION = 1
 TOKEN_PREFIX = f"edgemoe{TOKEN_VERSION}-"
@@ -42,7 +43,6 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 # Every leaf carries this DNS name; clients check it instead of the peer's
 # address, which mDNS and static peers give in whatever form.
 TARGET_NAME = "edgemoe-node"
-MAX_MESSAGE_BYTES = 64 * 2**20
 SERVER_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -18,16 +18,15 @@ from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 
 from .architecture import build_model, routed_expert_modules
 from .compute import ExpertKernel, compute_pairs, input_dims
-from .errors import EdgemoeError
+from .errors import ChecksumError, EdgemoeError
 from .holdings import ModelHoldings, NodeHoldings, PushError
+from .limits import MAX_INFLIGHT_EXPERTS
 from .local import LocalExperts
 from .store import ExpertStore
 from .version import EDGEMOE_VERSION, PROTOCOL_VERSION
 from .wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
 
 log = logging.getLogger(__name__)
-
-MAX_INFLIGHT = 32
 
 
 @dataclass
@@ -44,7 +43,7 @@ class _ComputeModel:
         self.holdings = holdings
         manifest = holdings.manifest
         store = ExpertStore(holdings.root, manifest, io_mode="buffered")
-        self.local = LocalExperts(store, min(cache_bytes, manifest.total_expert_bytes), scratch_slots=MAX_INFLIGHT)
+        self.local = LocalExperts(store, min(cache_bytes, manifest.total_expert_bytes), scratch_slots=MAX_INFLIGHT_EXPERTS)
         modules = dict(routed_expert_modules(build_model(holdings.config)))
         self.kernels = {
             spec.layer: ExpertKernel(modules[spec.module_path], spec, self.local.arrays(spec.layer))
@@ -53,7 +52,7 @@ class _ComputeModel:
 
     def compute(self, layer: int, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
         kernel = self.kernels[layer]
-        return compute_pairs(kernel, lambda group: self.local.slots(layer, group), hidden, rows, experts, MAX_INFLIGHT)
+        return compute_pairs(kernel, lambda group: self.local.slots(layer, group), hidden, rows, experts, MAX_INFLIGHT_EXPERTS)
 
 
 class NodeService(pb_grpc.EdgeNodeServicer):
@@ -148,8 +147,24 @@ class NodeService(pb_grpc.EdgeNodeServicer):
         missing = {e for e in experts.tolist() if (layer, e) not in model.holdings.held}
         if missing:
             raise WireError(f"layer {layer} experts {sorted(missing)[:8]} are not held here")
-        out = model.compute(layer, hidden, rows, experts)
+        try:
+            out = model.compute(layer, hidden, rows, experts)
+        except ChecksumError:
+            self._drop_model(request.fingerprint)
+            bad = model.holdings.drop_corrupted(layer, set(experts.tolist()))
+            if not bad:
+                raise
+            log.warning("layer %d experts %s fail their checksums on this node's disk: no longer held", layer, bad)
+            raise ChecksumError(f"layer {layer} experts {bad} failed their checksums on this node's disk and are no "
+                                "longer held here; the coordinator pushes them again") from None
         return tensor_from_array(out)
+
+    def _drop_model(self, fingerprint: str) -> None:
+        """Forgets a model's compute state (on the compute thread): rebuilt from disk on next use."""
+        with self._models_lock:
+            model = self._models.pop(fingerprint, None)
+        if model is not None:
+            model.local.close()
 
     def close(self) -> None:
         for model in self._models.values():

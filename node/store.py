@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ChecksumError, ExpertFileError
-from .limits import ram_bytes
+from .limits import DIRECT_ALIGNMENT, ram_bytes
 from .manifest import Manifest, resolve_file
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 INLINE_READ_BYTES = 1 << 20
 READ_CHUNK_BYTES = 1 << 20
-DIRECT_ALIGNMENT = 4096
 # auto: bypass the page cache when it could not hold the experts anyway.
 IO_MODES = ("auto", "direct", "buffered")
 _O_DIRECT = getattr(os, "O_DIRECT", 0)

@@ -9,11 +9,11 @@ import numpy as np
 
 from edgemoe.protos import edgemoe_node_pb2 as pb
 
+from .dtypes import NUMPY_STORAGE, WIRE_DTYPES, array_from_bytes, dtype_name
 from .errors import EdgemoeError
 
 # Hidden rows, and (row, expert) pairs, in one compute request: part of the wire contract.
 MAX_ROWS = 8192
-WIRE_DTYPES = {"float32": (np.float32, None), "float16": (np.float16, None), "bfloat16": (np.uint16, mx.bfloat16)}
 
 
 class WireError(EdgemoeError):
@@ -21,7 +21,7 @@ class WireError(EdgemoeError):
 
 
 def tensor_from_array(arr: mx.array) -> pb.Tensor:
-    name = str(arr.dtype).removeprefix("mlx.core.")
+    name = dtype_name(arr.dtype)
     if name not in WIRE_DTYPES:
         arr, name = arr.astype(mx.float32), "float32"
     mx.eval(arr)
@@ -34,8 +34,6 @@ def array_from_tensor(tensor: pb.Tensor, max_rows: int) -> mx.array:
     shape = list(tensor.shape)
     if not 1 <= len(shape) <= 3 or any(d <= 0 for d in shape) or shape[0] > max_rows:
         raise WireError(f"tensor shape {shape[:4]} is not allowed")
-    np_dtype, mx_view = WIRE_DTYPES[tensor.dtype]
-    if len(tensor.data) != math.prod(shape) * np.dtype(np_dtype).itemsize:
+    if len(tensor.data) != math.prod(shape) * np.dtype(NUMPY_STORAGE[tensor.dtype]).itemsize:
         raise WireError(f"tensor of shape {shape} and dtype {tensor.dtype} carries {len(tensor.data)} bytes")
-    arr = mx.array(np.frombuffer(tensor.data, dtype=np_dtype).reshape(shape))
-    return arr.view(mx_view) if mx_view is not None else arr
+    return array_from_bytes(tensor.data, tensor.dtype, shape)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.node.credentials import ClusterCredentials
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import encode, mlx_lm_tokens
 from edgemoe.coordinator import peers as peers_module
 from edgemoe.coordinator.generate import generate
-from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret, server_credentials
 from edgemoe.node.manifest import read_manifest
 from edgemoe.node.version import PROTOCOL_VERSION

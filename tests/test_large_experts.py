@@ -12,7 +12,7 @@ from conftest import encode, mlx_lm_tokens
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.dispatch import LayerDispatch
-from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.coordinator.tiny_models import write_tiny_model
 from edgemoe.node.manifest import read_manifest
 from edgemoe.node.store import INLINE_READ_BYTES

@@ -18,7 +18,7 @@ MAX_INFLIGHT = 8
 RUN = """
 import json, sys
 from pathlib import Path
-from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.coordinator.generate import generate, peak_rss_bytes
 sm = load_streaming_model(Path(sys.argv[1]), cache_bytes=int(sys.argv[2]), max_inflight_experts=int(sys.argv[3]))
 prompt = sm.tokenizer.encode("The quick brown fox jumps over the lazy dog, again and again and again.")

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from conftest import PROMPT, REPO, SUPPORTED_ARCHS, cli_env, encode, mlx_lm_tokens, run_cli, write_large_moe_source
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.pack import pack
-from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.node.compute import record_to_arrays
 from edgemoe.node.errors import ManifestError, SourceModelError
 from edgemoe.node.manifest import (

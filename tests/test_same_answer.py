@@ -18,7 +18,7 @@ from conftest import (
     run_cli,
 )
 from edgemoe.coordinator.generate import generate
-from edgemoe.coordinator.streaming import load_streaming_model
+from edgemoe.coordinator.loader import load_streaming_model
 
 QUANT = [pytest.param(True, id="q4"), pytest.param(False, id="f32")]
 BUDGETS = ("one", "middle", "all")

@@ -39,7 +39,8 @@ from ..cluster import Cluster
 from ..counters import Counters, snapshot
 from ..generate import build_prompt, generate
 from ..local_nodes import HOST, START_TIMEOUT_S, Children, sigterm_as_interrupt, start_nodes, wait_for_output
-from ..streaming import StreamingModel, load_streaming_model
+from ..loader import load_streaming_model
+from ..streaming import StreamingModel
 from .decode import REPEATS, ignore_eos, warm_up
 from .reference import ram_bytes
 

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 from edgemoe.node.credentials import ClusterCredentials, new_secret
 
 from ..counters import snapshot
-from ..streaming import StreamingModel, load_streaming_model
+from ..loader import load_streaming_model
+from ..streaming import StreamingModel
 from .decode import DecodeRun, cold_run, warm_up
 from .reference import ram_bytes
 from .report import Notes

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgemoe.node.limits import DIRECT_ALIGNMENT
 from edgemoe.node.manifest import Manifest, align
 
 from .page_cache import drop_page_cache
@@ -27,7 +28,6 @@ RAW_THREADS = 4
 RAW_MIN_SECONDS = 1.0
 RAW_MAX_BYTES = 2 * 2**30
 RAW_MAX_PASSES = 64
-DIRECT_ALIGNMENT = 4096
 FIO_RUNTIME_S = 2
 
 

@@ -14,7 +14,8 @@ from edgemoe.node.errors import EdgemoeError
 from edgemoe.node.manifest import Manifest, read_manifest
 
 from ..generate import build_prompt, generate
-from ..streaming import StreamingModel, load_streaming_model
+from ..loader import load_streaming_model
+from ..streaming import StreamingModel
 from .dead_peer import dead_peer_figures
 from .decode import REPEATS, WARMUP_PROMPT, DecodeRun, best_of, cold_run, fresh_cache, ignore_eos, timed_generate, warm_up
 from .disk import measure_reads, record_jobs, run_fio, sequential_jobs

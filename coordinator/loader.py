@@ -1,0 +1,139 @@
+"""Loads a packed model as a `StreamingModel`: mlx-lm's architecture, the dense weights in
+RAM, and a dispatcher per MoE layer over the expert store, the cache and the nodes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import load_tokenizer
+
+from edgemoe.node.architecture import (
+    build_model,
+    read_config,
+    replace_module,
+    routed_expert_modules,
+    routed_experts_per_token,
+    router_of,
+    with_experts_per_token,
+)
+from edgemoe.node.compute import ExpertKernel
+from edgemoe.node.credentials import ClusterCredentials
+from edgemoe.node.errors import ManifestError
+from edgemoe.node.limits import MAX_INFLIGHT_EXPERTS, ram_bytes
+from edgemoe.node.local import LocalExperts
+from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
+from edgemoe.node.store import ExpertStore
+
+from .cluster import Cluster
+from .dispatch import LayerDispatch, Prefetch
+from .progress import progress_bar
+from .streaming import StreamingExperts, StreamingModel, router_logits
+
+log = logging.getLogger(__name__)
+
+
+def _dispatchers(model: nn.Module, manifest: Manifest, local: LocalExperts, max_inflight: int,
+                 remote: Cluster | None, prefetch: bool) -> dict[str, LayerDispatch]:
+    """Every MoE layer's dispatcher by module path, built last to first so that each is
+    given the next one (to prefetch into, through that layer's router)."""
+    modules = dict(routed_expert_modules(model))
+    specs = sorted(manifest.layers, key=lambda spec: spec.layer)
+    built: dict[str, LayerDispatch] = {}
+    for spec, following in reversed(list(zip(specs, [*specs[1:], None]))):
+        ahead = None
+        if prefetch and following is not None:
+            logits = router_logits(router_of(model, following.module_path))
+            if logits is None:
+                log.info("no router found for layer %d: no prefetch into it", following.layer)
+            else:
+                ahead = Prefetch(built[following.module_path], logits)
+        kernel = ExpertKernel(modules[spec.module_path], spec, local.arrays(spec.layer))
+        built[spec.module_path] = LayerDispatch(spec.layer, kernel, local, max_inflight, remote, ahead)
+    return built
+
+
+def _read_dense(weights: dict[str, mx.array], path: Path) -> None:
+    """Reads the dense tensors (mx.load is lazy) one by one, behind a progress bar."""
+    total = sum(a.nbytes for a in weights.values())
+    with progress_bar(total, "loading dense weights", leave=False) as bar:
+        for array in weights.values():
+            try:
+                mx.eval(array)
+            except (RuntimeError, ValueError) as exc:
+                raise ManifestError(f"{path} is unreadable ({exc}); repack the model") from exc
+            bar.update(array.nbytes)
+
+
+def default_cache_bytes(manifest: Manifest) -> int:
+    ram = ram_bytes()
+    return max(manifest.expert_bytes, min(manifest.total_expert_bytes, ram // 4))
+
+
+def load_streaming_model(
+    model_dir: Path,
+    cache_bytes: int | None = None,
+    experts_per_token: int | None = None,
+    cache_policy: str = "lfu",
+    io_threads: int = 8,
+    max_inflight_experts: int = MAX_INFLIGHT_EXPERTS,
+    io_mode: str = "auto",
+    prefetch: bool = False,
+    peers: list[str] | None = None,
+    credentials: ClusterCredentials | None = None,
+    node_timeout_s: float | None = None,
+) -> StreamingModel:
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    config = read_config(model_dir)
+    if experts_per_token is not None:
+        config = with_experts_per_token(config, experts_per_token)
+    model = build_model(config)
+    modules = dict(routed_expert_modules(model))
+    packed = {spec.module_path for spec in manifest.layers}
+    if packed != set(modules):
+        raise ManifestError(
+            f"{model_dir}: manifest and config.json disagree on the MoE layers; repack the model"
+        )
+    store = ExpertStore(model_dir, manifest, io_threads, io_mode)
+    try:
+        budget = cache_bytes if cache_bytes is not None else default_cache_bytes(manifest)
+        k = (routed_experts_per_token(config) or 0) if prefetch else 0
+        local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k)
+    except BaseException:
+        store.close()
+        raise
+    cluster = None
+    try:
+        if peers:
+            timeout = {} if node_timeout_s is None else {"deadline_s": node_timeout_s}
+            cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers, **timeout)
+        quantized = manifest.dense_quantization
+        nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
+        # After quantizing: a prefetching layer holds the next layer's (quantized) router.
+        for path, dispatch in _dispatchers(model, manifest, local, max_inflight_experts, cluster, prefetch).items():
+            replace_module(model, path, StreamingExperts(dispatch))
+        dense_path = model_dir / DENSE_NAME
+        if not dense_path.exists():
+            raise ManifestError(f"{dense_path} is missing; repack the model (`edgemoe pack SRC DST --force`)")
+        try:
+            weights = mx.load(str(dense_path))
+        except (RuntimeError, ValueError) as exc:
+            raise ManifestError(f"{dense_path} is unreadable ({exc}); repack the model") from exc
+        _read_dense(weights, dense_path)
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as exc:
+            raise ManifestError(f"{dense_path} does not fit the model ({str(exc).splitlines()[0]}); repack the model") from exc
+        model.eval()
+        mx.eval(model.parameters())
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    except BaseException:
+        if cluster is not None:
+            cluster.close()
+        local.close()
+        raise
+    dense_bytes = sum(a.nbytes for a in weights.values())
+    return StreamingModel(model, tokenizer, config, manifest, local, dense_bytes, cluster)

@@ -1,0 +1,50 @@
+"""dtypes by the names the manifest, safetensors and the wire use, and how their bytes are held."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+# numpy has no bfloat16: its bytes are held as uint16 and reinterpreted in mlx.
+NUMPY_STORAGE: dict[str, type] = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.uint16,
+    "uint32": np.uint32,
+    "int32": np.int32,
+    "uint16": np.uint16,
+    "int16": np.int16,
+    "uint8": np.uint8,
+    "int8": np.int8,
+    "uint64": np.uint64,
+    "int64": np.int64,
+    "bool": np.bool_,
+}
+SAFETENSORS_NAMES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "uint32": "U32",
+    "int32": "I32",
+    "uint16": "U16",
+    "int16": "I16",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint64": "U64",
+    "int64": "I64",
+    "bool": "BOOL",
+}
+# Hidden states on the wire.
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def array_from_bytes(buffer: bytes | memoryview | np.ndarray, name: str, shape: list[int], offset: int = 0) -> mx.array:
+    """An mlx array (a copy) of dtype `name` and `shape` from raw little-endian bytes at `offset`."""
+    storage = NUMPY_STORAGE[name]
+    count = int(np.prod(shape)) if shape else 1
+    arr = mx.array(np.frombuffer(buffer, dtype=storage, count=count, offset=offset).reshape(shape))
+    return arr.view(mx.bfloat16) if name == "bfloat16" else arr
