@@ -92,9 +92,30 @@ class ModelHoldings:
             os.close(fd)
         with self._lock:
             self.held.add((layer, expert))
-            tmp = self.root / f"{HELD_INDEX}.tmp"
-            tmp.write_bytes(msgpack.packb(sorted(self.held)))
-            os.replace(tmp, self.root / HELD_INDEX)
+            self._save_index()
+
+    def drop_corrupted(self, layer: int, experts: set[int]) -> list[int]:
+        """Re-reads these held experts of a layer and stops holding those whose bytes on disk no
+        longer match their checksum (the disk went bad since they were pushed); returns them."""
+        spec = self.manifest.layer(layer)
+        bad = []
+        with open(self.root / self.manifest.files[spec.experts[0].segments[0].file], "rb") as f:
+            for expert in sorted(e for e in experts if (layer, e) in self.held):
+                entry = spec.experts[expert]
+                f.seek(entry.segments[0].offset)
+                if hashlib.sha256(f.read(spec.record_bytes)).hexdigest() != entry.checksum:
+                    bad.append(expert)
+        if bad:
+            with self._lock:
+                self.held.difference_update((layer, e) for e in bad)
+                self._save_index()
+        return bad
+
+    def _save_index(self) -> None:
+        """Replaces the index of held experts atomically (under the lock)."""
+        tmp = self.root / f"{HELD_INDEX}.tmp"
+        tmp.write_bytes(msgpack.packb(sorted(self.held)))
+        os.replace(tmp, self.root / HELD_INDEX)
 
 
 class NodeHoldings:
