@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: setup demo test quick bench clean protos
+.PHONY: setup demo check test quick bench clean protos
 
 $(BIN)/edgemoe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,16 @@ demo: setup
 protos: setup
 	bash protos/generate.sh $(BIN)/python
 
-test: setup
+# Lint, types and the layering rule (tests/test_layers.py). mypy needs the folders under
+# their import names: a tree of links lays them out as the wheel does.
+check: setup
+	$(BIN)/ruff check coordinator node edgemoe tests
+	rm -rf build/typecheck && mkdir -p build/typecheck/edgemoe
+	ln -s $(CURDIR)/edgemoe/__init__.py $(CURDIR)/coordinator $(CURDIR)/node $(CURDIR)/protos build/typecheck/edgemoe/
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p edgemoe
+	$(BIN)/python -m pytest -q tests/test_layers.py
+
+test: setup check
 	$(BIN)/python -m pytest -q
 
 # For development: everything but the long tests and the root/namespace ones.
