@@ -34,7 +34,7 @@ def load(
         spec = peers if isinstance(peers, str) else ",".join(peers)
         addresses, credentials = resolve_peers(spec, interface, cluster_dir)
     cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
-    sm = load_streaming_model(Path(path), cache_bytes=cache_bytes, peers=addresses, credentials=credentials, **options)
+    sm = load_streaming_model(Path(path).expanduser(), cache_bytes=cache_bytes, peers=addresses, credentials=credentials, **options)
     return sm.model, sm.tokenizer
 
 

@@ -20,8 +20,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "demo_weights"
 WEIGHT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 SHAPES = {
-    # Random, 8 MoE layers of 64 experts, 8 per token: the shape DESIGN.md's
-    # reference measurements use; the README's `make bench` figures are on it.
+    # Random, 8 MoE layers of 64 experts, 8 per token: the shape of the reference
+    # measurements of other MLX expert-streaming packages; the README's `make bench` figures are on it.
     "random": dict(
         arch="qwen3_moe", quantized=True, seed=0, num_layers=8, num_experts=64,
         hidden_size=256, moe_intermediate_size=128, num_experts_per_tok=8,

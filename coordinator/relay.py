@@ -1,6 +1,6 @@
 """A TCP relay that adds a fixed delay each way: the latency of a LAN link, on one machine.
 
-This kernel has no `sch_netem` (DESIGN.md), so the cluster bench and the tests
+This kernel has no `sch_netem` (docs/DESIGN.md), so the cluster bench and the tests
 put a DelayRelay between the coordinator and each node instead. Also a command
 line, to run one in a process of its own:
 

@@ -71,7 +71,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
-    # An empty TMPDIR breaks mlx's compiled sampler (DESIGN.md).
+    # An empty TMPDIR breaks mlx's compiled sampler (docs/DESIGN.md).
     if not env.get("TMPDIR"):
         env.pop("TMPDIR", None)
     return env

@@ -1,4 +1,4 @@
-"""`edgemoe bench --cluster N`: decode with N edge nodes on this machine, against DESIGN.md's cluster bound.
+"""`edgemoe bench --cluster N`: decode with N edge nodes on this machine, against the cluster bound of docs/DESIGN.md.
 
 One run starts N `edge-node` processes on 127.0.0.1 (free ports, temporary
 data dirs, a fresh cluster token), then measures, in order:
@@ -38,8 +38,8 @@ from edgemoe.node.manifest import read_manifest
 from ..cluster import Cluster
 from ..counters import Counters, snapshot
 from ..generate import build_prompt, generate
-from ..local_nodes import HOST, START_TIMEOUT_S, Children, sigterm_as_interrupt, start_nodes, wait_for_output
 from ..loader import load_streaming_model
+from ..local_nodes import HOST, START_TIMEOUT_S, Children, sigterm_as_interrupt, start_nodes, wait_for_output
 from ..streaming import StreamingModel
 from .decode import REPEATS, ignore_eos, warm_up
 from .reference import ram_bytes
@@ -151,7 +151,7 @@ def fastest_decode(sm: StreamingModel, prompt_tokens: list[int], tokens: int) ->
 
 def cluster_bound(moe_layers: int, peer_layer_fraction: float, layer_rtt_ms: float | None,
                   local_layer_ms: float) -> float:
-    """DESIGN.md's cluster bound in tok/s: a layer with a peer call takes max(its slowest
+    """The cluster bound of docs/DESIGN.md in tok/s: a layer with a peer call takes max(its slowest
     round trip, local work), a layer without one its local work."""
     with_peers = max(layer_rtt_ms or 0.0, local_layer_ms)
     per_layer_ms = peer_layer_fraction * with_peers + (1 - peer_layer_fraction) * local_layer_ms
@@ -203,7 +203,8 @@ class Setup:
     tokens: int
 
 
-def _load(setup: Setup, peers: list[str] | None = None, credentials: ClusterCredentials | None = None) -> StreamingModel:
+def _load(setup: Setup, peers: list[str] | None = None,
+          credentials: ClusterCredentials | None = None) -> StreamingModel:
     return load_streaming_model(setup.model_dir, cache_bytes=setup.coordinator_cache_bytes,
                                 experts_per_token=setup.experts_per_token, io_mode=setup.io_mode,
                                 peers=peers, credentials=credentials)
@@ -293,7 +294,8 @@ def run_cluster_bench(
                 baseline = fastest_decode(sm, prompt_tokens, tokens)
             finally:
                 sm.close()
-            local_layer_ms = _ratio(1e3, baseline.tokens_per_s * len(manifest.layers)) if baseline.tokens_per_s else None
+            local_layer_ms = (_ratio(1e3, baseline.tokens_per_s * len(manifest.layers))
+                              if baseline.tokens_per_s else None)
             if local_layer_ms is None:
                 raise EdgemoeError("the no-peer decode produced no timing; raise --tokens")
             report.update(no_peer_tokens_per_s=baseline.tokens_per_s, local_layer_ms=local_layer_ms)
