@@ -41,8 +41,8 @@ def status_line(result: GenerationResult, cluster: dict | None) -> str:
             f"cache hit rate {s.cache_hit_rate:.1%} | {where}]")
 
 
-def run_chat(sm: StreamingModel, model_dir: Path | str, max_tokens: int = 512, temp: float = 0.0, seed: int | None = None,
-             stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+def run_chat(sm: StreamingModel, model_dir: Path | str, max_tokens: int = 512, temp: float = 0.0,
+             seed: int | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Reads lines until /exit or end of input; returns how many replies were given."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, help="packed model directory (from `edgemoe pack`)")
         p.add_argument("--cache-mb", type=float, help="RAM budget for cached experts, in MiB")
-        p.add_argument("--experts-per-token", type=int, metavar="K", help="route each token to K experts (fewer is faster)")
+        p.add_argument("--experts-per-token", type=int, metavar="K",
+                       help="route each token to K experts (fewer is faster)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument(
             "--io",
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "random experts (36 MiB, the benchmark model); large: 768 MiB of 6 MiB float32 experts")
     d.set_defaults(func=cmd_demo_model)
 
-    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics)")
+    s = sub.add_parser("serve",
+                       help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics)")
     model_options(s)
     peer_options(s)
     node_timeout_option(s)
@@ -156,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cluster", help="the cluster's credentials")
     csub = c.add_subparsers(dest="cluster_command", required=True)
     ci = csub.add_parser("init", help="make the cluster secret and print its join token (the last line)")
-    ci.add_argument("--dir", help="where to keep the token (default: $EDGEMOE_HOME/cluster or ~/.config/edgemoe/cluster)")
+    ci.add_argument("--dir",
+                    help="where to keep the token (default: $EDGEMOE_HOME/cluster or ~/.config/edgemoe/cluster)")
     ci.add_argument("--rotate", action="store_true", help="replace an existing token: re-keys the cluster")
     ci.add_argument("--expires-days", type=float, metavar="DAYS",
                     help="the token (and every certificate made from it) stops working after DAYS")

@@ -59,8 +59,8 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import build_prompt, generate
-    from .status import nodes_in_use, save_last_run
     from .loader import load_streaming_model
+    from .status import nodes_in_use, save_last_run
 
     _check_max_tokens(args)
     peers, credentials = _peers(args)
@@ -98,8 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import serve
     from .loader import load_streaming_model
+    from .server import serve
 
     _check_max_tokens(args)
     if not 0 <= args.port <= 65535:
@@ -188,8 +188,8 @@ def cmd_cluster_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    from .progress import show_push_progress
     from .loader import load_streaming_model
+    from .progress import show_push_progress
 
     peers, credentials = _peers(args)
     if not peers:

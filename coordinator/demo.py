@@ -25,10 +25,10 @@ from edgemoe.node.manifest import read_manifest
 
 from .demo_model import write_demo_model
 from .generate import GenerationResult, build_prompt, generate
+from .loader import load_streaming_model
 from .local_nodes import Children, sigterm_as_interrupt, start_nodes
 from .pack import pack
 from .progress import show_push_progress
-from .loader import load_streaming_model
 from .streaming import StreamingModel
 
 DEMO_PROMPT = "def get(self, key"
@@ -208,7 +208,8 @@ def run_demo(
                                            result.token_ids == report.reference_token_ids, victim.name, halfway,
                                            healthy))
                 say("\n" + format_run(report.runs[-1]))
-                say(f"\nnext: `{command} chat --model {packed}` to talk to it, `{command} serve --model {packed}` for an "
+                say(f"\nnext: `{command} chat --model {packed}` to talk to it, "
+                    f"`{command} serve --model {packed}` for an "
                     "OpenAI-compatible API; README.md shows how to run a real model")
             finally:
                 sm.close()

@@ -17,7 +17,8 @@ from .tiny_models import write_tiny_model
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "demo_weights"
 # what an mlx-lm model directory needs; train.json (how it was trained) stays behind
-WEIGHT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+WEIGHT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json")
 
 SHAPES = {
     # Random, 8 MoE layers of 64 experts, 8 per token: the shape of the reference

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse, stream_generate
@@ -82,7 +83,8 @@ def build_prompt(tokenizer: Any, prompt: str | list[dict], chat_template: bool =
     templated = chat_template and getattr(tokenizer, "chat_template", None)
     if isinstance(prompt, str):
         if templated:
-            return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+            return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True))
         return list(tokenizer.encode(prompt))
     if templated:
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))

@@ -126,7 +126,8 @@ def load_streaming_model(
         try:
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as exc:
-            raise ManifestError(f"{dense_path} does not fit the model ({str(exc).splitlines()[0]}); repack the model") from exc
+            raise ManifestError(f"{dense_path} does not fit the model ({str(exc).splitlines()[0]}); "
+                                "repack the model") from exc
         model.eval()
         mx.eval(model.parameters())
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))

@@ -146,7 +146,8 @@ def _family(host: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgemoe.coordinator.relay", description="Run a DelayRelay until SIGTERM.")
+    parser = argparse.ArgumentParser(prog="python -m edgemoe.coordinator.relay",
+                                     description="Run a DelayRelay until SIGTERM.")
     parser.add_argument("--listen", required=True, help="HOST:PORT (port 0: any free port)")
     parser.add_argument("--target", required=True, help="HOST:PORT")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay per chunk")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 from edgemoe.node.dtypes import SAFETENSORS_NAMES as SAFETENSORS_DTYPES
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Hashable
+from typing import Any
 
 from .errors import CacheBudgetError
 

@@ -47,7 +47,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     try:
         return parse_address(text, empty_host="0.0.0.0")
     except ValueError as exc:
-        raise ListenError(f"--listen {text!r}: {exc}; write HOST:PORT (e.g. 0.0.0.0:7070, IPv6 as [ADDR]:PORT)") from None
+        raise ListenError(f"--listen {text!r}: {exc}; "
+                          "write HOST:PORT (e.g. 0.0.0.0:7070, IPv6 as [ADDR]:PORT)") from None
 
 
 async def serve(args: argparse.Namespace) -> None:

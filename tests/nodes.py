@@ -49,5 +49,6 @@ def wait_for_placement(sm, timeout: float = 60.0) -> None:
     """Until every healthy node holds all the experts placement gave it."""
     deadline = time.monotonic() + timeout
     while not sm.cluster.placement_complete():
-        assert time.monotonic() < deadline, f"experts never reached the nodes: {[len(p.held) for p in sm.cluster.peers]}"
+        assert time.monotonic() < deadline, (
+            f"experts never reached the nodes: {[len(p.held) for p in sm.cluster.peers]}")
         time.sleep(0.1)

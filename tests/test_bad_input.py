@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import PROMPT, encode, run_cli
+
 from edgemoe.coordinator.generate import generate
-from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.coordinator.pack import pack
 from edgemoe.node.errors import ChecksumError
 from edgemoe.node.manifest import DENSE_NAME, MANIFEST_NAME, read_manifest
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, cli_env, mlx_lm_tokens, run_cli
 
 CHAT_TOKENS = 10

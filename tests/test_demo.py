@@ -8,8 +8,8 @@ import os
 
 import mlx.core as mx
 import pytest
-
 from conftest import run_cli
+
 from edgemoe.coordinator.demo import DEMO_PROMPT
 from edgemoe.node.manifest import read_manifest
 

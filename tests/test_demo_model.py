@@ -9,13 +9,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from edgemoe.coordinator.demo import DEMO_PROMPT as PROMPT
 from edgemoe.coordinator.demo_model import WEIGHT_FILES, WEIGHTS_DIR, write_demo_model
 from edgemoe.coordinator.generate import generate
-from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.coordinator.pack import pack
 from edgemoe.node.manifest import read_manifest
 
 MAX_TOKENS = 30

@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 import netns
+import pytest
 from conftest import PROMPT, REPO, cli_env, encode, mlx_lm_tokens
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

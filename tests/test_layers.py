@@ -14,10 +14,10 @@ do not (they never run). Module names come from pyproject's package-dir, as inst
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LINES = 400

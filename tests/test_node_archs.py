@@ -4,12 +4,12 @@ bfloat16 checkpoint (as mlx-community's are): the same tokens as mlx-lm, through
 from __future__ import annotations
 
 import pytest
-
 from conftest import MAX_TOKENS, PROMPT, SUPPORTED_ARCHS, encode, mlx_lm_tokens
+from nodes import NodeProcess, coordinator, wait_for_placement
+
 from edgemoe.coordinator.generate import generate
 from edgemoe.node.credentials import format_token, new_secret
 from edgemoe.node.manifest import read_manifest
-from nodes import NodeProcess, coordinator, wait_for_placement
 
 pytestmark = pytest.mark.slow
 

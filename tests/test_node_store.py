@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from conftest import MAX_TOKENS, PROMPT, encode, mlx_lm_tokens
+from nodes import NodeProcess, coordinator, wait_for_placement
+
 from edgemoe.coordinator.generate import generate
 from edgemoe.node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials, format_token, new_secret
 from edgemoe.node.holdings import ModelHoldings, layer_specs_to_json
@@ -14,7 +15,6 @@ from edgemoe.node.manifest import read_manifest
 from edgemoe.node.store import ExpertStore
 from edgemoe.protos import edgemoe_node_pb2 as pb
 from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
-from nodes import NodeProcess, coordinator, wait_for_placement
 
 
 @pytest.fixture
@@ -119,5 +119,6 @@ def test_a_node_restarted_on_corrupted_experts_drops_them_and_the_tokens_stay_ml
         segment = on_disk.manifest.layer(layer).experts[expert].segments[0]
         with open(on_disk.root / on_disk.manifest.files[segment.file], "rb") as f:
             f.seek(segment.offset)
-            assert f.read(len(good[layer, expert])) == good[layer, expert], f"layer {layer} expert {expert} held corrupted"
+            held = f.read(len(good[layer, expert]))
+            assert held == good[layer, expert], f"layer {layer} expert {expert} held corrupted"
     assert "fail their checksums on this node's disk" in node.proc.stderr.read()

@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, cli_env, run_cli
+
 from edgemoe.coordinator.local_nodes import Children, start_nodes
 from edgemoe.node.manifest import read_manifest
 
@@ -27,8 +27,8 @@ def run_on_terminal(*args: str, timeout: float = 180) -> tuple[int, str, str]:
     """`edgemoe ARGS` with stderr on a pseudo-terminal; returns (exit code, stdout, what the terminal showed)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "edgemoe.coordinator.cli", *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=slave, env=cli_env(), cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "edgemoe.coordinator.cli", *map(str, args)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=cli_env(), cwd=REPO)
     os.close(slave)
     shown: list[bytes] = []
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import PROMPT, REPO, cli_env, mlx_lm_tokens, run_cli
+from prometheus_client.parser import text_string_to_metric_families
 
 KEY = "test-key-0123"
 MAX_TOKENS = 16
@@ -44,8 +43,8 @@ class Server:
 def start_server(model: Path, log: Path, *extra: str, timeout: float = 60) -> Server:
     f = open(log, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgemoe.coordinator.cli", "serve", "--model", str(model), "--port", "0", "--peers", "none",
-         *extra],
+        [sys.executable, "-m", "edgemoe.coordinator.cli", "serve", "--model", str(model), "--port", "0",
+         "--peers", "none", *extra],
         stdout=f, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO,
     )
     f.close()
@@ -91,7 +90,8 @@ def reference(models):
 
     def ref(content: str, max_tokens: int = MAX_TOKENS) -> tuple[list[int], str, int]:
         if (content, max_tokens) not in cache:
-            ids = list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+            ids = list(tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                     add_generation_prompt=True))
             tokens, text = mlx_lm_tokens(src, ids, max_tokens=max_tokens, models=models)
             cache[content, max_tokens] = tokens, text, len(ids)
         return cache[content, max_tokens]

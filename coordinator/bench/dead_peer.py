@@ -8,8 +8,9 @@ import contextlib
 import logging
 import socket
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from edgemoe.node.credentials import ClusterCredentials, new_secret
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ from edgemoe.node.compute import record_to_arrays
 from edgemoe.node.manifest import DENSE_NAME, Manifest
 from edgemoe.node.store import ExpertStore
 
-from ..streaming import StreamingModel
 from ..generate import build_prompt
+from ..streaming import StreamingModel
 from .decode import WARMUP_PROMPT, WARMUP_TOKENS, best_of, decode_figures, ignore_eos, mark
 from .report import Notes
 
@@ -102,7 +103,8 @@ def mlx_lm_run(model_dir: Path, sm: StreamingModel, prompt_tokens: list[int], to
         model = build_reference_model(model_dir, sm.config, sm.manifest)
     try:
         time_mlx_lm(model, sm.tokenizer, build_prompt(sm.tokenizer, WARMUP_PROMPT), WARMUP_TOKENS, name)
-        return best_of(lambda: time_mlx_lm(model, sm.tokenizer, prompt_tokens, tokens, name))
+        # partial, not a lambda: the `del model` below must leave no closure over the name
+        return best_of(partial(time_mlx_lm, model, sm.tokenizer, prompt_tokens, tokens, name))
     finally:
         del model
         mx.clear_cache()

@@ -67,7 +67,8 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         "disk",
         f"  raw sequential read   {_f(r['raw_read_gbps'], unit=' GB/s')}  ({r['raw_read_method']}, "
-        f"{r['raw_read_threads']} threads x {_mib(r['raw_read_block_bytes'])} blocks, {_mib(r['raw_read_bytes'])} read)",
+        f"{r['raw_read_threads']} threads x {_mib(r['raw_read_block_bytes'])} blocks, "
+        f"{_mib(r['raw_read_bytes'])} read)",
         f"  buffered, cache cold  {_f(r['raw_read_buffered_gbps'], unit=' GB/s')}  ({r['raw_read_buffered_method']})",
         f"  record-sized random   {_f(r['raw_record_read_gbps'], unit=' GB/s')}  "
         f"({r['raw_record_read_method']}, {_f(r['raw_record_read_block_bytes'] / 1024, '{:.0f}', ' KiB')} reads)",
@@ -147,7 +148,8 @@ def format_cluster_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{added:<11} {_f(run['rtt_ms'], '{:.2f}'):>9} ms   "
             f"{_f(run['layer_rtt_ms'], '{:.2f}', ' ms'):>17}   {_f(run['peer_layers_per_token'], '{:.1f}'):>17}   "
-            f"{_f(run['tokens_per_s'], '{:.1f}'):>5}   {_f(run['cluster_bound_tokens_per_s'], '{:.1f}', ' tok/s'):>13}   "
+            f"{_f(run['tokens_per_s'], '{:.1f}'):>5}   "
+            f"{_f(run['cluster_bound_tokens_per_s'], '{:.1f}', ' tok/s'):>13}   "
             f"{_f(run['bound_efficiency'] and 100 * run['bound_efficiency'], '{:.0f}', '%'):>8}   "
             f"{_f(run['relative_to_no_peers'] and 100 * run['relative_to_no_peers'], '{:.0f}', '%'):>11}   "
             f"{run['same_tokens']}"

@@ -17,7 +17,17 @@ from ..generate import build_prompt, generate
 from ..loader import load_streaming_model
 from ..streaming import StreamingModel
 from .dead_peer import dead_peer_figures
-from .decode import REPEATS, WARMUP_PROMPT, DecodeRun, best_of, cold_run, fresh_cache, ignore_eos, timed_generate, warm_up
+from .decode import (
+    REPEATS,
+    WARMUP_PROMPT,
+    DecodeRun,
+    best_of,
+    cold_run,
+    fresh_cache,
+    ignore_eos,
+    timed_generate,
+    warm_up,
+)
 from .disk import measure_reads, record_jobs, run_fio, sequential_jobs
 from .page_cache import drop_page_cache, expert_paths, resident_fraction, warm_page_cache
 from .reference import MlxLmRun, mlx_lm_run
@@ -54,7 +64,8 @@ def run_bench(
     notes = Notes()
     manifest = read_manifest(model_dir)
     paths = expert_paths(model_dir, manifest)
-    report: dict[str, Any] = {"model": str(model_dir), "model_type": manifest.model_type, "in_place_pack": manifest.in_place}
+    report: dict[str, Any] = {"model": str(model_dir), "model_type": manifest.model_type,
+                              "in_place_pack": manifest.in_place}
 
     # Loaded first so a bad budget or model fails before the disk is timed.
     sm = load_streaming_model(model_dir, cache_bytes=cache_bytes, experts_per_token=experts_per_token, io_mode=io_mode,
@@ -99,7 +110,8 @@ def run_bench(
             warm = _warm_eighth_run(sm, paths, prompt_tokens, tokens)
             report["warm_eighth_cache_budget_bytes"] = sm.local.budget_bytes
             report.update(_run_keys("warm_eighth_", warm))
-            report["warm_eighth_relative_to_mlx_lm"] = _ratio(warm.tokens_per_s, mlx_lm.tokens_per_s) if mlx_lm else None
+            report["warm_eighth_relative_to_mlx_lm"] = (_ratio(warm.tokens_per_s, mlx_lm.tokens_per_s)
+                                                        if mlx_lm else None)
             report["warm_eighth_same_tokens_as_cold_run"] = warm.token_ids == cold.token_ids
         finally:
             sm.close()

@@ -40,7 +40,15 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 from tokenizers import Tokenizer
 
-from ..tiny_tokenizer import BOS_TOKEN, EOS_TOKEN, IM_START, MAX_POSITIONS, SPECIAL_TOKENS, train_bpe, write_tokenizer_files
+from ..tiny_tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    IM_START,
+    MAX_POSITIONS,
+    SPECIAL_TOKENS,
+    train_bpe,
+    write_tokenizer_files,
+)
 
 # Present (as plain modules, not shims) in CPython 3.10 through 3.14.
 STDLIB_FILES: tuple[str, ...] = tuple(sorted((

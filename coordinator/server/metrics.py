@@ -9,7 +9,8 @@ when /metrics is scraped, so they are never stale and never double-counted.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
@@ -26,12 +27,14 @@ def model_families(c: Counters, cache_bytes_used: int, budget_bytes: int, cluste
     yield CounterMetricFamily("edgemoe_cache_hits", "Expert fetches served from the RAM cache", value=c.cache_hits)
     yield CounterMetricFamily("edgemoe_cache_misses", "Expert fetches that missed the RAM cache", value=c.cache_misses)
     yield CounterMetricFamily("edgemoe_cache_evictions", "Experts evicted from the RAM cache", value=c.cache_evictions)
-    yield CounterMetricFamily("edgemoe_experts_from_cache", "Experts used from the RAM cache", value=c.experts_from_cache)
+    yield CounterMetricFamily("edgemoe_experts_from_cache", "Experts used from the RAM cache",
+                              value=c.experts_from_cache)
     yield CounterMetricFamily("edgemoe_experts_from_ssd", "Experts read from the SSD", value=c.experts_from_ssd)
     yield CounterMetricFamily("edgemoe_ssd_bytes_read", "Bytes of experts read from the SSD", value=c.ssd_bytes_read)
     yield CounterMetricFamily("edgemoe_ssd_read_seconds", "Seconds spent reading experts from the SSD",
                               value=c.ssd_read_seconds)
-    yield GaugeMetricFamily("edgemoe_cache_bytes_used", "Bytes of experts held in the RAM cache", value=cache_bytes_used)
+    yield GaugeMetricFamily("edgemoe_cache_bytes_used", "Bytes of experts held in the RAM cache",
+                            value=cache_bytes_used)
     yield GaugeMetricFamily("edgemoe_cache_budget_bytes", "RAM budget of the expert cache", value=budget_bytes)
     yield GaugeMetricFamily("edgemoe_cluster_nodes", "Nodes configured for this coordinator",
                             value=len(cluster["nodes"]) if cluster is not None else 0)
@@ -92,7 +95,8 @@ class ServerMetrics:
         self.last_tokens_per_s = Gauge("edgemoe_last_tokens_per_second",
                                        "Generation speed of the last completed request (tok/s)", registry=r)
         self.last_prompt_tokens_per_s = Gauge("edgemoe_last_prompt_tokens_per_second",
-                                              "Prompt processing speed of the last completed request (tok/s)", registry=r)
+                                              "Prompt processing speed of the last completed request (tok/s)",
+                                              registry=r)
         self.queue_depth = Gauge("edgemoe_queue_depth", "Requests waiting for or in generation", registry=r)
 
     def attach(self, sm: Any) -> None:

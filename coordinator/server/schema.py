@@ -178,8 +178,8 @@ def _message_text(content: Any, i: int) -> str:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
             else:
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content",
-                               code="invalid_value")
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                               param=f"messages[{i}].content", code="invalid_value")
         return "".join(parts)
     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                    param=f"messages[{i}].content", code="invalid_type")
