@@ -281,3 +281,38 @@ def test_nodes_of_another_model_or_protocol_change_nothing(qwen, token, serve_fa
         assert "protocol" in protocol_peer.last_error and "upgrade" in protocol_peer.last_error
     finally:
         sm.close()
+
+
+class FakeClock:
+    """`time` for the peers module: monotonic() is what the test sets."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = staticmethod(time.perf_counter)
+
+
+def test_consecutive_failures_double_the_retry_delay_up_to_the_maximum(token, monkeypatch):
+    from nodes import free_port
+
+    clock = FakeClock()
+    monkeypatch.setattr(peers_module, "time", clock)
+    monkeypatch.setattr(peers_module, "MIN_BACKOFF_S", 1.0)
+    monkeypatch.setattr(peers_module, "MAX_BACKOFF_S", 10.0)
+    # Nothing listens there: every attempt fails.
+    peer = peers_module.Peer(f"127.0.0.1:{free_port()}", ClusterCredentials.from_token(token, "coordinator"))
+    try:
+        for delay in [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]:
+            assert not peer.connect("0" * 64, timeout=5)
+            failed_at = clock.now
+            clock.now = failed_at + delay - 0.001
+            assert not peer.due_for_retry(), f"retried before {delay} s"
+            clock.now = failed_at + delay
+            assert peer.due_for_retry(), f"not retried after {delay} s"
+        assert peer.stats.failures == 6 and "cannot reach node" in peer.last_error
+    finally:
+        peer.close()
+

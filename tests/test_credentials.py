@@ -328,3 +328,16 @@ def test_cluster_init_with_expiry_gives_an_expiring_token(tmp_path):
     token = out.stdout.strip().splitlines()[-1]
     assert token_expiry(token) is not None
     parse_token(token)
+
+
+def test_a_running_node_leaves_the_cluster_when_its_join_token_expires(tmp_path):
+    from nodes import NodeProcess
+
+    # Far enough ahead for the node to start on a busy machine; it then runs until the expiry.
+    token = format_token(new_secret(), int(time.time()) + 10)
+    node = NodeProcess(token, tmp_path / "node")
+    try:
+        assert node.proc.wait(timeout=60) == 0
+    finally:
+        node.stop()
+    assert "join token expired: leaving the cluster" in node.proc.stderr.read()
