@@ -24,7 +24,7 @@ from edgemoe.node.errors import EdgemoeError
 from edgemoe.node.manifest import read_manifest
 
 from .demo_model import write_demo_model
-from .generate import GenerationResult, build_prompt, generate
+from .generate import GenerationResult, build_prompt, generate, stream
 from .loader import load_streaming_model
 from .local_nodes import Children, sigterm_as_interrupt, start_nodes
 from .pack import pack
@@ -100,12 +100,9 @@ def _check_demo_dir(directory: Path) -> None:
 def mlx_lm_reference(src: Path, prompt_tokens: list[int], max_tokens: int) -> list[int]:
     """Greedy tokens of plain mlx-lm on the source model, all experts in RAM."""
     import mlx_lm
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
 
     model, tokenizer = mlx_lm.load(str(src))
-    tokens = [r.token for r in stream_generate(model, tokenizer, mx.array(prompt_tokens), max_tokens=max_tokens,
-                                               sampler=make_sampler(temp=0.0))]
+    tokens = [r.token for r in stream(model, tokenizer, prompt_tokens, max_tokens)]
     del model
     mx.clear_cache()
     return tokens

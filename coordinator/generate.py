@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
@@ -92,19 +93,20 @@ def build_prompt(tokenizer: Any, prompt: str | list[dict], chat_template: bool =
 
 
 def stream(
-    sm: StreamingModel,
+    model: nn.Module,
+    tokenizer: Any,
     prompt_tokens: list[int],
     max_tokens: int = 100,
     temp: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> Iterator[GenerationResponse]:
-    """mlx-lm's `stream_generate` on the streaming model: the one place edgemoe generates."""
+    """mlx-lm's `stream_generate` with mlx-lm's sampler: the one place edgemoe generates, on
+    the streaming model and on plain mlx-lm's (the reference the demo and bench compare with)."""
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=temp, top_p=top_p if 0.0 < top_p < 1.0 else 0.0)
-    yield from stream_generate(sm.model, sm.tokenizer, mx.array(prompt_tokens), max_tokens=max_tokens,
-                               sampler=sampler)
+    yield from stream_generate(model, tokenizer, mx.array(prompt_tokens), max_tokens=max_tokens, sampler=sampler)
 
 
 def generate(
@@ -123,7 +125,7 @@ def generate(
     before = snapshot(sm)
     text, tokens, last = [], [], None
     finish = "length"
-    for response in stream(sm, prompt_tokens, max_tokens, temp, top_p, seed):
+    for response in stream(sm.model, sm.tokenizer, prompt_tokens, max_tokens, temp, top_p, seed):
         last = response
         tokens.append(response.token)
         text.append(response.text)

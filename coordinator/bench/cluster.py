@@ -33,6 +33,7 @@ from typing import Any
 from edgemoe.node.architecture import routed_experts_per_token
 from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret
 from edgemoe.node.errors import EdgemoeError
+from edgemoe.node.limits import ram_bytes
 from edgemoe.node.manifest import read_manifest
 
 from ..cluster import Cluster
@@ -42,7 +43,6 @@ from ..loader import load_streaming_model
 from ..local_nodes import HOST, START_TIMEOUT_S, Children, sigterm_as_interrupt, start_nodes, wait_for_output
 from ..streaming import StreamingModel
 from .decode import REPEATS, ignore_eos, warm_up
-from .reference import ram_bytes
 
 log = logging.getLogger(__name__)
 

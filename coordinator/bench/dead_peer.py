@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.node.credentials import ClusterCredentials, new_secret
+from edgemoe.node.limits import ram_bytes
 
 from ..counters import snapshot
 from ..loader import load_streaming_model
 from ..streaming import StreamingModel
 from .decode import DecodeRun, cold_run, warm_up
-from .reference import ram_bytes
 from .report import Notes
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,6 @@ from the packed files (which checks our decode, not our packing)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,16 +12,15 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_config
 
 from edgemoe.node.architecture import build_model, with_experts_per_token
 from edgemoe.node.compute import record_to_arrays
+from edgemoe.node.limits import ram_bytes
 from edgemoe.node.manifest import DENSE_NAME, Manifest
 from edgemoe.node.store import ExpertStore
 
-from ..generate import build_prompt
+from ..generate import build_prompt, stream
 from ..streaming import StreamingModel
 from .decode import WARMUP_PROMPT, WARMUP_TOKENS, best_of, decode_figures, ignore_eos, mark
 from .report import Notes
@@ -31,8 +29,6 @@ MLX_LM_RAM_FRACTION = 0.5
 REBUILT = "rebuilt from the packed files"
 
 
-def ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def build_reference_model(model_dir: Path, config: dict, manifest: Manifest) -> nn.Module:
@@ -78,9 +74,7 @@ def time_mlx_lm(model: nn.Module, tokenizer: Any, prompt_tokens: list[int], toke
     ids: list[int] = []
     with ignore_eos(tokenizer):
         start = mark()
-        for response in stream_generate(
-            model, tokenizer, mx.array(prompt_tokens), max_tokens=tokens, sampler=make_sampler(temp=0.0)
-        ):
+        for response in stream(model, tokenizer, prompt_tokens, tokens):
             ids.append(response.token)
             marks.append(mark())
     run = decode_figures(start, marks, ids, len(prompt_tokens))
