@@ -1,0 +1,113 @@
+"""The per-layer dispatcher: one local path whether or not nodes are configured, remote and
+local work in the same layer merged in the router's order."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from conftest import PROMPT, encode, mlx_lm_tokens
+from nodes import NodeProcess, coordinator, wait_for_placement
+
+from edgemoe.coordinator.counters import snapshot
+from edgemoe.coordinator.dispatch import LayerDispatch
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.tiny_models import write_tiny_model
+from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret
+from edgemoe.node.manifest import read_manifest
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How often each of the dispatcher's paths ran, and the (local, remote) split of each split layer."""
+    seen = {"_as_read": 0, "_chunked": 0, "splits": []}
+    for name in ("_as_read", "_chunked"):
+        original = getattr(LayerDispatch, name)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            seen[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(LayerDispatch, name, counting)
+    original_pairs = LayerDispatch._pairs
+
+    def split_local(self, hidden, rows, experts):
+        seen["splits"].append(len(rows))
+        return original_pairs(self, hidden, rows, experts)
+
+    monkeypatch.setattr(LayerDispatch, "_pairs", split_local)
+    return seen
+
+
+def _run(packed, prompt, budget, peers=None, credentials=None):
+    sm = load_streaming_model(packed, cache_bytes=budget, io_mode="direct", prefetch=True, peers=peers,
+                              credentials=credentials, node_timeout_s=0.5)
+    try:
+        before = snapshot(sm)
+        result = generate(sm, prompt, max_tokens=MAX_TOKENS)
+        return result.token_ids, snapshot(sm) - before
+    finally:
+        sm.close()
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """float32 experts of 1.5 MiB, so that misses are read in the background and computed as they land."""
+    root = tmp_path_factory.mktemp("dispatch-large")
+    src = write_tiny_model(root / "src", quantized=False, num_experts=8, num_experts_per_tok=2,
+                           hidden_size=256, moe_intermediate_size=512)
+    pack(src, root / "packed")
+    return src, root / "packed"
+
+
+def test_a_dead_peer_leaves_the_single_machine_path_as_it_is(models, large, calls):
+    """With every node down, each layer runs the path of `--peers none`: the same reads,
+    hits, prefetches and misses computed as they land, nothing sent, nothing split."""
+    src, packed = large
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    budget = 3 * read_manifest(packed).expert_bytes
+    alone_tokens, alone = _run(packed, prompt, budget)
+    alone_paths = dict(calls)
+    calls.update(_as_read=0, _chunked=0)
+    # Nothing listens on port 9 of loopback.
+    creds = ClusterCredentials.create(new_secret(), "coordinator")
+    dead_tokens, dead = _run(packed, prompt, budget, peers=["127.0.0.1:9"], credentials=creds)
+    assert alone_tokens == dead_tokens == expected
+    assert alone_paths["_as_read"] > 0  # direct I/O: misses were computed as they landed
+    assert (calls["_as_read"], calls["_chunked"]) == (alone_paths["_as_read"], alone_paths["_chunked"])
+    assert calls["splits"] == []
+    for field in ("experts_from_cache", "experts_from_ssd", "ssd_bytes_read", "experts_prefetched",
+                  "experts_prefetch_used", "prefetch_guessed", "prefetch_guessed_right", "cache_hits"):
+        assert getattr(dead, field) == getattr(alone, field), field
+    assert alone.experts_prefetched > 0
+    assert dead.peer_calls == dead.experts_from_peers == dead.fallbacks == 0
+
+
+def test_layers_split_between_a_node_and_this_machine_keep_mlx_lms_tokens(models, tmp_path, calls):
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    manifest = read_manifest(packed)
+    token = format_token(new_secret())
+    # The node holds half the experts, this machine caches a few: most layers have both kinds of work.
+    node = NodeProcess(token, tmp_path / "node", cache_mb=manifest.total_expert_bytes / 2 / 2**20)
+    try:
+        sm = coordinator(packed, token, [node.address], 4 * manifest.expert_bytes)
+        try:
+            wait_for_placement(sm)
+            result = generate(sm, prompt, max_tokens=MAX_TOKENS)
+            stats = sm.cluster.stats
+        finally:
+            sm.close()
+    finally:
+        node.stop(signal.SIGKILL)
+    assert result.token_ids == expected
+    assert stats.experts_from_peers > 0 and stats.fallbacks == 0
+    # Layers that sent work to the node also computed pairs here, in the same layer call.
+    assert len(calls["splits"]) > 0 and all(n > 0 for n in calls["splits"])
+    assert stats.peer_layers > 0
