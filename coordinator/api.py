@@ -13,6 +13,9 @@ from typing import Any
 
 import mlx.nn as nn
 
+from edgemoe.node.credentials import ClusterCredentials
+from edgemoe.node.local import LocalExperts
+
 from .cluster import Cluster
 from .counters import snapshot
 from .discovery import resolve_peers
@@ -28,20 +31,23 @@ def load(
     cluster_dir: str | Path | None = None,
     **options: Any,
 ) -> tuple[nn.Module, Any]:
-    if peers is None or peers == "none" or peers == []:
-        addresses, credentials = [], None
-    else:
+    addresses: list[str] = []
+    credentials: ClusterCredentials | None = None
+    if peers is not None and peers != "none" and peers != []:
         spec = peers if isinstance(peers, str) else ",".join(peers)
         addresses, credentials = resolve_peers(spec, interface, cluster_dir)
     cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
-    sm = load_streaming_model(Path(path).expanduser(), cache_bytes=cache_bytes, peers=addresses, credentials=credentials, **options)
+    sm = load_streaming_model(Path(path).expanduser(), cache_bytes=cache_bytes, peers=addresses,
+                              credentials=credentials, **options)
     return sm.model, sm.tokenizer
 
 
-def _parts(model: nn.Module) -> tuple[Any, Cluster | None]:
+def _parts(model: nn.Module) -> tuple[LocalExperts, Cluster | None]:
     for _, module in model.named_modules():
         if isinstance(module, StreamingExperts):
-            return module.dispatch.local, module.dispatch.remote
+            remote = module.dispatch.remote
+            assert remote is None or isinstance(remote, Cluster)  # what load_streaming_model gives dispatchers
+            return module.dispatch.local, remote
     raise TypeError("not a model loaded by edgemoe.load: it has no streaming expert layers")
 
 

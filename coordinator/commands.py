@@ -196,6 +196,7 @@ def cmd_push(args: argparse.Namespace) -> None:
         raise EdgemoeError("no nodes to push to: start edge-node on another device, then pass --peers HOST:PORT "
                            "or --interface ADDR (this machine's LAN address)")
     sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args), peers=peers, credentials=credentials)
+    assert sm.cluster is not None  # loaded with peers
     try:
         for peer in sm.cluster.peers:
             if not peer.healthy:

@@ -101,7 +101,7 @@ def mlx_lm_reference(src: Path, prompt_tokens: list[int], max_tokens: int) -> li
     """Greedy tokens of plain mlx-lm on the source model, all experts in RAM."""
     import mlx_lm
 
-    model, tokenizer = mlx_lm.load(str(src))
+    model, tokenizer = mlx_lm.load(str(src))[:2]
     tokens = [r.token for r in stream(model, tokenizer, prompt_tokens, max_tokens)]
     del model
     mx.clear_cache()
@@ -111,6 +111,7 @@ def mlx_lm_reference(src: Path, prompt_tokens: list[int], max_tokens: int) -> li
 def _run(sm: StreamingModel, generate_run: Callable[[], GenerationResult]
          ) -> tuple[GenerationResult, Sources, dict[str, bool]]:
     """One generation, where its experts came from, and each node's health when it ended."""
+    assert sm.cluster is not None  # the demo always loads with its own nodes as peers
     before = sm.cluster.snapshot()
     result = generate_run()
     after = sm.cluster.snapshot()
@@ -164,6 +165,7 @@ def run_demo(
             say(f"started {nodes} edge node(s) on loopback: "
                 + ", ".join(f"{n['name']} {n['address']}" for n in report.nodes))
             sm = load_streaming_model(packed, cache_bytes=share, peers=addresses, credentials=credentials)
+            assert sm.cluster is not None  # 1 to MAX_NODES nodes: there are peers
             try:
                 down = [f"{p.address}: {p.last_error}" for p in sm.cluster.peers if not p.healthy]
                 if down:

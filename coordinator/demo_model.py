@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .tiny_models import write_tiny_model
 
@@ -20,7 +21,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "demo_weights"
 WEIGHT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     # Random, 8 MoE layers of 64 experts, 8 per token: the shape of the reference
     # measurements of other MLX expert-streaming packages; the README's `make bench` figures are on it.
     "random": dict(

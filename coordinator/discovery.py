@@ -87,7 +87,7 @@ class PeerBrowser:
         self._logged: set[tuple[str, str]] = set()
         self._zc = new_zeroconf(interface_address)
         try:
-            self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
+            self._browser: ServiceBrowser | None = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
         except BaseException:
             self._zc.close()
             raise

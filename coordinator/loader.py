@@ -27,7 +27,7 @@ from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
 from edgemoe.node.store import ExpertStore
 
-from .cluster import Cluster
+from .cluster import REPLY_DEADLINE_S, Cluster
 from .dispatch import LayerDispatch, Prefetch
 from .progress import progress_bar
 from .streaming import StreamingExperts, StreamingModel, router_logits
@@ -108,8 +108,11 @@ def load_streaming_model(
     cluster = None
     try:
         if peers:
-            timeout = {} if node_timeout_s is None else {"deadline_s": node_timeout_s}
-            cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers, **timeout)
+            if credentials is None:
+                raise ValueError("peers need the cluster's credentials (resolve_peers gives both)")
+            deadline_s = REPLY_DEADLINE_S if node_timeout_s is None else node_timeout_s
+            cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers,
+                              deadline_s=deadline_s)
         quantized = manifest.dense_quantization
         nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
         # After quantizing: a prefetching layer holds the next layer's (quantized) router.
@@ -122,6 +125,7 @@ def load_streaming_model(
             weights = mx.load(str(dense_path))
         except (RuntimeError, ValueError) as exc:
             raise ManifestError(f"{dense_path} is unreadable ({exc}); repack the model") from exc
+        assert isinstance(weights, dict)  # a .safetensors file loads as a dict of arrays
         _read_dense(weights, dense_path)
         try:
             model.load_weights(list(weights.items()), strict=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from mlx_lm.utils import _get_classes, load_config
 
@@ -35,7 +37,9 @@ def read_config(model_dir: Path) -> dict:
     return config
 
 
-def model_classes(config: dict, config_path: Path | None = None) -> tuple[type, type]:
+def model_classes(
+    config: dict, config_path: Path | None = None
+) -> tuple[Callable[[BaseModelArgs], nn.Module], type[BaseModelArgs]]:
     try:
         return _get_classes(config)
     except ValueError as exc:

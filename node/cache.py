@@ -109,7 +109,8 @@ class ExpertCache:
         with self._lock:
             if key in self._items or nbytes > self.budget_bytes:
                 return key in self._items
-            victims, skipped = [], []
+            victims: list[Hashable] = []
+            skipped: list[Hashable] = []
             free = self.budget_bytes - self.bytes_used
             candidates = self._eviction_order()
             while free < nbytes:

@@ -26,8 +26,10 @@ class SlotPool:
             arr = mx.zeros((num_slots, *t.shape), dtype=getattr(mx, t.dtype))
             mx.eval(arr)
             self.arrays[t.name] = arr
-        # Writable byte views of the arrays' own memory: reads land in place.
-        self._bytes = {name: memoryview(arr).cast("B") for name, arr in self.arrays.items()}
+        # Writable byte views of the arrays' own memory: reads land in place. (The ignore:
+        # mlx's stubs leave out the buffer protocol that mx.array implements.)
+        self._bytes = {name: memoryview(arr).cast("B")  # type: ignore[arg-type]
+                       for name, arr in self.arrays.items()}
 
     def views(self, slot: int) -> list[memoryview]:
         """One writable view per tensor of the slot, in the layer spec's tensor order."""

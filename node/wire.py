@@ -25,7 +25,9 @@ def tensor_from_array(arr: mx.array) -> pb.Tensor:
     if name not in WIRE_DTYPES:
         arr, name = arr.astype(mx.float32), "float32"
     mx.eval(arr)
-    return pb.Tensor(dtype=name, shape=list(arr.shape), data=bytes(memoryview(arr).cast("B")))
+    # mlx's stubs leave out the buffer protocol that mx.array implements
+    data = bytes(memoryview(arr).cast("B"))  # type: ignore[arg-type]
+    return pb.Tensor(dtype=name, shape=list(arr.shape), data=data)
 
 
 def array_from_tensor(tensor: pb.Tensor, max_rows: int) -> mx.array:

@@ -11,6 +11,6 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/edgemoe/protos"
 cp "$here"/*.proto "$stage/edgemoe/protos/"
-"$python" -m grpc_tools.protoc -I"$stage" --python_out="$stage" --grpc_python_out="$stage" "$stage"/edgemoe/protos/*.proto
+"$python" -m grpc_tools.protoc -I"$stage" --python_out="$stage" --grpc_python_out="$stage" --pyi_out="$stage" "$stage"/edgemoe/protos/*.proto
 mkdir -p "$out"
-cp "$stage"/edgemoe/protos/*_pb2*.py "$out"/
+cp "$stage"/edgemoe/protos/*_pb2*.py* "$out"/

@@ -106,7 +106,8 @@ def _read_jobs(fds: list[int], jobs: list[Job], buffers: list[mmap.mmap]) -> tup
 
 
 def sequential_jobs(paths: list[Path], block: int = RAW_BLOCK_BYTES, max_bytes: int = RAW_MAX_BYTES) -> list[Job]:
-    jobs, total = [], 0
+    jobs: list[Job] = []
+    total = 0
     for i, path in enumerate(paths):
         size = os.path.getsize(path)
         for offset in range(0, size, block):

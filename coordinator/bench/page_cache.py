@@ -68,7 +68,7 @@ def resident_fraction(paths: list[Path]) -> float | None:
                     del view
             if rc != 0:
                 return None
-            resident += int((np.frombuffer(vec, dtype=np.uint8) & 1).sum())
+            resident += int((np.frombuffer(memoryview(vec), dtype=np.uint8) & 1).sum())
             total += pages
         return resident / total if total else None
     except (OSError, AttributeError, ValueError, TypeError):

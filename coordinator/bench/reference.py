@@ -40,6 +40,7 @@ def build_reference_model(model_dir: Path, config: dict, manifest: Manifest) -> 
             quantization[f"{spec.module_path}.{child}"] = params
     nn.quantize(model, class_predicate=lambda path, _: quantization.get(path, False))
     weights = mx.load(str(Path(model_dir) / DENSE_NAME))
+    assert isinstance(weights, dict)  # a .safetensors file loads as a dict of arrays
     with ExpertStore(model_dir, manifest) as store:
         for spec in manifest.layers:
             experts = [record_to_arrays(spec, store.read(spec.layer, e)) for e in range(spec.num_experts)]
@@ -57,8 +58,7 @@ def build_reference_model(model_dir: Path, config: dict, manifest: Manifest) -> 
 def load_source_model(src: Path, experts_per_token: int | None) -> nn.Module:
     """mlx-lm's own load of the source, routed to the same number of experts as the bench."""
     config = None if experts_per_token is None else with_experts_per_token(load_config(Path(src)), experts_per_token)
-    model, _ = mlx_lm.load(str(src), model_config=config)
-    return model
+    return mlx_lm.load(str(src), model_config=config)[0]
 
 
 @dataclass

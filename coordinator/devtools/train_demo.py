@@ -144,6 +144,7 @@ def build_rows(texts: list[str], tokenizer: Tokenizer, rng: random.Random) -> np
     bos = tokenizer.token_to_id(BOS_TOKEN)
     eos = tokenizer.token_to_id(EOS_TOKEN)
     im_start = tokenizer.token_to_id(IM_START)
+    assert bos is not None and eos is not None and im_start is not None  # special tokens of train_tokenizer
     stream: list[int] = []
     for enc in tokenizer.encode_batch(texts):
         stream.extend(enc.ids)
@@ -204,7 +205,7 @@ def train(out: Path, steps: int = STEPS, log=print) -> dict[str, Any]:
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())
-    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    n_params = sum(p.size for p in dict(tree_flatten(model.parameters())).values())
     log(f"model: {n_params} parameters")
 
     optimizer = optim.AdamW(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)

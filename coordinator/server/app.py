@@ -197,7 +197,10 @@ def create_app(service: Service) -> Starlette:
         Route("/health", service.health, methods=["GET"]),
         Route("/metrics", service.render_metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})
+    # The ignore: starlette types every handler as taking a plain Exception, though it calls
+    # each with the exception class it is registered for.
+    handlers = {ApiError: api_error, HTTPException: http_error}
+    return Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
 
 
 def _loopback(host: str) -> bool:
