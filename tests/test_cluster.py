@@ -230,6 +230,7 @@ def _init_cluster(tmp_path: Path) -> tuple[Path, str]:
     return directory, out.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("discovery", ["static", "mdns-loopback"])
 def test_cli_generate_and_peers_through_a_node(models, tmp_path, discovery):
     """`edgemoe peers` finds the node, and `edgemoe generate` has it compute experts (pushed by
@@ -330,6 +331,7 @@ def test_a_long_prompt_past_the_request_limits_keeps_nodes_in_use(models, nodes,
         sm.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("node_timeout_s, waited_for", [(0.2, False), (10.0, True)])
 def test_node_timeout_decides_whether_a_slow_node_is_waited_for(models, nodes, token, node_timeout_s, waited_for):
     """A node behind 0.3 s of delay each way answers in over 0.6 s: `--node-timeout` 0.2 sets it

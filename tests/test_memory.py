@@ -39,6 +39,7 @@ def big_packed(tmp_path_factory) -> Path:
     return root / "packed"
 
 
+@pytest.mark.slow
 def test_peak_rss_bounded_with_experts_four_times_the_cache(big_packed):
     budget = 96 * MiB
     out = subprocess.run([sys.executable, "-c", RUN, str(big_packed), str(budget), str(MAX_INFLIGHT)],

@@ -409,6 +409,7 @@ def large_sources(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout, in_place, limit",
     [
