@@ -233,7 +233,8 @@ class ExpertStore:
         end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
         bounce = getattr(self._bounce, "buf", None)
         if bounce is None or len(bounce) < end - start:
-            self._bounce.buf = bounce = memoryview(mmap.mmap(-1, max(end - start, READ_CHUNK_BYTES + 2 * DIRECT_ALIGNMENT)))
+            size = max(end - start, READ_CHUNK_BYTES + 2 * DIRECT_ALIGNMENT)
+            self._bounce.buf = bounce = memoryview(mmap.mmap(-1, size))
         got = os.preadv(fd, [bounce[: end - start]], start) - (offset - start)
         if got < length:
             return max(got, 0)
@@ -266,7 +267,7 @@ class ExpertStore:
         if pool is not None:
             pool.shutdown(wait=True)
 
-    def __enter__(self) -> "ExpertStore":
+    def __enter__(self) -> ExpertStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -29,7 +29,8 @@ def access(cache: ExpertCache, key, size: int) -> bool:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("sizes", [(1000,), (1000, 1500, 4096), (7, 300, 1000, 2500)], ids=["one-size", "three-sizes", "mixed"])
+@pytest.mark.parametrize("sizes", [(1000,), (1000, 1500, 4096), (7, 300, 1000, 2500)],
+                         ids=["one-size", "three-sizes", "mixed"])
 @pytest.mark.parametrize("seed", range(4))
 def test_budget_never_exceeded_and_counters_right(policy, sizes, seed):
     rng = random.Random(seed)

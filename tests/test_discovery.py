@@ -24,13 +24,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
 import netns
+import pytest
 from conftest import in_ci
+
 from edgemoe.coordinator.discovery import DiscoveredPeer, PeerBrowser
 from edgemoe.node.addresses import parse_static_peers
-from edgemoe.node.advertise import SERVICE_TYPE, TXT_STRING_MAX, NodeAdvertisement, build_txt, models_txt
+from edgemoe.node.advertise import TXT_STRING_MAX, NodeAdvertisement, build_txt, models_txt
 from edgemoe.node.errors import DuplicateNodeError, EdgemoeError, PeerAddressError
 
 PROTO = 7

@@ -7,16 +7,16 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import encode, mlx_lm_tokens
-from edgemoe.coordinator.generate import generate
-from edgemoe.coordinator.pack import pack
+from test_bad_input import assert_corrupted_expert_never_computed
+
 from edgemoe.coordinator.dispatch import LayerDispatch
+from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.tiny_models import write_tiny_model
 from edgemoe.node.manifest import read_manifest
 from edgemoe.node.store import INLINE_READ_BYTES
-from test_bad_input import assert_corrupted_expert_never_computed
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 

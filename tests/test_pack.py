@@ -12,12 +12,12 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import PROMPT, REPO, SUPPORTED_ARCHS, cli_env, encode, mlx_lm_tokens, run_cli, write_large_moe_source
 from mlx.utils import tree_flatten
 
-from conftest import PROMPT, REPO, SUPPORTED_ARCHS, cli_env, encode, mlx_lm_tokens, run_cli, write_large_moe_source
 from edgemoe.coordinator.generate import generate
-from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.coordinator.pack import pack
 from edgemoe.node.compute import record_to_arrays
 from edgemoe.node.errors import ManifestError, SourceModelError
 from edgemoe.node.manifest import (
@@ -90,7 +90,8 @@ def test_manifest_describes_mlx_lms_experts(models, arch, quantized):
             assert seg.length == spec.record_bytes and seg.record_offset == 0
             assert not os.path.isabs(m.files[seg.file])
     # Records never overlap inside a file.
-    ranges = sorted((s.file, s.offset, s.offset + s.length) for spec in m.layers for e in spec.experts for s in e.segments)
+    ranges = sorted((s.file, s.offset, s.offset + s.length)
+                    for spec in m.layers for e in spec.experts for s in e.segments)
     for (f1, _, end1), (f2, start2, _) in zip(ranges, ranges[1:]):
         assert f1 != f2 or end1 <= start2
 
