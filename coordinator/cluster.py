@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 from edgemoe.node.credentials import ClusterCredentials
-from edgemoe.node.limits import MAX_MESSAGE_BYTES
 from edgemoe.node.holdings import layer_specs_to_json
+from edgemoe.node.limits import MAX_MESSAGE_BYTES
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import Manifest
 from edgemoe.node.wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
@@ -286,8 +286,11 @@ class Cluster:
         cached = {key for key in self._keys if key in self.local}
         free = self.local.budget_bytes - self.local.cache_bytes_used
         local = keep_local(self._keys, self._record_bytes, counts, cached, free)
-        plan = place_experts(self._keys, self._record_bytes, counts, [p.info.cache_budget_bytes for p in usable],
-                             local, [p.held for p in usable])
+        budgets = []
+        for p in usable:
+            assert p.info is not None  # usable: answered Info (and info is never cleared)
+            budgets.append(p.info.cache_budget_bytes)
+        plan = place_experts(self._keys, self._record_bytes, counts, budgets, local, [p.held for p in usable])
         self._plan = dict(zip(usable, plan))
         self._assigned = {key: peer for peer, keys in self._plan.items() for key in keys}
         self._local_keys = local

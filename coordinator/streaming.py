@@ -4,8 +4,9 @@ one that hands its work to the layer's dispatcher (`dispatch.LayerDispatch`). Bu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,8 +25,11 @@ def router_logits(router: nn.Module | None) -> Callable[[mx.array], mx.array] | 
     holding an `[experts, hidden]` weight (DeepSeek's MoEGate). None if neither."""
     if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
         return router
-    weight = router.get("weight") if isinstance(router, nn.Module) else None
+    if not isinstance(router, nn.Module):
+        return None
+    weight = router.get("weight")
     if isinstance(weight, mx.array) and weight.ndim == 2:
+        # Looked up at each call: the weights are loaded after the dispatchers are built.
         return lambda x: x @ router["weight"].T
     return None
 

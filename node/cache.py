@@ -16,11 +16,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .errors import CacheBudgetError
 
 POLICIES = ("lfu", "lru")
+# Any hashable key: edgemoe caches (layer, expert) pairs.
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -36,14 +38,14 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
-class ExpertCache:
+class ExpertCache(Generic[K]):
     def __init__(
         self,
         budget_bytes: int,
         item_bytes: int,
         policy: str = "lfu",
         aging_interval: int | None = None,
-        on_evict: Callable[[Hashable, Any], None] | None = None,
+        on_evict: Callable[[K, Any], None] | None = None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown cache policy {policy!r}; use one of {', '.join(POLICIES)}")
@@ -58,10 +60,10 @@ class ExpertCache:
         self.stats = CacheStats()
         self.bytes_used = 0
         self._lock = threading.Lock()
-        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
-        self._counts: dict[Hashable, int] = {}
-        self._last: dict[Hashable, int] = {}
-        self._heap: list[tuple[int, int, Hashable]] = []
+        self._items: OrderedDict[K, tuple[Any, int]] = OrderedDict()
+        self._counts: dict[K, int] = {}
+        self._last: dict[K, int] = {}
+        self._heap: list[tuple[int, int, K]] = []
         self._tick = 0
         self._on_evict = on_evict
         capacity = max(1, budget_bytes // max(1, item_bytes))
@@ -70,10 +72,10 @@ class ExpertCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: K) -> bool:
         return key in self._items
 
-    def get(self, key: Hashable) -> Any | None:
+    def get(self, key: K) -> Any | None:
         """Returns the cached value or None, and counts the access."""
         with self._lock:
             item = self._items.get(key)
@@ -88,19 +90,19 @@ class ExpertCache:
                 self._push(key)
             return item[0]
 
-    def count(self, key: Hashable) -> None:
+    def count(self, key: K) -> None:
         """Counts an access served without this cache (a node computed the expert), so that
         the counts, and `routing_counts`, follow everything the router chose."""
         with self._lock:
             if not self._count_access(key) and key in self._items and self.policy == "lfu":
                 self._push(key)
 
-    def routing_counts(self) -> dict[Hashable, int]:
+    def routing_counts(self) -> dict[K, int]:
         """A snapshot of the access counts (halved as they age, like the LFU policy's)."""
         with self._lock:
             return dict(self._counts)
 
-    def put(self, key: Hashable, value: Any, nbytes: int, protect: Collection[Hashable] = ()) -> bool:
+    def put(self, key: K, value: Any, nbytes: int, protect: Collection[K] = ()) -> bool:
         """Caches the value if the policy admits it; returns whether it did.
 
         Keys in `protect` (the experts a layer is computing with right now) are
@@ -109,8 +111,8 @@ class ExpertCache:
         with self._lock:
             if key in self._items or nbytes > self.budget_bytes:
                 return key in self._items
-            victims: list[Hashable] = []
-            skipped: list[Hashable] = []
+            victims: list[K] = []
+            skipped: list[K] = []
             free = self.budget_bytes - self.bytes_used
             candidates = self._eviction_order()
             while free < nbytes:
@@ -139,7 +141,7 @@ class ExpertCache:
                 self._push(key)
             return True
 
-    def remove(self, key: Hashable) -> None:
+    def remove(self, key: K) -> None:
         with self._lock:
             item = self._items.pop(key, None)
             if item is not None:
@@ -156,7 +158,7 @@ class ExpertCache:
             self._heap.clear()
             self.bytes_used = 0
 
-    def _count_access(self, key: Hashable) -> bool:
+    def _count_access(self, key: K) -> bool:
         """Counts one access; returns True if that aged the counts and rebuilt the heap."""
         self._tick += 1
         self._counts[key] = self._counts.get(key, 0) + 1
@@ -168,13 +170,13 @@ class ExpertCache:
             return True
         return False
 
-    def _push(self, key: Hashable) -> None:
+    def _push(self, key: K) -> None:
         heapq.heappush(self._heap, (self._counts.get(key, 0), self._last.get(key, 0), key))
         if len(self._heap) > 4 * len(self._items) + 64:
             self._heap = [(self._counts.get(k, 0), self._last.get(k, 0), k) for k in self._items]
             heapq.heapify(self._heap)
 
-    def _restore(self, keys: list[Hashable]) -> None:
+    def _restore(self, keys: list[K]) -> None:
         """Puts back eviction candidates that were looked at but not evicted."""
         if self.policy == "lfu":
             for key in keys:

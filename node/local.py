@@ -38,7 +38,8 @@ class _Group:
         self.pool = SlotPool(spec, self.cache_slots + scratch_slots + 2 * prefetch_slots)
         self.slot_of: dict[tuple[int, int], int] = {}
         self.free = list(range(self.cache_slots - 1, -1, -1))
-        self.cache = ExpertCache(self.cache_slots * spec.record_bytes, spec.record_bytes, policy, on_evict=self._evicted)
+        self.cache: ExpertCache[tuple[int, int]] = ExpertCache(self.cache_slots * spec.record_bytes, spec.record_bytes,
+                                                               policy, on_evict=self._evicted)
         self.bank = 0
 
     def _evicted(self, key, _value) -> None:
@@ -65,6 +66,7 @@ class Misses:
         return self.pending.experts if self.pending is not None else []
 
     def wait(self, expert: int) -> None:
+        assert self.pending is not None  # set by start_slots before it hands the misses out
         try:
             self.pending.wait(expert)
         except EdgemoeError:
@@ -72,6 +74,7 @@ class Misses:
             raise
 
     def wait_all(self) -> None:
+        assert self.pending is not None  # set by start_slots before it hands the misses out
         try:
             self.pending.wait_all()
         except EdgemoeError:
