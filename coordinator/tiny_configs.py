@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .tiny_tokenizer import BOS_TOKEN, EOS_TOKEN, MAX_POSITIONS, SPECIAL_TOKENS
 

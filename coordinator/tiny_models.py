@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,7 +67,7 @@ def _init_weights(model: nn.Module) -> None:
     norm_modules = _norm_module_names(model)
     params = [
         (name, _init_param(name, p, norm_modules).astype(mx.float32))
-        for name, p in tree_flatten(model.parameters())
+        for name, p in dict(tree_flatten(model.parameters())).items()
     ]
     model.update(tree_unflatten(params))
     _discourage_repeats(model)
@@ -162,7 +163,8 @@ def write_tiny_model(
     model = model_class(args_class.from_dict(config))
     _init_weights(model)
     if dtype != "float32":
-        model.update(tree_unflatten([(k, v.astype(DTYPES[dtype])) for k, v in tree_flatten(model.parameters())]))
+        params = dict(tree_flatten(model.parameters()))
+        model.update(tree_unflatten([(k, v.astype(DTYPES[dtype])) for k, v in params.items()]))
         config["torch_dtype"] = dtype
     if quantized:
         config = _quantize(model, config)

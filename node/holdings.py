@@ -41,7 +41,7 @@ def layer_specs_to_json(manifest: Manifest) -> bytes:
 
 def _layers_from_json(raw: bytes) -> tuple[str, dict, list[LayerSpec]]:
     data = json.loads(raw)
-    layers = []
+    layers: list[LayerSpec] = []
     for layer in data["layers"]:
         stride = align(layer["record_bytes"], RECORD_ALIGNMENT)
         experts = [

@@ -148,7 +148,7 @@ class ExpertStore:
         """One expert's whole record, as it is on disk."""
         spec = self.manifest.layer(layer)
         record = np.zeros(spec.record_bytes, dtype=np.uint8)
-        view = memoryview(record)
+        view = record.data
         self.read_into(layer, expert, [view[t.offset : t.offset + t.nbytes] for t in spec.tensors])
         return record
 
