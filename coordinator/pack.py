@@ -17,6 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_model
 
+from edgemoe.node.architecture import layer_index, read_config, routed_expert_modules
 from edgemoe.node.compute import array_bytes
 from edgemoe.node.dtypes import dtype_name
 from edgemoe.node.errors import SourceModelError
@@ -34,7 +35,6 @@ from edgemoe.node.manifest import (
     fsync_dir,
 )
 
-from edgemoe.node.architecture import layer_index, read_config, routed_expert_modules
 from .progress import progress_bar
 from .safetensors_io import StoredTensor, copy_range, index_files, write_header
 
@@ -100,7 +100,7 @@ class _SourceReader:
 def _layer_spec(path: str, module: nn.Module, params: dict[str, mx.array]) -> LayerSpec:
     tensors = []
     offset = 0
-    num_experts = None
+    num_experts = 0
     for name, arr in sorted(params.items()):
         num_experts = num_experts or arr.shape[0]
         nbytes = arr.nbytes // arr.shape[0]
@@ -120,7 +120,8 @@ def _layer_spec(path: str, module: nn.Module, params: dict[str, mx.array]) -> La
     )
 
 
-def _expert_segments(spec: LayerSpec, expert: int, full_names: dict[str, str], stored: dict[str, StoredTensor], file_ids: dict[Path, int]) -> list[Segment]:
+def _expert_segments(spec: LayerSpec, expert: int, full_names: dict[str, str], stored: dict[str, StoredTensor],
+                     file_ids: dict[Path, int]) -> list[Segment]:
     segments = []
     for t in spec.tensors:
         s = stored[full_names[t.name]]
@@ -129,7 +130,7 @@ def _expert_segments(spec: LayerSpec, expert: int, full_names: dict[str, str], s
 
 
 def _fill_record(spec: LayerSpec, expert: int, record: np.ndarray, sources: dict, reader: _SourceReader) -> None:
-    view = memoryview(record)
+    view = record.data
     for t in spec.tensors:
         src = sources[t.name]
         dst = view[t.offset : t.offset + t.nbytes]
@@ -207,7 +208,9 @@ def pack(src: Path, dst: Path, in_place: bool = False, force: bool = False, prog
         _copy_side_files(src, work)
         manifest.model_type = config["model_type"]
         manifest.dense_quantization = {
-            p: q for p, m in model.named_modules() if (q := _quant_params(m)) and not any(p.startswith(x + ".") for x, _ in modules)
+            p: q
+            for p, m in model.named_modules()
+            if (q := _quant_params(m)) and not any(p.startswith(x + ".") for x, _ in modules)
         }
         manifest.fingerprint = _fingerprint(work / "config.json", dense_sha, manifest)
         # The manifest goes last and the directory appears under its name only
@@ -221,10 +224,12 @@ def pack(src: Path, dst: Path, in_place: bool = False, force: bool = False, prog
     finally:
         reader.close()
     n_experts = sum(spec.num_experts for spec in manifest.layers)
-    return PackResult(dst, len(manifest.layers), n_experts, expert_bytes, dense_bytes, time.perf_counter() - start, in_place)
+    return PackResult(dst, len(manifest.layers), n_experts, expert_bytes, dense_bytes, time.perf_counter() - start,
+                      in_place)
 
 
-def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: bool, progress: bool) -> tuple[Manifest, int]:
+def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: bool,
+                  progress: bool) -> tuple[Manifest, int]:
     specs, sources_by_layer = [], []
     for path, module in modules:
         own = {n[len(path) + 1 :]: a for n, a in params.items() if n.startswith(path + ".")}
@@ -242,28 +247,29 @@ def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: 
     files: list[str] = []
     file_ids: dict[Path, int] = {}
     if in_place:
-        for path in sorted({s.path for _, stored in sources_by_layer for s in stored.values()}):
+        # In place every tensor is stored (checked above): `is not None` only narrows the type.
+        for path in sorted({s.path for _, stored in sources_by_layer for s in stored.values() if s is not None}):
             file_ids[path] = len(files)
             files.append(str(path))
     total = sum(spec.record_bytes * spec.num_experts for spec in specs)
     bar = progress_bar(total, "packing experts", always=progress)
     (work / "experts").mkdir()
     for (path, module), spec, (own, stored) in zip(modules, specs, sources_by_layer):
-        sources = {}
+        sources: dict[str, StoredTensor | memoryview] = {}
         for name in own:
-            if stored[name] is not None:
-                sources[name] = stored[name]
+            if (s := stored[name]) is not None:
+                sources[name] = s
             else:
                 mx.eval(own[name])
                 sources[name] = array_bytes(own[name])
         record = np.zeros(spec.record_bytes, dtype=np.uint8)
         if in_place:
             full = {name: f"{spec.module_path}.{name}" for name in own}
-            by_full = {f"{spec.module_path}.{n}": s for n, s in stored.items()}
+            by_full = {f"{spec.module_path}.{n}": s for n, s in stored.items() if s is not None}
             for e in range(spec.num_experts):
                 _fill_record(spec, e, record, sources, reader)
                 segments = _expert_segments(spec, e, full, by_full, file_ids)
-                spec.experts.append(ExpertEntry(hashlib.sha256(record).hexdigest(), segments))
+                spec.experts.append(ExpertEntry(hashlib.sha256(record.data).hexdigest(), segments))
                 bar.update(spec.record_bytes)
         else:
             name = f"experts/layer-{spec.layer:04d}.bin"
@@ -275,9 +281,9 @@ def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: 
                     record[:] = 0
                     _fill_record(spec, e, record, sources, reader)
                     f.seek(e * stride)
-                    f.write(record)
+                    f.write(record.data)
                     segment = Segment(file_id, e * stride, spec.record_bytes, 0)
-                    spec.experts.append(ExpertEntry(hashlib.sha256(record).hexdigest(), [segment]))
+                    spec.experts.append(ExpertEntry(hashlib.sha256(record.data).hexdigest(), [segment]))
                     bar.update(spec.record_bytes)
                 f.flush()
                 os.fsync(f.fileno())

@@ -8,7 +8,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from edgemoe.node.dtypes import SAFETENSORS_NAMES as SAFETENSORS_DTYPES
 
@@ -54,7 +54,13 @@ def index_files(paths: Iterable[Path]) -> dict[str, StoredTensor]:
     return index
 
 
-def copy_range(src_fd: int, offset: int, length: int, out: BinaryIO, chunk: int = 64 * 2**20) -> None:
+class Writer(Protocol):
+    """Where tensors are written: a file, or one that also hashes what goes through it."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+def copy_range(src_fd: int, offset: int, length: int, out: Writer, chunk: int = 64 * 2**20) -> None:
     while length > 0:
         n = min(chunk, length)
         data = os.pread(src_fd, n, offset)
@@ -65,7 +71,7 @@ def copy_range(src_fd: int, offset: int, length: int, out: BinaryIO, chunk: int 
         length -= n
 
 
-def write_header(out: BinaryIO, entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str]) -> None:
+def write_header(out: Writer, entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str]) -> None:
     """Writes the header for tensors that follow back to back, in `entries` order."""
     header: dict = {"__metadata__": metadata}
     offset = 0
