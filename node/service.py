@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import grpc
 import mlx.core as mx
@@ -43,7 +43,8 @@ class _ComputeModel:
         self.holdings = holdings
         manifest = holdings.manifest
         store = ExpertStore(holdings.root, manifest, io_mode="buffered")
-        self.local = LocalExperts(store, min(cache_bytes, manifest.total_expert_bytes), scratch_slots=MAX_INFLIGHT_EXPERTS)
+        self.local = LocalExperts(store, min(cache_bytes, manifest.total_expert_bytes),
+                                  scratch_slots=MAX_INFLIGHT_EXPERTS)
         modules = dict(routed_expert_modules(build_model(holdings.config)))
         self.kernels = {
             spec.layer: ExpertKernel(modules[spec.module_path], spec, self.local.arrays(spec.layer))
@@ -52,7 +53,8 @@ class _ComputeModel:
 
     def compute(self, layer: int, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
         kernel = self.kernels[layer]
-        return compute_pairs(kernel, lambda group: self.local.slots(layer, group), hidden, rows, experts, MAX_INFLIGHT_EXPERTS)
+        return compute_pairs(kernel, lambda group: self.local.slots(layer, group), hidden, rows, experts,
+                             MAX_INFLIGHT_EXPERTS)
 
 
 class NodeService(pb_grpc.EdgeNodeServicer):
@@ -68,7 +70,7 @@ class NodeService(pb_grpc.EdgeNodeServicer):
         models = []
         for fingerprint, held in self.holdings.models.items():
             pairs = sorted(held.held)
-            models.append(pb.ModelHoldings(fingerprint=fingerprint, layers=[l for l, _ in pairs],
+            models.append(pb.ModelHoldings(fingerprint=fingerprint, layers=[layer for layer, _ in pairs],
                                            experts=[e for _, e in pairs]))
         used = sum(m.local.cache_bytes_used for m in self._models.values())
         return pb.NodeInfo(node_id=self.identity.node_id, name=self.identity.name, version=EDGEMOE_VERSION,
@@ -109,7 +111,8 @@ class NodeService(pb_grpc.EdgeNodeServicer):
                 self._compute.submit(stale.local.close)
         return pb.PushReply(experts_stored=stored, errors=errors)
 
-    async def Compute(self, request_iterator: AsyncIterator[pb.ComputeRequest], context) -> AsyncIterator[pb.ComputeReply]:
+    async def Compute(self, request_iterator: AsyncIterator[pb.ComputeRequest],
+                      context) -> AsyncIterator[pb.ComputeReply]:
         loop = asyncio.get_running_loop()
         async for request in request_iterator:
             try:

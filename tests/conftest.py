@@ -110,7 +110,8 @@ class Models:
         key = (arch, quantized, in_place, seed, dtype)
         if key not in self._packs:
             src = self.src(arch, quantized, seed, dtype)
-            dst = self.root / f"packed-{arch}-{'q' if quantized else 'f'}-{seed}-{dtype}{'-inplace' if in_place else ''}"
+            name = f"packed-{arch}-{'q' if quantized else 'f'}-{seed}-{dtype}{'-inplace' if in_place else ''}"
+            dst = self.root / name
             pack(src, dst, in_place=in_place)
             self._packs[key] = dst
         return self._packs[key]
@@ -222,7 +223,8 @@ def write_large_moe_source(
     # The architecture's parameter names and shapes; mlx arrays are lazy, so
     # nothing of the model's size is allocated here.
     model_class, args_class = _get_classes(config)
-    names_shapes = sorted((n, tuple(p.shape)) for n, p in tree_flatten(model_class(args_class.from_dict(config)).parameters()))
+    params = tree_flatten(model_class(args_class.from_dict(config)).parameters())
+    names_shapes = sorted((n, tuple(p.shape)) for n, p in params)
     if not stacked:
         names_shapes = sorted(
             (f"{n.replace('.switch_mlp.', '.experts.{}.')}".format(e), shape[1:])

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
 from conftest import encode, mlx_lm_tokens
+
 from edgemoe.coordinator import peers as peers_module
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
@@ -120,7 +120,8 @@ class FakeNode(pb_grpc.EdgeNodeServicer):
     """Holds nothing, claims `holdings`; answers every compute with `behaviour(request)`:
     a reply, None (never answer), CLOSE (end the stream) or a status code (abort the stream)."""
 
-    def __init__(self, name: str, holdings: list[pb.ModelHoldings], behaviour, protocol_version: int = PROTOCOL_VERSION):
+    def __init__(self, name: str, holdings: list[pb.ModelHoldings], behaviour,
+                 protocol_version: int = PROTOCOL_VERSION):
         self.name = name
         self.holdings = holdings
         self.behaviour = behaviour
@@ -129,8 +130,8 @@ class FakeNode(pb_grpc.EdgeNodeServicer):
         self.stopped = threading.Event()
 
     def Info(self, request, context):
-        return pb.NodeInfo(node_id=f"fake-{self.name}", name=self.name, version="0", protocol_version=self.protocol_version,
-                           models=self.holdings, cache_budget_bytes=2**30)
+        return pb.NodeInfo(node_id=f"fake-{self.name}", name=self.name, version="0",
+                           protocol_version=self.protocol_version, models=self.holdings, cache_budget_bytes=2**30)
 
     def PushExperts(self, request_iterator, context):
         for _ in request_iterator:
@@ -186,7 +187,8 @@ def qwen(models):
 def all_experts(packed) -> pb.ModelHoldings:
     manifest = read_manifest(packed)
     pairs = [(spec.layer, e) for spec in manifest.layers for e in range(spec.num_experts)]
-    return pb.ModelHoldings(fingerprint=manifest.fingerprint, layers=[l for l, _ in pairs], experts=[e for _, e in pairs])
+    return pb.ModelHoldings(fingerprint=manifest.fingerprint, layers=[l for l, _ in pairs],
+                            experts=[e for _, e in pairs])
 
 
 def generate_bounded(packed, token, address, prompt, max_tokens=MAX_TOKENS):
@@ -194,7 +196,8 @@ def generate_bounded(packed, token, address, prompt, max_tokens=MAX_TOKENS):
     Returns (token ids, the cluster, seconds taken)."""
     creds = ClusterCredentials.from_token(token, "coordinator")
     # The coordinator caches one expert: every other expert is the fake node's to compute.
-    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes, peers=[address], credentials=creds)
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes, peers=[address],
+                              credentials=creds)
     sm.cluster.deadline_s = DEADLINE_S
     outcome: dict = {}
 
@@ -239,7 +242,8 @@ def test_bad_replies_fall_back_to_ssd_and_set_the_node_aside(qwen, token, serve_
 
 
 @pytest.mark.parametrize("behaviour", ["hang", "garbage-bytes", "close-stream"])
-def test_a_bad_node_retried_again_and_again_never_stalls_generation(models, qwen, token, serve_fake, monkeypatch, behaviour):
+def test_a_bad_node_retried_again_and_again_never_stalls_generation(models, qwen, token, serve_fake, monkeypatch,
+                                                                    behaviour):
     # A short back-off: the node comes back into use often, and fails each time.
     monkeypatch.setattr(peers_module, "MIN_BACKOFF_S", 0.05)
     monkeypatch.setattr(peers_module, "MAX_BACKOFF_S", 0.05)

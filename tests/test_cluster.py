@@ -12,15 +12,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
 from conftest import encode, mlx_lm_tokens
+from nodes import NodeProcess, coordinator, free_port, wait_for_placement
+
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.relay import DelayRelay
 from edgemoe.node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials, format_token, new_secret
 from edgemoe.node.manifest import read_manifest
 from edgemoe.protos import edgemoe_node_pb2 as pb
 from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
-from nodes import NodeProcess, coordinator, free_port, wait_for_placement
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 MAX_TOKENS = 16
@@ -166,10 +166,13 @@ def test_malformed_compute_requests_get_an_error_reply_and_the_node_keeps_servin
     bad = [
         pb.ComputeRequest(fingerprint="0" * 64, layer=layer, hidden=_tensor(good), rows=[0], experts=[expert]),
         pb.ComputeRequest(fingerprint=fp, layer=999, hidden=_tensor(good), rows=[0], experts=[expert]),
-        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(np.ones((1, 7), np.float32)), rows=[0], experts=[expert]),
-        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=pb.Tensor(dtype="float32", shape=[1, hidden_size], data=b"x"),
+        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(np.ones((1, 7), np.float32)), rows=[0],
+                          experts=[expert]),
+        pb.ComputeRequest(fingerprint=fp, layer=layer,
+                          hidden=pb.Tensor(dtype="float32", shape=[1, hidden_size], data=b"x"),
                           rows=[0], experts=[expert]),
-        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good.astype(np.int32), "int32"), rows=[0], experts=[expert]),
+        pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good.astype(np.int32), "int32"), rows=[0],
+                          experts=[expert]),
         pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good), rows=[5], experts=[expert]),
         pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good), rows=[0], experts=[10_000]),
         pb.ComputeRequest(fingerprint=fp, layer=layer, hidden=_tensor(good), rows=[0, 0], experts=[expert]),
@@ -248,7 +251,8 @@ def test_cli_generate_and_peers_through_a_node(models, tmp_path, discovery):
     )
     try:
         assert "listening" in node.stdout.readline()
-        where = ["--peers", f"127.0.0.1:{port}"] if discovery == "static" else ["--peers", "auto", "--interface", "127.0.0.1"]
+        where = (["--peers", f"127.0.0.1:{port}"] if discovery == "static"
+                 else ["--peers", "auto", "--interface", "127.0.0.1"])
         common = [*where, "--cluster-dir", str(directory)]
         peers = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "peers", *common, "--json"],
                                capture_output=True, text=True, timeout=60)
@@ -258,8 +262,9 @@ def test_cli_generate_and_peers_through_a_node(models, tmp_path, discovery):
         # before has pushed it some.
         for _ in range(5):
             gen = subprocess.run(
-                [sys.executable, "-m", "edgemoe.coordinator.cli", "generate", "--model", str(packed), "--prompt", PROMPT,
-                 "--no-chat-template", "--max-tokens", str(MAX_TOKENS), "--json", "--cache-mb", "0.01", *common],
+                [sys.executable, "-m", "edgemoe.coordinator.cli", "generate", "--model", str(packed),
+                 "--prompt", PROMPT, "--no-chat-template", "--max-tokens", str(MAX_TOKENS), "--json",
+                 "--cache-mb", "0.01", *common],
                 capture_output=True, text=True, timeout=120,
             )
             assert gen.returncode == 0, gen.stderr

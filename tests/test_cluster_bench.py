@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from edgemoe.coordinator.bench import format_cluster_report
 from edgemoe.coordinator.bench.cluster import Decode, cluster_bound, run_figures
 from edgemoe.coordinator.pack import pack

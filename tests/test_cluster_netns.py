@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import netns
+import pytest
 from conftest import REPO, cli_env, encode, mlx_lm_tokens
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -79,7 +78,8 @@ def netns_names() -> set[str]:
 def cluster(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("netns-cluster")
     cluster_dir = root / "cluster"
-    init = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "cluster", "init", "--dir", str(cluster_dir)],
+    init = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "cluster", "init",
+                           "--dir", str(cluster_dir)],
                           capture_output=True, text=True, timeout=60, env=cli_env(), cwd=REPO)
     assert init.returncode == 0, init.stderr
     token = init.stdout.strip().splitlines()[-1]

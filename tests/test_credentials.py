@@ -322,8 +322,9 @@ def test_expired_token_is_refused_with_one_line_and_a_cut_expiry_is_another_clus
 def test_cluster_init_with_expiry_gives_an_expiring_token(tmp_path):
     from edgemoe.node.credentials import token_expiry
 
-    out = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "cluster", "init", "--dir", str(tmp_path / "c"),
-                          "--expires-days", "1"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "edgemoe.coordinator.cli", "cluster", "init",
+                          "--dir", str(tmp_path / "c"), "--expires-days", "1"],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     token = out.stdout.strip().splitlines()[-1]
     assert token_expiry(token) is not None
