@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import unavailable
 
 from edgemoe.coordinator.bench import format_report
 from edgemoe.coordinator.bench.decode import Mark, decode_figures
@@ -146,7 +147,7 @@ def test_byte_counts_add_up(report):
 
 def test_cold_run_starts_cold(report):
     if report["page_cache_drop_method"] is None or report["page_cache_resident_at_start"] is None:
-        pytest.skip("this OS cannot drop or inspect the page cache")
+        unavailable("this OS cannot drop or inspect the page cache (dropping it needs root)")
     assert report["page_cache_resident_at_start"] < 0.05
     assert report["every_token_cold_first_read_fraction"] > 0.5
 
