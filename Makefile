@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: setup demo check test quick bench clean protos
+.PHONY: setup demo check test quick bench clean protos gpu-check
 
 $(BIN)/edgemoe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: setup check
 # For development: everything but the long tests and the root/namespace ones.
 quick: setup
 	$(BIN)/python -m pytest -q -m "not slow and not netns"
+
+# On the GPU machine (../shared/gpu/README.md, after `source .gpu-b/on-device.sh`; no venv
+# there): the same-answer suite and a short bench, logs under $$OUT. CI has no GPU.
+gpu-check:
+	bash .ci/gpu-check
 
 bench: setup
 	$(BIN)/edgemoe demo-model $(DEMO_DIR)/bench-src --size random

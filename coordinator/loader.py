@@ -100,8 +100,17 @@ def load_streaming_model(
     store = ExpertStore(model_dir, manifest, io_threads, io_mode)
     try:
         budget = cache_bytes if cache_bytes is not None else default_cache_bytes(manifest)
+        on_cpu = mx.default_device() == mx.cpu
+        if prefetch and not on_cpu:
+            # On CUDA the prefetch case gave other tokens than mlx-lm (2026-11-29, cause not yet
+            # found): a wrong answer is worse than a slower one.
+            log.warning("--prefetch is not yet exact on %s: running without it", mx.default_device())
+            prefetch = False
         k = (routed_experts_per_token(config) or 0) if prefetch else 0
-        local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k)
+        # Misses computed as they land run in other batch shapes than mlx-lm's one call per
+        # layer: the same bits on the CPU, not on a GPU (measured on CUDA), so only there.
+        local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k,
+                             compute_as_read=on_cpu)
     except BaseException:
         store.close()
         raise

@@ -94,8 +94,9 @@ class LocalExperts:
     the cache does not admit it."""
 
     def __init__(self, store: ExpertStore, cache_bytes: int, policy: str = "lfu", scratch_slots: int = 32,
-                 prefetch_slots: int = 0):
+                 prefetch_slots: int = 0, compute_as_read: bool = True):
         self.store = store
+        self.compute_as_read = compute_as_read
         self.manifest: Manifest = store.manifest
         self.stats = FetchStats()
         self.policy = policy
@@ -234,7 +235,7 @@ class LocalExperts:
             misses.forget()
             raise
         self._misses = misses
-        if not self.store.direct:
+        if not self.store.direct or not self.compute_as_read:
             # Through the page cache most reads are memory copies: computing the misses one
             # by one as they land would cost more than it overlaps (measured: 7% slower).
             misses.wait_all()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 
+import mlx.core as mx
 import pytest
 from conftest import encode, mlx_lm_tokens
 from test_bad_input import assert_corrupted_expert_never_computed
@@ -61,7 +62,8 @@ def test_same_tokens_as_mlx_lm_computed_as_read_or_not(models, large, as_read_ca
     assert result.stats.experts_from_ssd > 12
     assert set(result.stats.io_modes.values()) == {io_mode}
     # computed as read only when reads bypass the page cache
-    assert (as_read_calls["n"] > 0) == (io_mode == "direct")
+    # only there, and only on the CPU: in other batch shapes a GPU rounds differently
+    assert (as_read_calls["n"] > 0) == (io_mode == "direct" and mx.default_device() == mx.cpu)
 
 
 def test_a_corrupted_large_expert_is_never_computed_with(models, large, tmp_path, monkeypatch, as_read_calls):
@@ -70,4 +72,4 @@ def test_a_corrupted_large_expert_is_never_computed_with(models, large, tmp_path
     prompt = encode(models, src, PROMPT)
     assert_corrupted_expert_never_computed(packed, prompt, monkeypatch,
                                            cache_bytes=read_manifest(packed).expert_bytes, io_mode="direct")
-    assert as_read_calls["n"] > 0
+    assert (as_read_calls["n"] > 0) == (mx.default_device() == mx.cpu)
