@@ -131,6 +131,17 @@ class Models:
 
 
 @pytest.fixture(scope="session")
+def large(tmp_path_factory) -> tuple[Path, Path]:
+    """(source, packed) with float32 experts of 1.5 MiB: two misses are more than an inline
+    read, so misses are read in the background (and, with direct I/O, computed as they land)."""
+    root = tmp_path_factory.mktemp("large-experts")
+    src = write_tiny_model(root / "src", quantized=False, num_experts=8, num_experts_per_tok=2,
+                           hidden_size=256, moe_intermediate_size=512)
+    pack(src, root / "packed")
+    return src, root / "packed"
+
+
+@pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Models:
     return Models(tmp_path_factory.mktemp("models"))
 

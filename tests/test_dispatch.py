@@ -14,8 +14,6 @@ from edgemoe.coordinator.counters import snapshot
 from edgemoe.coordinator.dispatch import LayerDispatch
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
-from edgemoe.coordinator.pack import pack
-from edgemoe.coordinator.tiny_models import write_tiny_model
 from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret
 from edgemoe.node.manifest import read_manifest
 
@@ -53,16 +51,6 @@ def _run(packed, prompt, budget, peers=None, credentials=None):
         return result.token_ids, snapshot(sm) - before
     finally:
         sm.close()
-
-
-@pytest.fixture(scope="module")
-def large(tmp_path_factory):
-    """float32 experts of 1.5 MiB, so that misses are read in the background and computed as they land."""
-    root = tmp_path_factory.mktemp("dispatch-large")
-    src = write_tiny_model(root / "src", quantized=False, num_experts=8, num_experts_per_tok=2,
-                           hidden_size=256, moe_intermediate_size=512)
-    pack(src, root / "packed")
-    return src, root / "packed"
 
 
 def test_a_dead_peer_leaves_the_single_machine_path_as_it_is(models, large, calls):

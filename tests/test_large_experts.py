@@ -14,22 +14,10 @@ from test_bad_input import assert_corrupted_expert_never_computed
 from edgemoe.coordinator.dispatch import LayerDispatch
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
-from edgemoe.coordinator.pack import pack
-from edgemoe.coordinator.tiny_models import write_tiny_model
 from edgemoe.node.manifest import read_manifest
 from edgemoe.node.store import INLINE_READ_BYTES
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
-
-
-@pytest.fixture(scope="module")
-def large(tmp_path_factory):
-    """float32 experts of 1.5 MiB: two misses are more than an inline read."""
-    root = tmp_path_factory.mktemp("large-experts")
-    src = write_tiny_model(root / "src", quantized=False, num_experts=8, num_experts_per_tok=2,
-                           hidden_size=256, moe_intermediate_size=512)
-    pack(src, root / "packed")
-    return src, root / "packed"
 
 
 @pytest.fixture
