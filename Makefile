@@ -8,7 +8,7 @@ DEMO_DIR ?= $(CURDIR)/.demo
 $(BIN)/edgemoe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[cpu,test]'
 	touch $@
 
 setup: $(BIN)/edgemoe
