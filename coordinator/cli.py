@@ -132,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every request but /health "
                    "(default: $EDGEMOE_API_KEY, which keeps the key out of the process list)")
     s.add_argument("--max-tokens", type=int, default=512, help="completion length when a request gives none")
+    lim = s.add_argument_group("limits", "what one client may make the server spend (README, OpenAI-compatible "
+                               "server)")
+    lim.add_argument("--max-tokens-limit", type=int, metavar="N",
+                     help="the longest completion a request may ask for (default: 4096)")
+    lim.add_argument("--max-body-mb", type=float, metavar="MB", help="largest request body (default: 8)")
+    lim.add_argument("--max-prompt-chars", type=int, metavar="N",
+                     help="longest prompt, in characters, refused before tokenizing (default: 8 per token of "
+                     "the model's context)")
+    lim.add_argument("--max-json-depth", type=int, metavar="N", help="deepest nesting of a JSON body (default: 32)")
+    lim.add_argument("--max-queue", type=int, metavar="N",
+                     help="requests queued or generating; more get 429 with Retry-After (default: 16)")
+    lim.add_argument("--max-connections", type=int, metavar="N",
+                     help="open connections; beyond them the oldest idle one is closed (default: 1024)")
+    lim.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                     help="time a client has to send a request's headers, and again its body (default: 10)")
+    lim.add_argument("--keep-alive-timeout", type=int, metavar="SECONDS",
+                     help="an idle connection is closed after this long between requests (default: 5)")
+    lim.add_argument("--max-header-kb", type=float, metavar="KB",
+                     help="largest request line and headers together (default: 16)")
     s.set_defaults(func=cmd_serve)
 
     pe = sub.add_parser("peers", help="the nodes this coordinator can use: health, round trip, experts held, cache")

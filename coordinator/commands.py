@@ -19,6 +19,8 @@ from edgemoe.node.errors import EdgemoeError
 if TYPE_CHECKING:
     from edgemoe.node.credentials import ClusterCredentials
 
+    from .server.limits import ServeLimits
+
 
 def _cache_bytes(args: argparse.Namespace) -> int | None:
     if args.cache_mb is None:
@@ -108,12 +110,40 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cache_bytes = _cache_bytes(args)
     node_timeout = _node_timeout(args)
 
+    limits = _serve_limits(args)
+
     def load():
         return load_streaming_model(Path(args.model), cache_bytes=cache_bytes, experts_per_token=args.experts_per_token,
                                     io_mode=args.io, prefetch=args.prefetch, peers=peers, credentials=credentials,
                                     node_timeout_s=node_timeout)
 
-    serve(Path(args.model), args.host, args.port, load, api_key=args.api_key, default_max_tokens=args.max_tokens)
+    serve(Path(args.model), args.host, args.port, load, api_key=args.api_key, default_max_tokens=args.max_tokens,
+          limits=limits)
+
+
+def _serve_limits(args: argparse.Namespace) -> ServeLimits:
+    """`edgemoe serve`'s limits: the flags given, each checked, over ServeLimits' defaults."""
+    from .server.limits import ServeLimits
+
+    given = {
+        "max_tokens": args.max_tokens_limit, "max_prompt_chars": args.max_prompt_chars,
+        "max_json_depth": args.max_json_depth, "max_queue": args.max_queue, "max_connections": args.max_connections,
+        "header_timeout_s": args.header_timeout, "keep_alive_timeout_s": args.keep_alive_timeout,
+        "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
+        "max_header_bytes": None if args.max_header_kb is None else int(args.max_header_kb * 2**10),
+    }
+    flags = {"max_tokens": "--max-tokens-limit", "max_prompt_chars": "--max-prompt-chars",
+             "max_json_depth": "--max-json-depth", "max_queue": "--max-queue", "max_connections": "--max-connections",
+             "header_timeout_s": "--header-timeout", "keep_alive_timeout_s": "--keep-alive-timeout",
+             "max_body_bytes": "--max-body-mb", "max_header_bytes": "--max-header-kb"}
+    for name, value in given.items():
+        if value is not None and not value > 0:  # NaN too
+            raise EdgemoeError(f"{flags[name]} must be positive")
+    limits = ServeLimits(**{name: value for name, value in given.items() if value is not None})
+    if args.max_tokens > limits.max_tokens:
+        raise EdgemoeError(f"--max-tokens {args.max_tokens} is over --max-tokens-limit {limits.max_tokens}: "
+                           "lower the one or raise the other")
+    return limits
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@ health with growing back-off, and round-trip times."""
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import queue
@@ -29,17 +30,47 @@ class PeerDown(Exception):
     """The peer's stream is broken; its pending calls go to the SSD path."""
 
 
+# Upper bounds (ms) of the round-trip histogram's buckets, as Prometheus histograms have them:
+# a fixed set, so a node's statistics stay the same size however long the coordinator runs.
+RTT_BUCKETS_MS = (0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0)
+
+
 @dataclass
 class PeerStats:
     calls: int = 0
     failures: int = 0
     # distinct experts per layer call it computed for us, counted as LocalExperts counts its own
     experts: int = 0
-    rtt_ms: list[float] = field(default_factory=list)
+    rtt_count: int = 0
+    rtt_sum_ms: float = 0.0
+    rtt_min_ms: float | None = None
+    rtt_max_ms: float | None = None
+    # replies per bucket of RTT_BUCKETS_MS (not cumulative); those over the last bound only in rtt_count
+    rtt_buckets: list[int] = field(default_factory=lambda: [0] * len(RTT_BUCKETS_MS))
+    # replies are counted on the stream's thread and read by /metrics on another: one lock keeps
+    # count, sum and buckets consistent with each other
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def observe_rtt(self, ms: float) -> None:
+        with self._lock:
+            self.rtt_count += 1
+            self.rtt_sum_ms += ms
+            self.rtt_min_ms = ms if self.rtt_min_ms is None else min(self.rtt_min_ms, ms)
+            self.rtt_max_ms = ms if self.rtt_max_ms is None else max(self.rtt_max_ms, ms)
+            i = bisect.bisect_left(RTT_BUCKETS_MS, ms)
+            if i < len(self.rtt_buckets):
+                self.rtt_buckets[i] += 1
+
+    def rtt_histogram(self) -> tuple[list[tuple[float, int]], int, float]:
+        """The round trips as a Prometheus histogram: cumulative (bound in ms, replies at most that),
+        then the count and the sum (ms)."""
+        with self._lock:
+            buckets, count, total = list(self.rtt_buckets), self.rtt_count, self.rtt_sum_ms
+        return list(zip(RTT_BUCKETS_MS, itertools.accumulate(buckets))), count, total
 
     @property
     def mean_rtt_ms(self) -> float | None:
-        return sum(self.rtt_ms) / len(self.rtt_ms) if self.rtt_ms else None
+        return self.rtt_sum_ms / self.rtt_count if self.rtt_count else None
 
 
 class Peer:
@@ -143,7 +174,7 @@ class Peer:
                 if entry is not None:
                     future, sent = entry
                     rtt = (time.perf_counter() - sent) * 1e3
-                    self.stats.rtt_ms.append(rtt)
+                    self.stats.observe_rtt(rtt)
                     future.set_result((reply, rtt))
             self._failed(f"node {self.name} closed its stream", stream)
         except grpc.RpcError as exc:

@@ -254,7 +254,7 @@ def test_errors_are_openai_shaped_and_server_keeps_serving(server, client):
         _error(http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": -1}), 400)
         _error(http.post("/v1/chat/completions", json={"model": model, "messages": msgs, "temperature": -1}), 400)
         _error(http.post("/v1/chat/completions", json={"model": model}), 400)
-        long_prompt = "the quick brown fox jumps over the lazy dog " * 800
+        long_prompt = "the quick brown fox jumps over the lazy dog " * 500  # under the character cap
         e = _error(http.post("/v1/chat/completions", json={"model": model, "messages": [
             {"role": "user", "content": long_prompt}], "max_tokens": 4}), 400, "context_length_exceeded")
         assert "4096" in e["message"]
@@ -369,6 +369,7 @@ def test_cluster_metrics_collector():
     from prometheus_client import CollectorRegistry, generate_latest
 
     from edgemoe.coordinator.counters import Counters
+    from edgemoe.coordinator.peers import PeerStats
     from edgemoe.coordinator.server.metrics import model_families
 
     counters = Counters(cache_hits=3, cache_misses=2, cache_evictions=1, experts_from_cache=3, experts_from_ssd=2,
@@ -377,9 +378,13 @@ def test_cluster_metrics_collector():
             "experts_computed": 6, "mean_rtt_ms": 3.0, "experts_held": 2, "error": None}
     cluster = {"peer_calls": 4, "experts_from_peers": 6, "fallbacks": 1, "nodes": [node]}
 
+    stats = PeerStats()
+    for ms in (2.0, 4.0, 30.0):
+        stats.observe_rtt(ms)
+
     class Collector:
         def collect(self):
-            return model_families(counters, 500, 900, cluster, {"10.0.0.2:7070": [2.0, 4.0]})
+            return model_families(counters, 500, 900, cluster, {"10.0.0.2:7070": stats})
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())
@@ -391,8 +396,12 @@ def test_cluster_metrics_collector():
     assert samples["edgemoe_node_experts_total", "10.0.0.2:7070"] == 6
     assert samples["edgemoe_node_experts_held", "10.0.0.2:7070"] == 2
     assert samples["edgemoe_node_healthy", "10.0.0.2:7070"] == 1
-    assert samples["edgemoe_node_rtt_seconds_count", "10.0.0.2:7070"] == 2
-    assert samples["edgemoe_node_rtt_seconds_sum", "10.0.0.2:7070"] == pytest.approx(0.006)
+    assert samples["edgemoe_node_rtt_seconds_count", "10.0.0.2:7070"] == 3
+    assert samples["edgemoe_node_rtt_seconds_sum", "10.0.0.2:7070"] == pytest.approx(0.036)
+    buckets = {s.labels["le"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "edgemoe_node_rtt_seconds_bucket"}
+    assert (buckets["0.001"], buckets["0.0025"], buckets["0.005"], buckets["0.025"], buckets["0.05"]) == (0, 1, 2, 2, 3)
+    assert buckets["+Inf"] == 3
     assert samples["edgemoe_cluster_nodes", None] == 1
     assert samples["edgemoe_cluster_peer_calls_total", None] == 4
     assert samples["edgemoe_cluster_fallbacks_total", None] == 1
@@ -423,6 +432,6 @@ def test_chat_template_refusal_is_a_400():
             raise ValueError("Conversation roles must alternate")
 
     with pytest.raises(ApiError) as refused:
-        chat_prompt(Refusing(), {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+        chat_prompt(Refusing(), {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 1000)
     assert (refused.value.status, refused.value.param, refused.value.code) == (400, "messages", "invalid_value")
     assert "Conversation roles must alternate" in refused.value.message

@@ -85,7 +85,7 @@ class Mark:
 
 def node_rtts(cluster: Cluster) -> tuple[tuple[int, float], ...]:
     """Per node: replies so far and their summed round trips (ms); counts and sums subtract, a window would not."""
-    return tuple((len(p.stats.rtt_ms), sum(p.stats.rtt_ms)) for p in cluster.peers)
+    return tuple((p.stats.rtt_count, p.stats.rtt_sum_ms) for p in cluster.peers)
 
 
 def mark(sm: StreamingModel) -> Mark:

@@ -27,9 +27,12 @@ from starlette.routing import Route
 from edgemoe.node.errors import EdgemoeError
 
 from . import schema
+from .body import parse_json, read_body
+from .connections import protocol_class
+from .limits import DEFAULT_LIMITS, ServeLimits, raise_open_file_limit
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .schema import DEFAULT_MAX_TOKENS, ApiError, Chunks, Params, error_response
-from .worker import Engine, Job
+from .worker import Engine, Job, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,9 @@ class Service:
     """The endpoints: checks the key, parses requests, queues jobs on the engine, shapes the answers like OpenAI's."""
 
     def __init__(self, engine: Engine, model_id: str, aliases: set[str], api_key: str | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS):
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, limits: ServeLimits = DEFAULT_LIMITS):
         self.engine = engine
+        self.limits = limits
         self.metrics: ServerMetrics = engine.metrics
         self.model_id = model_id
         self.aliases = aliases | {model_id}
@@ -49,6 +53,7 @@ class Service:
         config = engine.sm.config
         self.context_length = schema.config_value(config, "max_position_embeddings")
         self.vocab_size = schema.config_value(config, "vocab_size")
+        self.max_prompt_chars = limits.prompt_chars(self.context_length)
 
     @property
     def tokenizer(self) -> Any:
@@ -67,26 +72,36 @@ class Service:
 
     async def _body(self, request: Request) -> dict:
         self.check_key(request)
-        return schema.check_body(await request.body(), self.model_id, self.aliases)
+        raw = await read_body(request, self.limits.max_body_bytes, self.limits.header_timeout_s)
+        # a large body takes a while to parse: off the event loop, which must keep serving /health
+        parsed = await run_in_threadpool(parse_json, raw, self.limits.max_json_depth)
+        return schema.check_body(parsed, self.model_id, self.aliases)
 
     def _params(self, body: dict, prompt_ids: list[int], prompt_param: str) -> Params:
-        return schema.params(body, prompt_ids, prompt_param, self.context_length, self.default_max_tokens)
+        return schema.params(body, prompt_ids, prompt_param, self.context_length, self.default_max_tokens,
+                             self.limits.max_tokens)
 
     # -- endpoints
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._body(request)
-        prompt_ids = await run_in_threadpool(schema.chat_prompt, self.tokenizer, body)
+        prompt_ids = await run_in_threadpool(schema.chat_prompt, self.tokenizer, body, self.max_prompt_chars)
         return await self._complete(request, body, self._params(body, prompt_ids, "messages"), chat=True)
 
     async def completions(self, request: Request) -> Response:
         body = await self._body(request)
-        prompt_ids = await run_in_threadpool(schema.completion_prompt, self.tokenizer, body, self.vocab_size)
+        prompt_ids = await run_in_threadpool(schema.completion_prompt, self.tokenizer, body, self.vocab_size,
+                                             self.max_prompt_chars)
         return await self._complete(request, body, self._params(body, prompt_ids, "prompt"), chat=False)
 
     async def _complete(self, request: Request, body: dict, params: Params, chat: bool) -> Response:
         job = Job(params, asyncio.get_running_loop())
-        self.engine.submit(job)
+        try:
+            self.engine.submit(job)
+        except QueueFull as full:
+            raise ApiError(429, f"The server is busy: {self.engine.max_jobs} requests are queued or running "
+                           "(edgemoe serve --max-queue); retry later", type="server_busy", code="queue_full",
+                           headers={"Retry-After": str(full.retry_after_s)}) from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         endpoint = "chat" if chat else "completions"
         if body.get("stream"):
@@ -157,9 +172,14 @@ class Service:
                 "context_length": self.context_length}
 
     async def health(self, request: Request) -> Response:
-        sm = self.engine.sm
-        return JSONResponse({"status": "ok", "model": self.model_id,
-                             "nodes": len(sm.cluster.peers) if sm.cluster is not None else 0})
+        """200 and "ok", or 503 and "degraded" with the reason once generation failed on the expert store:
+        that failure stays until the files are repaired and the server restarted, so a monitor must see it."""
+        sm, failure = self.engine.sm, self.engine.failure
+        body = {"status": "degraded" if failure else "ok", "model": self.model_id,
+                "nodes": len(sm.cluster.peers) if sm.cluster is not None else 0}
+        if failure:
+            body["reason"] = failure
+        return JSONResponse(body, status_code=503 if failure else 200)
 
     async def render_metrics(self, request: Request) -> Response:
         self.check_key(request)
@@ -227,17 +247,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model_dir: Path, host: str, port: int, load: Callable[[], Any], api_key: str | None = None,
-          default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+          default_max_tokens: int = DEFAULT_MAX_TOKENS, limits: ServeLimits = DEFAULT_LIMITS) -> None:
     """Loads the model, listens on host:port and serves until SIGINT/SIGTERM."""
     import uvicorn
 
     if api_key is not None and not api_key.strip():
         raise EdgemoeError("--api-key must not be empty")
+    max_connections = raise_open_file_limit(limits.max_connections)
     sock = bind(host, port)
     if api_key is None and not _loopback(host):
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
     metrics = ServerMetrics()
-    engine = Engine(load, metrics)
+    engine = Engine(load, metrics, limits.max_queue)
     try:
         engine.start()
     except BaseException:
@@ -245,13 +266,19 @@ def serve(model_dir: Path, host: str, port: int, load: Callable[[], Any], api_ke
         raise
     try:
         resolved = model_dir.resolve()
-        service = Service(engine, resolved.name, {str(model_dir), str(resolved)}, api_key, default_max_tokens)
+        service = Service(engine, resolved.name, {str(model_dir), str(resolved)}, api_key, default_max_tokens,
+                          limits)
         app = create_app(service)
         bound_host, bound_port = sock.getsockname()[:2]
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         print(f"edgemoe: serving {service.model_id} at http://{url_host}:{bound_port}/v1"
               f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+        # uvicorn's limit_concurrency is left off: it would answer 503 to /health once idle
+        # connections fill it; the protocol's own cap closes idle ones instead.
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+                                http=protocol_class(max_connections, limits.header_timeout_s), ws="none",
+                                timeout_keep_alive=limits.keep_alive_timeout_s,
+                                h11_max_incomplete_event_size=limits.max_header_bytes)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

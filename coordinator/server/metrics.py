@@ -13,17 +13,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from ..counters import Counters, snapshot
+from ..peers import PeerStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def model_families(c: Counters, cache_bytes_used: int, budget_bytes: int, cluster: dict | None,
-                   rtt_ms: dict[str, list[float]]) -> Iterator[Metric]:
+                   rtts: dict[str, PeerStats]) -> Iterator[Metric]:
     """The streaming model's metrics from its counters snapshot and, with a cluster, the cluster's
-    snapshot; `rtt_ms` holds each node's round trips, which a Prometheus summary counts and sums."""
+    snapshot; `rtts` holds each node's statistics, whose round trips become a Prometheus histogram."""
     yield CounterMetricFamily("edgemoe_cache_hits", "Expert fetches served from the RAM cache", value=c.cache_hits)
     yield CounterMetricFamily("edgemoe_cache_misses", "Expert fetches that missed the RAM cache", value=c.cache_misses)
     yield CounterMetricFamily("edgemoe_cache_evictions", "Experts evicted from the RAM cache", value=c.cache_evictions)
@@ -51,7 +52,8 @@ def model_families(c: Counters, cache_bytes_used: int, budget_bytes: int, cluste
     experts = CounterMetricFamily("edgemoe_node_experts", "Experts computed by each node", labels=["node"])
     healthy = GaugeMetricFamily("edgemoe_node_healthy", "1 if the node is in use, 0 if set aside", labels=["node"])
     held = GaugeMetricFamily("edgemoe_node_experts_held", "Experts each node holds", labels=["node"])
-    rtt = SummaryMetricFamily("edgemoe_node_rtt_seconds", "Round-trip times of calls to each node", labels=["node"])
+    rtt = HistogramMetricFamily("edgemoe_node_rtt_seconds", "Round-trip times of calls to each node",
+                                labels=["node"])
     for node in cluster["nodes"]:
         address = node["address"]
         calls.add_metric([address], node["calls"])
@@ -59,8 +61,11 @@ def model_families(c: Counters, cache_bytes_used: int, budget_bytes: int, cluste
         experts.add_metric([address], node["experts_computed"])
         healthy.add_metric([address], 1.0 if node["healthy"] else 0.0)
         held.add_metric([address], node["experts_held"])
-        samples = rtt_ms.get(address, [])
-        rtt.add_metric([address], count_value=len(samples), sum_value=sum(samples) / 1e3)
+        stats = rtts.get(address)
+        if stats is not None:
+            buckets, count, total_ms = stats.rtt_histogram()
+            rtt.add_metric([address], [(f"{bound / 1e3:g}", n) for bound, n in buckets] + [("+Inf", count)],
+                           sum_value=total_ms / 1e3)
     yield from (calls, failures, experts, healthy, held, rtt)
 
 
@@ -76,9 +81,9 @@ class StreamingModelCollector:
     def collect(self) -> Iterator[Metric]:
         sm = self.sm
         cluster = sm.cluster.snapshot() if sm.cluster is not None else None
-        # The cluster snapshot carries each node's mean round trip, not the count and sum a summary needs.
-        rtt_ms = {p.address: list(p.stats.rtt_ms) for p in sm.cluster.peers} if sm.cluster is not None else {}
-        return model_families(snapshot(sm), sm.local.cache_bytes_used, sm.local.budget_bytes, cluster, rtt_ms)
+        # The cluster snapshot carries each node's mean round trip, not the buckets a histogram needs.
+        rtts = {p.address: p.stats for p in sm.cluster.peers} if sm.cluster is not None else {}
+        return model_families(snapshot(sm), sm.local.cache_bytes_used, sm.local.budget_bytes, cluster, rtts)
 
 
 class ServerMetrics:

@@ -13,16 +13,24 @@ from ..generate import build_prompt
 
 DEFAULT_MAX_TOKENS = 512
 MAX_STOP_SEQUENCES = 4
+# A stop string is looked for after every token, at a cost that grows with its length.
+MAX_STOP_CHARS = 256
+# What mx.random.seed takes: an unsigned 64-bit integer.
+MAX_SEED = 2**64 - 1
+# What a chat message costs beyond its role and content, against the prompt's character cap:
+# a flood of empty messages still costs the chat template work.
+MESSAGE_CHARS = 8
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -84,12 +92,8 @@ def config_value(config: dict, name: str) -> Any:
 # -- requests
 
 
-def check_body(raw: bytes, model_id: str, aliases: set[str]) -> dict:
-    """The JSON body of a completion request, checked for what every endpoint needs."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+def check_body(body: Any, model_id: str, aliases: set[str]) -> dict:
+    """The parsed JSON body of a completion request, checked for what every endpoint needs."""
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
     model = body.get("model")
@@ -122,18 +126,22 @@ def _stop(body: dict) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
+        stop = [stop]
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         if len(stop) > MAX_STOP_SEQUENCES:
             raise ApiError(400, f"'stop' has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
                            param="stop", code="invalid_value")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ApiError(400, f"'stop' sequences may be at most {MAX_STOP_CHARS} characters long", param="stop",
+                           code="invalid_value")
         return stop
     raise ApiError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
 
 
 def params(body: dict, prompt_ids: list[int], prompt_param: str, context_length: int | None,
-           default_max_tokens: int) -> Params:
-    """The generation parameters of a request, checked against the model's context length."""
+           default_max_tokens: int, max_tokens_limit: int) -> Params:
+    """The generation parameters of a request, checked against the model's context length and the
+    server's longest completion."""
     n = len(prompt_ids)
     if n == 0:
         raise ApiError(400, "The prompt encodes to no tokens", param=prompt_param, code="invalid_value")
@@ -154,9 +162,14 @@ def params(body: dict, prompt_ids: list[int], prompt_param: str, context_length:
         raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                        f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion). Please "
                        "reduce the prompt or the completion length.", param=name, code="context_length_exceeded")
+    elif max_tokens > max_tokens_limit:
+        raise ApiError(400, f"'{name}' is {max_tokens}; this server generates at most {max_tokens_limit} tokens "
+                       "a request (edgemoe serve --max-tokens-limit)", param=name, code="invalid_value")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, "'seed' must be an integer", param="seed", code="invalid_type")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ApiError(400, f"'seed' is {seed}; it must be between 0 and 2**64-1", param="seed", code="invalid_value")
     return Params(
         prompt_ids=prompt_ids,
         max_tokens=max_tokens,
@@ -185,8 +198,14 @@ def _message_text(content: Any, i: int) -> str:
                    param=f"messages[{i}].content", code="invalid_type")
 
 
-def chat_prompt(tokenizer: Any, body: dict) -> list[int]:
-    """The token ids of a chat request's messages."""
+def _check_chars(chars: int, max_chars: int, param: str) -> None:
+    if chars > max_chars:
+        raise ApiError(400, f"The prompt is {chars} characters; this server takes at most {max_chars} "
+                       "(edgemoe serve --max-prompt-chars)", param=param, code="context_length_exceeded")
+
+
+def chat_prompt(tokenizer: Any, body: dict, max_chars: int) -> list[int]:
+    """The token ids of a chat request's messages, refused before tokenizing past `max_chars`."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' is required: a non-empty list", param="messages",
@@ -197,6 +216,7 @@ def chat_prompt(tokenizer: Any, body: dict) -> list[int]:
             raise ApiError(400, f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]",
                            code="invalid_value")
         chat.append({"role": m["role"], "content": _message_text(m.get("content"), i)})
+    _check_chars(sum(len(m["role"]) + len(m["content"]) + MESSAGE_CHARS for m in chat), max_chars, "messages")
     try:
         return build_prompt(tokenizer, chat)
     except Exception as exc:  # the chat template's own checks (roles, order) are the caller's mistake
@@ -204,12 +224,14 @@ def chat_prompt(tokenizer: Any, body: dict) -> list[int]:
                        code="invalid_value") from None
 
 
-def completion_prompt(tokenizer: Any, body: dict, vocab_size: int | None) -> list[int]:
-    """The token ids of a completion request's prompt: text, or token ids as they are."""
+def completion_prompt(tokenizer: Any, body: dict, vocab_size: int | None, max_chars: int) -> list[int]:
+    """The token ids of a completion request's prompt: text (refused before tokenizing past
+    `max_chars`), or token ids as they are."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
+        _check_chars(len(prompt), max_chars, "prompt")
         return list(tokenizer.encode(prompt))
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if vocab_size and any(t < 0 or t >= vocab_size for t in prompt):

@@ -2,18 +2,26 @@
 
 MLX generation is single-threaded, so the server queues rather than running
 requests side by side: each waits its turn and gets exactly the answer it would
-have got alone. A job cancelled while queued is skipped; one cancelled while it
-runs stops between two tokens.
+have got alone. The queue is bounded: a job beyond it is refused (QueueFull). A job
+cancelled while queued is skipped; one cancelled while it runs stops between two tokens.
+
+Every job seeds MLX's random state itself (an unseeded one from os.urandom), so no
+job's sampling follows from another's seed. A generation that fails on the expert
+store (a corrupted or vanished expert file) marks the engine degraded, for /health.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
+
+from edgemoe.node.errors import EdgemoeError
 
 from ..generate import generate
 from .metrics import ServerMetrics
@@ -42,14 +50,28 @@ class Job:
         self.cancelled.set()
 
 
+class QueueFull(Exception):
+    """The engine already holds its most jobs; `retry_after_s` guesses when one frees up."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(retry_after_s)
+        self.retry_after_s = retry_after_s
+
+
 class Engine:
     """Owns the streaming model in one worker thread and runs queued jobs one at a time, in order."""
 
-    def __init__(self, load: Callable[[], Any], metrics: ServerMetrics):
+    def __init__(self, load: Callable[[], Any], metrics: ServerMetrics, max_jobs: int = 16):
         self._load = load
         self.metrics = metrics
+        self.max_jobs = max_jobs
         self.sm: Any = None
+        # the reason generation failed on the expert store, if it did: the server is degraded
+        self.failure: str | None = None
         self._jobs: queue.Queue = queue.Queue()
+        self._held = 0  # jobs queued or running; taken on the event loop, given back by the worker
+        self._held_lock = threading.Lock()
+        self._last_job_s = 1.0
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._closing = False
@@ -63,6 +85,11 @@ class Engine:
             raise self._load_error
 
     def submit(self, job: Job) -> None:
+        """Queues the job; raises QueueFull when `max_jobs` are queued or running."""
+        with self._held_lock:
+            if self._held >= self.max_jobs:
+                raise QueueFull(min(3600, max(1, round(self._held * self._last_job_s))))
+            self._held += 1
         self.metrics.queue_depth.inc()
         self._jobs.put(job)
 
@@ -90,11 +117,19 @@ class Engine:
                 if job.cancelled.is_set() or self._closing:
                     self.metrics.requests.labels(endpoint="any", outcome="cancelled").inc()
                     continue
+                started = time.monotonic()
                 self._generate(job)
+                self._last_job_s = time.monotonic() - started
+            except EdgemoeError as exc:  # the expert store failed: this request, and /health, say why
+                log.error("generation failed: %s", exc)
+                self.failure = str(exc)
+                job.emit(("error", f"generation failed: {exc}"))
             except Exception as exc:  # a generation failure fails its request, not the server
                 log.exception("generation failed")
                 job.emit(("error", f"generation failed: {exc}"))
             finally:
+                with self._held_lock:
+                    self._held -= 1
                 self.metrics.queue_depth.dec()
 
     def _generate(self, job: Job) -> None:
@@ -107,7 +142,9 @@ class Engine:
                 job.emit(("text", out))
 
         metrics.prompt_tokens.inc(len(p.prompt_ids))
-        result = generate(self.sm, p.prompt_ids, p.max_tokens, temp=p.temperature, top_p=p.top_p, seed=p.seed,
+        # MLX's random state is global: without a seed of its own a job would sample on from the last one's
+        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
+        result = generate(self.sm, p.prompt_ids, p.max_tokens, temp=p.temperature, top_p=p.top_p, seed=seed,
                           on_text=on_text, on_token=lambda _: metrics.tokens_generated.inc(),
                           stop=lambda: stop_text.stopped or job.cancelled.is_set() or self._closing)
         finish = result.finish_reason
