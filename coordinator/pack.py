@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from edgemoe.node.manifest import (
     align,
     fsync_dir,
 )
+from edgemoe.node.spec_check import model_fingerprint
 
 from .progress import progress_bar
 from .safetensors_io import StoredTensor, copy_range, index_files, write_header
@@ -302,14 +302,8 @@ def _pack_experts(modules, params, reader: _SourceReader, work: Path, in_place: 
 
 
 def _fingerprint(config_path: Path, dense_sha: str, manifest: Manifest) -> str:
-    digest = hashlib.sha256()
-    digest.update(config_path.read_bytes())
-    digest.update(dense_sha.encode())
-    for spec in manifest.layers:
-        digest.update(json.dumps([spec.layer, spec.module_path, [t.__dict__ for t in spec.tensors]]).encode())
-        for entry in spec.experts:
-            digest.update(entry.checksum.encode())
-    return digest.hexdigest()
+    manifest.dense_sha256 = dense_sha
+    return model_fingerprint(config_path.read_bytes(), dense_sha, manifest.layers)
 
 
 def _recover_interrupted_swap(dst: Path) -> None:

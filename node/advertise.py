@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import re
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from zeroconf import (
 )
 
 from edgemoe.node.errors import DuplicateNodeError
+from edgemoe.node.interfaces import InterfaceError, interface_address
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ FINGERPRINT_PREFIX_LEN = 16
 # goodbye would also withdraw the twin's identical PTR record everywhere.
 DUPLICATE_CHECK_MS = 2000
 RECORD_TTL_S = 120
+# How often a node checks that its interface still has the address it advertises on.
+RECHECK_S = 5.0
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
@@ -229,6 +233,81 @@ class NodeAdvertisement:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class KeptAdvertisement:
+    """A node's advertisement on `--interface` (an address or an interface name), kept up
+    while the interface's address comes and goes (a cable pulled, a DHCP renewal).
+
+    Every `recheck_s` the interface is looked up again: an advertisement whose address
+    is gone is dropped, and a new one registered as soon as the interface has an address
+    again (the same or a new one); failures are logged and retried, never raised.
+    """
+
+    def __init__(self, interface: str, make: Callable[[str], NodeAdvertisement],
+                 lookup: Callable[[str], str | None] = interface_address, recheck_s: float = RECHECK_S):
+        self.interface = interface
+        self._make = make
+        self._lookup = lookup
+        self._recheck_s = recheck_s
+        self.current: NodeAdvertisement | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Advertises now; DuplicateNodeError or InterfaceError (one line) when it cannot."""
+        address = await asyncio.to_thread(self._lookup, self.interface)
+        if address is None:
+            raise InterfaceError(f"--interface {self.interface}: this machine has no such address or interface now")
+        ad = self._make(address)
+        try:
+            await ad.async_register()
+        except OSError as exc:
+            raise InterfaceError(f"--interface {self.interface}: cannot advertise on {address} ({exc.strerror}); "
+                                 "pass this device's LAN address or interface name") from None
+        self.current = ad
+        self._task = asyncio.create_task(self._keep(), name="keep-advertised")
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self._recheck_s)
+            await self.check()
+
+    async def check(self) -> None:
+        """One look at the interface: withdraw a stale advertisement, register a new one."""
+        try:
+            address = await asyncio.to_thread(self._lookup, self.interface)
+        except Exception as exc:  # ifaddr reads the system's tables; any failure is retried
+            log.warning("cannot look up interface %s (%s); trying again in %.0f s", self.interface, exc,
+                        self._recheck_s)
+            return
+        if self.current is not None and self.current.address != address:
+            log.warning("interface %s lost address %s: advertisement withdrawn until it has one again",
+                        self.interface, self.current.address)
+            stale, self.current = self.current, None
+            try:
+                await stale.async_close()
+            except Exception as exc:  # goodbyes cannot leave through an address that is gone
+                log.info("withdrawing the advertisement on %s: %s", stale.address, exc)
+        if self.current is None and address is not None:
+            ad = self._make(address)
+            try:
+                await ad.async_register()
+            except (OSError, DuplicateNodeError) as exc:
+                log.warning("cannot advertise on %s (%s); trying again in %.0f s", address, exc, self._recheck_s)
+                return
+            self.current = ad
+            log.warning("advertising again on %s (interface %s)", address, self.interface)
+
+    async def async_close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        ad, self.current = self.current, None
+        if ad is not None:
+            await ad.async_close()
 
 
 def _family(address: str) -> int:

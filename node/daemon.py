@@ -21,11 +21,15 @@ from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 from .addresses import format_address, parse_address
 from .credentials import SERVER_OPTIONS, ClusterCredentials, parse_token, server_credentials, token_expiry
 from .errors import EdgemoeError
-from .holdings import NodeHoldings
+from .holdings import NodeHoldings, write_durably
+from .interfaces import resolve_interface
 from .service import NodeIdentity, NodeService
 from .version import PROTOCOL_VERSION
 
 log = logging.getLogger("edge-node")
+
+DEFAULT_DISK_MB = 100 * 1024
+DEFAULT_MAX_MODELS = 8
 
 
 class ListenError(EdgemoeError):
@@ -38,7 +42,7 @@ def node_id(data_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     value = uuid.uuid4().hex[:16]
-    path.write_text(value + "\n")
+    write_durably(path, (value + "\n").encode())
     return value
 
 
@@ -56,9 +60,11 @@ async def serve(args: argparse.Namespace) -> None:
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
+    if args.interface and not args.no_advertise:
+        resolve_interface(args.interface)  # a wrong one stops the node now, with one line
     identity = NodeIdentity(node_id(data_dir), args.name or socket.gethostname(), int(args.cache_mb * 2**20))
     credentials = ClusterCredentials.create(secret, identity.name)
-    holdings = NodeHoldings(data_dir)
+    holdings = NodeHoldings(data_dir, int(args.disk_mb * 2**20), args.max_models)
     service = NodeService(identity, holdings)
     # so_reuseport off: a second node on a taken port must fail, not share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
@@ -98,16 +104,20 @@ async def serve(args: argparse.Namespace) -> None:
 
 async def _advertise(args, identity: NodeIdentity, port: int, cluster_id: str, holdings: NodeHoldings):
     host = parse_listen(args.listen)[0]
-    address = args.interface or (None if host in ("0.0.0.0", "::") else host)
-    if address is None or args.no_advertise:
-        log.warning("not advertising over mDNS: pass --interface ADDR (this device's LAN address) to be found")
+    interface = args.interface or (None if host in ("0.0.0.0", "::") else host)
+    if interface is None or args.no_advertise:
+        log.warning("not advertising over mDNS: pass --interface ADDR|NAME (this device's LAN address or "
+                    "interface) to be found")
         return None
-    from .advertise import NodeAdvertisement
+    from .advertise import KeptAdvertisement, NodeAdvertisement
 
-    ad = NodeAdvertisement(identity.node_id, identity.name, port, address, PROTOCOL_VERSION, cluster_id,
-                           list(holdings.models))
-    await ad.async_register()
-    return ad
+    def advertisement(address: str) -> NodeAdvertisement:
+        return NodeAdvertisement(identity.node_id, identity.name, port, address, PROTOCOL_VERSION, cluster_id,
+                                 list(holdings.snapshot()))
+
+    kept = KeptAdvertisement(interface, advertisement)
+    await kept.start()
+    return kept
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,9 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the join token `edgemoe cluster init` printed (default: $EDGEMOE_JOIN_TOKEN, which keeps "
                    "it out of the process list)")
     p.add_argument("--listen", default="0.0.0.0:7070", metavar="HOST:PORT")
-    p.add_argument("--cache-mb", type=float, default=1024, help="RAM budget for this node's experts, in MiB")
+    p.add_argument("--cache-mb", type=float, default=1024,
+                   help="RAM budget for the experts of every model this node computes, together, in MiB")
+    p.add_argument("--disk-mb", type=float, default=DEFAULT_DISK_MB,
+                   help="disk quota for pushed experts, every model's files at full size, in MiB "
+                   f"(default {DEFAULT_DISK_MB})")
+    p.add_argument("--max-models", type=int, default=DEFAULT_MAX_MODELS,
+                   help=f"how many models this node keeps experts of (default {DEFAULT_MAX_MODELS})")
     p.add_argument("--data-dir", default="~/.local/share/edgemoe-node", help="where pushed experts are kept")
-    p.add_argument("--interface", metavar="ADDR", help="LAN address to advertise on (mDNS)")
+    p.add_argument("--interface", metavar="ADDR|NAME",
+                   help="LAN address or interface name (e.g. eth0) to advertise on (mDNS)")
     p.add_argument("--name", help="a name for this node (default: the host name)")
     p.add_argument("--no-advertise", action="store_true", help="do not advertise over mDNS")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -132,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.join:
             raise EdgemoeError("no join token: pass --join TOKEN or set EDGEMOE_JOIN_TOKEN "
                                "(the last line of `edgemoe cluster init` on the coordinator)")
-        if args.cache_mb <= 0:
-            raise EdgemoeError(f"--cache-mb {args.cache_mb} must be positive")
+        for flag, value in (("--cache-mb", args.cache_mb), ("--disk-mb", args.disk_mb),
+                            ("--max-models", args.max_models)):
+            if not value > 0:
+                raise EdgemoeError(f"{flag} {value} must be positive")
         asyncio.run(serve(args))
     except EdgemoeError as exc:
         print(f"edge-node: error: {exc}", file=sys.stderr)

@@ -10,6 +10,51 @@ def ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# The share of array memory an expert cache takes when no --cache-mb is given, on the
+# coordinator and on a node: the rest is for the dense part, slots in flight, the KV cache
+# and everything else the machine runs.
+DEFAULT_CACHE_FRACTION = 0.25
+
+
+def array_memory_bytes() -> int:
+    """The memory MLX's arrays (dense weights, slot pools, caches) live in, in bytes: the
+    card's memory on CUDA, the share of unified memory Metal lets the GPU keep resident on a
+    Mac, RAM on the CPU backend. Budgets come from this, not from RAM."""
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.gpu:
+        info = mx.device_info()
+        # Metal: max_recommended_working_set_size (below memory_size: macOS keeps the rest);
+        # CUDA: total_memory (the card's, from NVML or cudaMemGetInfo).
+        for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+            value = info.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return ram_bytes()
+
+
+def array_memory_kind() -> str:
+    """Where MLX's arrays live here, in words, for reports next to peak RSS."""
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.gpu:
+        return "RAM"
+    return "unified memory" if mx.metal.is_available() else "GPU memory"
+
+
+def peak_array_bytes() -> int:
+    """The most memory MLX's allocator has held at once in this process: on a GPU the peak
+    of GPU memory; on the CPU backend MLX's own allocations, a part of peak RSS."""
+    import mlx.core as mx
+
+    return int(mx.get_peak_memory())
+
+
+def default_node_cache_mb() -> float:
+    """`edge-node --cache-mb`'s default, in MiB."""
+    return array_memory_bytes() * DEFAULT_CACHE_FRACTION / 2**20
+
+
 # A prompt can route to every expert of a layer at once; holding them all would break
 # the memory bound, so a layer's experts are brought into slots this many at a time.
 MAX_INFLIGHT_EXPERTS = 32
@@ -18,3 +63,12 @@ MAX_INFLIGHT_EXPERTS = 32
 DIRECT_ALIGNMENT = 4096
 # gRPC's cap on one message, each way: a push chunk or a layer's compute request.
 MAX_MESSAGE_BYTES = 64 * 2**20
+# What one pushed model spec may ask a node for (node/spec_check.py): each bound is far
+# above today's largest MoE models (Kimi K2: 61 layers, 384 experts of ~44 MiB at 4 bits).
+MAX_RECORD_BYTES = 2**30
+MAX_MODEL_LAYERS = 1024
+MAX_EXPERTS_PER_LAYER = 16384
+MAX_TENSORS_PER_LAYER = 64
+MAX_SPEC_BYTES = 32 * 2**20
+# Space a node leaves free on its data dir's file system, whatever its --disk-mb.
+DISK_RESERVE_BYTES = 256 * 2**20

@@ -68,6 +68,9 @@ class Manifest:
     files: list[str]
     layers: list[LayerSpec]
     dense_quantization: dict[str, dict] = field(default_factory=dict)
+    # sha256 of dense.safetensors, one input of the fingerprint: nodes recompute the
+    # fingerprint with it (node/spec_check.py). Empty in packs of older versions.
+    dense_sha256: str = ""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
@@ -117,6 +120,7 @@ def manifest_from_dict(data: dict) -> Manifest:
         files=data["files"],
         layers=layers,
         dense_quantization=data["dense_quantization"],
+        dense_sha256=data.get("dense_sha256", ""),
         format=data["format"],
         format_version=data["format_version"],
         checksum_algorithm=data["checksum_algorithm"],

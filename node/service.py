@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,14 +20,19 @@ from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 from .architecture import build_model, routed_expert_modules
 from .compute import ExpertKernel, compute_pairs, input_dims
 from .errors import ChecksumError, EdgemoeError
-from .holdings import ModelHoldings, NodeHoldings, PushError
+from .holdings import ModelHoldings, NodeFullError, NodeHoldings, PushError
 from .limits import MAX_INFLIGHT_EXPERTS
 from .local import LocalExperts
+from .manifest import Manifest
+from .pool import layout_key
 from .store import ExpertStore
 from .version import EDGEMOE_VERSION, PROTOCOL_VERSION
 from .wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
 
 log = logging.getLogger(__name__)
+
+# A push's reply lists at most this many failed experts (a hostile push must not grow it).
+MAX_PUSH_ERRORS = 64
 
 
 @dataclass
@@ -36,15 +42,43 @@ class NodeIdentity:
     cache_bytes: int
 
 
+def ram_plan(manifest: Manifest, budget_bytes: int) -> tuple[int, int, int]:
+    """How a model uses up to `budget_bytes` of RAM: (cache bytes, experts in flight per layer
+    group, RAM its slot pools take).
+
+    Each layout group's slot pool has cache slots plus in-flight (scratch) slots, one
+    record each; both count against the node's one budget. In-flight slots take at most
+    a quarter of it (at least one, at most MAX_INFLIGHT_EXPERTS); the cache the rest, up
+    to the model's whole size. LocalExperts refuses a cache that holds no expert of a group.
+    """
+    per_slot = sum({layout_key(spec): spec.record_bytes for spec in manifest.layers}.values())
+    inflight = max(1, min(MAX_INFLIGHT_EXPERTS, budget_bytes // 4 // per_slot))
+    cache = min(manifest.total_expert_bytes, budget_bytes - inflight * per_slot)
+    return cache, inflight, cache + inflight * per_slot
+
+
+def min_ram(manifest: Manifest) -> int:
+    """The least RAM a model computes in: one in-flight slot and one cached expert per layout group."""
+    groups: dict[tuple, list] = {}
+    for spec in manifest.layers:
+        groups.setdefault(layout_key(spec), []).append(spec)
+    total = manifest.total_expert_bytes
+    per_slot = sum(specs[0].record_bytes for specs in groups.values())
+    # LocalExperts gives a group its share of the cache: it must cover one record.
+    cache = max(-(-specs[0].record_bytes * total // sum(s.record_bytes * s.num_experts for s in specs))
+                for specs in groups.values())
+    return per_slot + cache + len(groups)  # + rounding of each group's float share
+
+
 class _ComputeModel:
     """One held model, ready to compute: its experts' cache and a kernel per MoE layer."""
 
-    def __init__(self, holdings: ModelHoldings, cache_bytes: int):
+    def __init__(self, holdings: ModelHoldings, budget_bytes: int):
         self.holdings = holdings
         manifest = holdings.manifest
+        cache_bytes, self.inflight, self.ram_bytes = ram_plan(manifest, budget_bytes)
         store = ExpertStore(holdings.root, manifest, io_mode="buffered")
-        self.local = LocalExperts(store, min(cache_bytes, manifest.total_expert_bytes),
-                                  scratch_slots=MAX_INFLIGHT_EXPERTS)
+        self.local = LocalExperts(store, cache_bytes, scratch_slots=self.inflight)
         modules = dict(routed_expert_modules(build_model(holdings.config)))
         self.kernels = {
             spec.layer: ExpertKernel(modules[spec.module_path], spec, self.local.arrays(spec.layer))
@@ -54,54 +88,67 @@ class _ComputeModel:
     def compute(self, layer: int, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
         kernel = self.kernels[layer]
         return compute_pairs(kernel, lambda group: self.local.slots(layer, group), hidden, rows, experts,
-                             MAX_INFLIGHT_EXPERTS)
+                             self.inflight)
 
 
 class NodeService(pb_grpc.EdgeNodeServicer):
     def __init__(self, identity: NodeIdentity, holdings: NodeHoldings):
         self.identity = identity
         self.holdings = holdings
-        self._models: dict[str, _ComputeModel] = {}
+        # Models ready to compute, least recently used first; their RAM shares one budget.
+        self._models: OrderedDict[str, _ComputeModel] = OrderedDict()
         self._models_lock = threading.Lock()
         # MLX work runs on one thread: the arrays and kernels are not shared across threads.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-compute")
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
-        models = []
-        for fingerprint, held in self.holdings.models.items():
-            pairs = sorted(held.held)
-            models.append(pb.ModelHoldings(fingerprint=fingerprint, layers=[layer for layer, _ in pairs],
-                                           experts=[e for _, e in pairs]))
-        used = sum(m.local.cache_bytes_used for m in self._models.values())
+        snapshot = self.holdings.snapshot()
+        models = [pb.ModelHoldings(fingerprint=fingerprint, layers=[layer for layer, _ in pairs],
+                                   experts=[e for _, e in pairs]) for fingerprint, pairs in snapshot.items()]
+        with self._models_lock:
+            used = sum(m.local.cache_bytes_used for m in self._models.values())
+        disk_free = await asyncio.to_thread(self.holdings.free_disk_bytes)
         return pb.NodeInfo(node_id=self.identity.node_id, name=self.identity.name, version=EDGEMOE_VERSION,
                            protocol_version=PROTOCOL_VERSION, models=models,
-                           cache_budget_bytes=self.identity.cache_bytes, cache_used_bytes=used)
+                           cache_budget_bytes=self.identity.cache_bytes, cache_used_bytes=used,
+                           disk_free_bytes=disk_free)
 
     async def PushExperts(self, request_iterator: AsyncIterator[pb.PushChunk], context) -> pb.PushReply:
-        stored, errors = 0, []
+        """Stores pushed experts. Each chunk is checked against the registered spec (layer,
+        expert, record size, checksum), never the sender's own claims: a bad spec or a chunk
+        that does not fit it ends the push with INVALID_ARGUMENT before any buffer grows; a
+        record failing its checksum is an error in the reply and the push goes on."""
+        stored, errors = 0, list[str]()
         model: ModelHoldings | None = None
-        record, current = bytearray(), None
+        record, current, record_bytes = bytearray(), None, 0
         async for chunk in request_iterator:
-            try:
-                if chunk.HasField("model"):
-                    spec = chunk.model
-                    model = await asyncio.to_thread(self.holdings.register, spec.fingerprint, spec.config_json,
-                                                    spec.layers_json)
-                    continue
-                if model is None:
-                    raise PushError("a push must start with the model spec")
-                key = (chunk.layer, chunk.expert)
-                if key != current:
-                    record, current = bytearray(), key
-                if chunk.offset != len(record) or len(record) + len(chunk.data) > chunk.record_bytes:
-                    raise PushError(f"layer {chunk.layer} expert {chunk.expert}: chunks out of order")
-                record += chunk.data
-                if len(record) == chunk.record_bytes:
+            if chunk.HasField("model"):
+                model = await self._register(chunk.model, context)
+                continue
+            if model is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with the model spec")
+            assert model is not None  # abort raises
+            key = (chunk.layer, chunk.expert)
+            if key != current:
+                try:
+                    record_bytes = model.record_bytes(chunk.layer, chunk.expert)
+                except PushError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                record, current = bytearray(), key
+            if chunk.record_bytes != record_bytes or chunk.offset != len(record) or (
+                    len(record) + len(chunk.data) > record_bytes):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"layer {chunk.layer} expert {chunk.expert}: chunk at {chunk.offset} of "
+                                    f"{len(chunk.data)} bytes does not fit its {record_bytes}-byte record "
+                                    f"(sent as {chunk.record_bytes}); send each record whole, in order")
+            record += chunk.data
+            if len(record) == record_bytes:
+                try:
                     await asyncio.to_thread(model.store_expert, chunk.layer, chunk.expert, bytes(record))
                     stored += 1
-                    record, current = bytearray(), None
-            except EdgemoeError as exc:
-                errors.append(str(exc))
+                except PushError as exc:
+                    if len(errors) < MAX_PUSH_ERRORS:
+                        errors.append(str(exc))
                 record, current = bytearray(), None
         if model is not None:
             with self._models_lock:
@@ -110,6 +157,22 @@ class NodeService(pb_grpc.EdgeNodeServicer):
             if stale is not None:
                 self._compute.submit(stale.local.close)
         return pb.PushReply(experts_stored=stored, errors=errors)
+
+    async def _register(self, spec: pb.ModelSpec, context) -> ModelHoldings:
+        """The model a push is for, registered if new; aborts the push with a clear status otherwise."""
+        try:
+            model = await asyncio.to_thread(self.holdings.register, spec.fingerprint, spec.config_json,
+                                            spec.layers_json)
+        except NodeFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EdgemoeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        need = min_ram(model.manifest)
+        if need > self.identity.cache_bytes:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"model {spec.fingerprint[:12]} needs at least {need / 2**20:.2f} MiB of this "
+                                f"node's RAM; restart it with --cache-mb {-(-need // 2**20)} or more")
+        return model
 
     async def Compute(self, request_iterator: AsyncIterator[pb.ComputeRequest],
                       context) -> AsyncIterator[pb.ComputeReply]:
@@ -122,14 +185,28 @@ class NodeService(pb_grpc.EdgeNodeServicer):
                 yield pb.ComputeReply(request_id=request.request_id, error=str(exc))
 
     def _model(self, fingerprint: str) -> _ComputeModel:
+        """The model ready to compute (on the compute thread). A model built anew gets the node's RAM
+        budget less what the others hold; least recently used ones are closed to make room."""
         with self._models_lock:
             model = self._models.get(fingerprint)
-            if model is None:
-                held = self.holdings.models.get(fingerprint)
-                if held is None:
-                    raise WireError(f"this node holds no experts of model {fingerprint[:12]}")
-                model = self._models[fingerprint] = _ComputeModel(held, self.identity.cache_bytes)
-            return model
+            if model is not None:
+                self._models.move_to_end(fingerprint)
+                return model
+            held = self.holdings.get(fingerprint)
+            if held is None:
+                raise WireError(f"this node holds no experts of model {fingerprint[:12]}")
+            need = min_ram(held.manifest)
+            evicted = []
+            while self._models and self.identity.cache_bytes - sum(m.ram_bytes for m in self._models.values()) < need:
+                evicted.append(self._models.popitem(last=False)[1])
+        for old in evicted:
+            old.local.close()
+        with self._models_lock:
+            free = self.identity.cache_bytes - sum(m.ram_bytes for m in self._models.values())
+        model = _ComputeModel(held, free)
+        with self._models_lock:
+            self._models[fingerprint] = model
+        return model
 
     def _compute_one(self, request: pb.ComputeRequest) -> pb.Tensor:
         """Validates everything before any compute: ids, shapes, dtypes, sizes."""
