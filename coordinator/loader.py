@@ -22,7 +22,7 @@ from edgemoe.node.architecture import (
 from edgemoe.node.compute import ExpertKernel
 from edgemoe.node.credentials import ClusterCredentials
 from edgemoe.node.errors import ManifestError
-from edgemoe.node.limits import MAX_INFLIGHT_EXPERTS, ram_bytes
+from edgemoe.node.limits import DEFAULT_CACHE_FRACTION, MAX_INFLIGHT_EXPERTS, array_memory_bytes
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
 from edgemoe.node.store import ExpertStore
@@ -68,8 +68,9 @@ def _read_dense(weights: dict[str, mx.array], path: Path) -> None:
 
 
 def default_cache_bytes(manifest: Manifest) -> int:
-    ram = ram_bytes()
-    return max(manifest.expert_bytes, min(manifest.total_expert_bytes, ram // 4))
+    """A quarter of the memory the arrays live in (GPU memory on CUDA), at most every expert."""
+    share = int(array_memory_bytes() * DEFAULT_CACHE_FRACTION)
+    return max(manifest.expert_bytes, min(manifest.total_expert_bytes, share))
 
 
 def load_streaming_model(

@@ -23,6 +23,7 @@ from .credentials import SERVER_OPTIONS, ClusterCredentials, parse_token, server
 from .errors import EdgemoeError
 from .holdings import NodeHoldings, write_durably
 from .interfaces import resolve_interface
+from .limits import default_node_cache_mb
 from .service import NodeIdentity, NodeService
 from .version import PROTOCOL_VERSION
 
@@ -126,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the join token `edgemoe cluster init` printed (default: $EDGEMOE_JOIN_TOKEN, which keeps "
                    "it out of the process list)")
     p.add_argument("--listen", default="0.0.0.0:7070", metavar="HOST:PORT")
-    p.add_argument("--cache-mb", type=float, default=1024,
-                   help="RAM budget for the experts of every model this node computes, together, in MiB")
+    p.add_argument("--cache-mb", type=float, default=default_node_cache_mb(),
+                   help="budget for the experts of every model this node computes, together, in MiB (default: a "
+                   "quarter of the memory its arrays live in: GPU memory on CUDA, RAM on the CPU)")
     p.add_argument("--disk-mb", type=float, default=DEFAULT_DISK_MB,
                    help="disk quota for pushed experts, every model's files at full size, in MiB "
                    f"(default {DEFAULT_DISK_MB})")

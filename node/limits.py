@@ -50,6 +50,15 @@ def peak_array_bytes() -> int:
     return int(mx.get_peak_memory())
 
 
+def mlx_backend_missing(exc: ImportError) -> str | None:
+    """What to do when importing MLX failed for want of a backend (a plain `pip install
+    edgemoe` on Linux: MLX's backends are extras), or None for any other import error."""
+    if "libmlx" not in str(exc):
+        return None
+    return ("MLX is installed without a backend: pip install 'edgemoe[cpu]', or 'edgemoe[cuda]' "
+            "on a machine with an NVIDIA GPU (README, Install)")
+
+
 def default_node_cache_mb() -> float:
     """`edge-node --cache-mb`'s default, in MiB."""
     return array_memory_bytes() * DEFAULT_CACHE_FRACTION / 2**20
