@@ -13,6 +13,8 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from edgemoe.node.limits import array_memory_kind, peak_array_bytes
+
 from .counters import snapshot
 from .streaming import StreamingModel
 
@@ -35,6 +37,10 @@ class GenerationStats:
     ssd_read_gbps: float
     ssd_bytes_per_token: float
     peak_rss_bytes: int
+    # MLX's allocator's peak in this process: GPU memory on a GPU; on the CPU backend MLX's
+    # own allocations (weights, slots, activations), which are part of peak RSS.
+    peak_array_bytes: int
+    array_memory: str  # where arrays live: "GPU memory", "unified memory" or "RAM"
     seconds: float
     direct_io: bool
     io_modes: dict[str, str]  # per expert file: "direct" or "buffered", the I/O in effect
@@ -50,7 +56,8 @@ class GenerationStats:
             f"{self.generated_tokens} tokens at {self.tokens_per_s:.2f} tok/s "
             f"(prompt {self.prompt_tokens} at {self.prompt_tokens_per_s:.1f} tok/s) | "
             f"cache hit rate {self.cache_hit_rate:.1%} | SSD {self.ssd_bytes_read / 2**20:.1f} MiB "
-            f"at {self.ssd_read_gbps:.2f} GB/s | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
+            f"at {self.ssd_read_gbps:.2f} GB/s | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB, "
+            f"MLX peak {self.peak_array_bytes / 2**20:.0f} MiB ({self.array_memory})"
         )
 
 
@@ -158,6 +165,8 @@ def generate(
         ssd_read_gbps=run.ssd_read_gbps or 0.0,
         ssd_bytes_per_token=run.ssd_bytes_read / generated if generated else 0.0,
         peak_rss_bytes=peak_rss_bytes(),
+        peak_array_bytes=peak_array_bytes(),
+        array_memory=array_memory_kind(),
         seconds=run.t,
         direct_io=local.store.direct,
         io_modes=local.store.io_modes(),
