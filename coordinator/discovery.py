@@ -17,6 +17,7 @@ from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 from edgemoe.node.addresses import format_address, parse_static_peers
 from edgemoe.node.advertise import SERVICE_TYPE, ip_version_of, new_zeroconf
 from edgemoe.node.credentials import TOKEN_FILE, ClusterCredentials, default_cluster_dir, load_cluster_secret
+from edgemoe.node.interfaces import resolve_interface
 from edgemoe.node.version import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -184,10 +185,12 @@ def resolve_peers(
         log.info("no cluster in %s: running on this machine alone", directory)
         return [], None
     if not interface:
-        log.warning("not browsing for nodes: pass --interface ADDR (this machine's LAN address) or --peers HOST:PORT")
+        log.warning("not browsing for nodes: pass --interface ADDR|NAME (this machine's LAN address or interface) "
+                    "or --peers HOST:PORT")
         return [], None
+    address = resolve_interface(interface)  # an address or an interface name; one line if wrong
     credentials = ClusterCredentials.create(load_cluster_secret(directory), "coordinator")
-    with PeerBrowser(interface, credentials.cluster_id, PROTOCOL_VERSION) as browser:
+    with PeerBrowser(address, credentials.cluster_id, PROTOCOL_VERSION) as browser:
         time.sleep(DISCOVERY_SECONDS)
         found = browser.peers()
     log.info("found %d nodes over mDNS", len(found))

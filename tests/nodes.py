@@ -22,12 +22,13 @@ def free_port() -> int:
 class NodeProcess:
     """`edge-node` on 127.0.0.1, started and listening once constructed."""
 
-    def __init__(self, token: str, data_dir: Path, cache_mb: float = 1, port: int | None = None):
+    def __init__(self, token: str, data_dir: Path, cache_mb: float = 1, port: int | None = None,
+                 args: tuple[str, ...] = ()):
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgemoe.node.daemon", "--join", token, "--listen", self.address, "--data-dir",
-             str(data_dir), "--cache-mb", str(cache_mb), "--no-advertise", "--name", data_dir.name],
+             str(data_dir), "--cache-mb", str(cache_mb), "--no-advertise", "--name", data_dir.name, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         line = self.proc.stdout.readline()

@@ -4,6 +4,7 @@ from its SSD, give mlx-lm's tokens, set the node aside, and never crash or hang.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -320,3 +321,131 @@ def test_consecutive_failures_double_the_retry_delay_up_to_the_maximum(token, mo
     finally:
         peer.close()
 
+
+
+# --- A hostile member pushing to an edge node: specs and chunks it must refuse. ---
+
+def _spec_parts(packed) -> tuple[str, bytes, dict]:
+    from edgemoe.node.holdings import layer_specs_to_json
+
+    manifest = read_manifest(packed)
+    return manifest.fingerprint, (packed / "config.json").read_bytes(), json.loads(layer_specs_to_json(manifest))
+
+
+def _swap_checksums(layers: dict) -> None:
+    """What a poisoner's copy of the pack says: experts 0 and 1 of the first layer swapped."""
+    experts = layers["layers"][0]["experts"]
+    experts[0], experts[1] = experts[1], experts[0]
+
+
+def _set(path: list, value):
+    def mutate(layers: dict) -> None:
+        target = layers
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return mutate
+
+
+HOSTILE_SPECS = {
+    "poisoned checksums": (_swap_checksums, "fingerprint"),
+    "negative record_bytes": (_set(["layers", 0, "record_bytes"], -4608), "record_bytes"),
+    "huge record_bytes": (_set(["layers", 0, "record_bytes"], 2**62), "record_bytes"),
+    "small record_bytes": (_set(["layers", 0, "record_bytes"], 64), "record_bytes"),
+    "huge num_experts": (_set(["layers", 0, "num_experts"], 2**40), "num_experts"),
+    "one checksum short": (lambda d: d["layers"][0]["experts"].pop(), "checksum"),
+    "object dtype": (_set(["layers", 0, "tensors", 0, "dtype"], "object"), "dtype"),
+    "nbytes not shape x itemsize": (_set(["layers", 0, "tensors", 0, "nbytes"], 8), "nbytes"),
+    "negative shape": (_set(["layers", 0, "tensors", 0, "shape"], [-64, 1]), "size"),
+    "tensor beyond the record": (_set(["layers", 0, "tensors", 0, "offset"], 2**40), "offset"),
+    "overlapping tensors": (_set(["layers", 0, "tensors", 1, "offset"], 0), "overlaps"),
+    "no dense_sha256": (lambda d: d.pop("dense_sha256"), "dense_sha256"),
+    "quantization with other bits": (lambda d: d["layers"][0]["quantization"]["gate_proj"].update(bits=8),
+                                     "quantization"),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_target(tmp_path_factory):
+    """One real edge-node on loopback and a stub for it, for the hostile pushes."""
+    from nodes import NodeProcess
+
+    from edgemoe.node.credentials import CHANNEL_OPTIONS, channel_credentials
+
+    token = format_token(new_secret())
+    data_dir = tmp_path_factory.mktemp("hostile-node")
+    node = NodeProcess(token, data_dir, args=("--max-models", "1"))
+    channel = grpc.secure_channel(node.address, channel_credentials(ClusterCredentials.from_token(token, "member")),
+                                  options=CHANNEL_OPTIONS)
+    try:
+        yield pb_grpc.EdgeNodeStub(channel), data_dir
+    finally:
+        channel.close()
+        node.stop()
+
+
+def _push(stub, chunks) -> pb.PushReply:
+    return stub.PushExperts(iter(chunks), timeout=30)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_SPECS))
+def test_a_hostile_spec_is_refused_with_invalid_argument_and_leaves_nothing(models, hostile_target, case):
+    stub, data_dir = hostile_target
+    mutate, says = HOSTILE_SPECS[case]
+    fingerprint, config, layers = _spec_parts(models.packed("qwen3_moe", True))
+    mutate(layers)
+    spec = pb.ModelSpec(fingerprint=fingerprint, config_json=config, layers_json=json.dumps(layers).encode())
+    with pytest.raises(grpc.RpcError) as err:
+        _push(stub, [pb.PushChunk(model=spec)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert says in err.value.details() and "\n" not in err.value.details()
+    assert list((data_dir / "models").iterdir()) == []
+    assert not stub.Info(pb.InfoRequest(), timeout=10).models
+
+
+def test_a_utf16_config_is_refused(models, hostile_target):
+    stub, data_dir = hostile_target
+    fingerprint, config, layers = _spec_parts(models.packed("qwen3_moe", True))
+    spec = pb.ModelSpec(fingerprint=fingerprint, config_json=config.decode().encode("utf-16"),
+                        layers_json=json.dumps(layers).encode())
+    with pytest.raises(grpc.RpcError) as err:
+        _push(stub, [pb.PushChunk(model=spec)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in err.value.details()
+    assert list((data_dir / "models").iterdir()) == []
+
+
+def test_chunks_are_checked_against_the_registered_spec_not_the_senders_claims(models, hostile_target):
+    """A chunk claiming a 2**62-byte record is refused at once (the old node buffered it, growing
+    without bound); the sender's checksum is not the one a record is checked against."""
+    from edgemoe.node.store import ExpertStore
+
+    stub, data_dir = hostile_target
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    fingerprint, config, layers = _spec_parts(packed)
+    spec = pb.PushChunk(model=pb.ModelSpec(fingerprint=fingerprint, config_json=config,
+                                           layers_json=json.dumps(layers).encode()))
+    layer = manifest.layers[0]
+    with pytest.raises(grpc.RpcError) as err:
+        _push(stub, [spec, pb.PushChunk(layer=layer.layer, expert=0, record_bytes=2**62, offset=0, data=bytes(2**20))])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "record" in err.value.details()
+    with ExpertStore(packed, manifest) as store:
+        one, zero = store.read(layer.layer, 1).tobytes(), store.read(layer.layer, 0).tobytes()
+    # Expert 1's bytes sent as expert 0, with expert 1's (true) checksum as the sender's claim.
+    swapped = pb.PushChunk(layer=layer.layer, expert=0, checksum=layer.experts[1].checksum,
+                           record_bytes=layer.record_bytes, offset=0, data=one)
+    reply = _push(stub, [spec, swapped])
+    assert reply.experts_stored == 0 and "checksum" in reply.errors[0]
+    honest = pb.PushChunk(layer=layer.layer, expert=0, record_bytes=layer.record_bytes, offset=0, data=zero)
+    assert _push(stub, [spec, honest]).experts_stored == 1
+    info = stub.Info(pb.InfoRequest(), timeout=10)
+    assert [(m.fingerprint, list(m.layers), list(m.experts)) for m in info.models] == [(fingerprint, [layer.layer], [0])]
+    assert info.disk_free_bytes > 0
+    # --max-models 1: a second model is refused, with what to do.
+    other = read_manifest(models.packed("qwen3_moe", False))
+    _, other_config, other_layers = _spec_parts(models.packed("qwen3_moe", False))
+    second = pb.ModelSpec(fingerprint=other.fingerprint, config_json=other_config,
+                          layers_json=json.dumps(other_layers).encode())
+    with pytest.raises(grpc.RpcError) as err:
+        _push(stub, [pb.PushChunk(model=second)])
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-models" in err.value.details()
