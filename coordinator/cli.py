@@ -11,6 +11,7 @@ import os
 import sys
 
 from edgemoe.node.errors import EdgemoeError
+from edgemoe.node.limits import mlx_backend_missing
 
 from .commands import (
     cmd_bench,
@@ -193,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except EdgemoeError as exc:
         print(f"edgemoe: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if (problem := mlx_backend_missing(exc)) is None:
+            raise
+        print(f"edgemoe: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgemoe: interrupted", file=sys.stderr)

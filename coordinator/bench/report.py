@@ -10,6 +10,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MiB = 2**20
+# On the CPU backend MLX's peak is its own allocations, a part of peak RSS, not a device's memory.
+_CPU_PEAK = "; MLX's own allocations, part of peak RSS"
 
 
 @dataclass
@@ -99,6 +101,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"= {_pct(r['every_token_cold_read_efficiency'])} of raw",
         f"  SSD bound             {_f(r['every_token_cold_ssd_bound_tokens_per_s'], '{:.1f}', ' tok/s')}  "
         f"-> decode at {_pct(r['every_token_cold_bound_efficiency'])} of it",
+        "",
+        "memory (peaks of the runs above, before the other models below load)",
+        f"  peak RSS              {_mib(r['peak_rss_bytes'])}",
+        f"  MLX peak              {_mib(r['peak_array_bytes'])} in {r['array_memory']} "
+        f"(of {_f(r['array_memory_bytes'] / 2**30, unit=' GiB')}{_CPU_PEAK if r['array_memory'] == 'RAM' else ''})",
         *_dead_peer_lines(r),
         "",
         f"plain mlx-lm (all experts in RAM; {r['mlx_lm_model'] or 'not run'})",

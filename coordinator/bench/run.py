@@ -11,9 +11,10 @@ from typing import Any
 
 from edgemoe.node.architecture import routed_experts_per_token
 from edgemoe.node.errors import EdgemoeError
+from edgemoe.node.limits import array_memory_bytes, array_memory_kind, peak_array_bytes
 from edgemoe.node.manifest import Manifest, read_manifest
 
-from ..generate import build_prompt, generate
+from ..generate import build_prompt, generate, peak_rss_bytes
 from ..loader import load_streaming_model
 from ..streaming import StreamingModel
 from .dead_peer import dead_peer_figures
@@ -44,6 +45,12 @@ def _run_keys(prefix: str, run: DecodeRun | None) -> dict[str, Any]:
     names = ("tokens_per_s", "prompt_tokens_per_s", "cache_hit_rate", "ssd_bytes_read", "ssd_bytes_per_token",
              "expert_read_gbps", "decode_tokens")
     return {f"{prefix}{n}": (getattr(run, n) if run else None) for n in names}
+
+
+def _memory_figures() -> dict[str, Any]:
+    """Peaks so far, taken before the dead-peer case and mlx-lm load more models."""
+    return {"peak_rss_bytes": peak_rss_bytes(), "peak_array_bytes": peak_array_bytes(),
+            "array_memory": array_memory_kind(), "array_memory_bytes": array_memory_bytes()}
 
 
 def run_bench(
@@ -100,6 +107,7 @@ def run_bench(
             cold = best_of(lambda: cold_run(sm, paths, prompt_tokens, tokens, budget))
             report.update(_cold_figures(cold, report, manifest, notes))
             report.update(_every_token_cold_figures(sm, paths, prompt_tokens, tokens, budget, report, notes))
+            report.update(_memory_figures())
             report.update(dead_peer_figures(sm, model_dir, options, paths, prompt_tokens, tokens, budget, notes))
 
             # The source is mlx-lm's own model only when it packs to the benched model.
