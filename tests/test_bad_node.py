@@ -439,7 +439,8 @@ def test_chunks_are_checked_against_the_registered_spec_not_the_senders_claims(m
     honest = pb.PushChunk(layer=layer.layer, expert=0, record_bytes=layer.record_bytes, offset=0, data=zero)
     assert _push(stub, [spec, honest]).experts_stored == 1
     info = stub.Info(pb.InfoRequest(), timeout=10)
-    assert [(m.fingerprint, list(m.layers), list(m.experts)) for m in info.models] == [(fingerprint, [layer.layer], [0])]
+    held = [(m.fingerprint, list(m.layers), list(m.experts)) for m in info.models]
+    assert held == [(fingerprint, [layer.layer], [0])]
     assert info.disk_free_bytes > 0
     # --max-models 1: a second model is refused, with what to do.
     other = read_manifest(models.packed("qwen3_moe", False))

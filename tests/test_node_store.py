@@ -3,15 +3,21 @@ refused, and an expert that went bad on the node's disk after a restart is dropp
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+
 import grpc
 import pytest
 from conftest import MAX_TOKENS, PROMPT, encode, mlx_lm_tokens
 from nodes import NodeProcess, coordinator, wait_for_placement
 
 from edgemoe.coordinator.generate import generate
+from edgemoe.node import holdings as holdings_module
 from edgemoe.node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials, format_token, new_secret
-from edgemoe.node.holdings import ModelHoldings, layer_specs_to_json
-from edgemoe.node.manifest import read_manifest
+from edgemoe.node.holdings import ModelHoldings, NodeFullError, NodeHoldings, layer_specs_to_json
+from edgemoe.node.manifest import RECORD_ALIGNMENT, align, read_manifest
+from edgemoe.node.service import NodeIdentity, NodeService
 from edgemoe.node.store import ExpertStore
 from edgemoe.protos import edgemoe_node_pb2 as pb
 from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
@@ -122,3 +128,121 @@ def test_a_node_restarted_on_corrupted_experts_drops_them_and_the_tokens_stay_ml
             held = f.read(len(good[layer, expert]))
             assert held == good[layer, expert], f"layer {layer} expert {expert} held corrupted"
     assert "fail their checksums on this node's disk" in node.proc.stderr.read()
+
+
+def _register(holdings: NodeHoldings, packed) -> ModelHoldings:
+    manifest = read_manifest(packed)
+    return holdings.register(manifest.fingerprint, (packed / "config.json").read_bytes(),
+                             layer_specs_to_json(manifest))
+
+
+def _store_first(model: ModelHoldings, packed) -> tuple[int, int]:
+    manifest = read_manifest(packed)
+    layer = manifest.layers[0].layer
+    with ExpertStore(packed, manifest) as store:
+        model.store_expert(layer, 0, store.read(layer, 0).tobytes())
+    return layer, 0
+
+
+def test_a_damaged_data_dir_is_quarantined_and_the_node_starts(models, token, tmp_path):
+    """A zero-length held index, a UTF-16 config.json, a model poisoned before nodes checked
+    fingerprints and a cut-short registration: each used to stop the node from starting (or
+    was served); now each is moved aside with one log line and the node starts."""
+    packed, other, third = (models.packed("qwen3_moe", True), models.packed("qwen3_moe", False),
+                            models.packed("qwen3_moe", True, seed=1))
+    data_dir = tmp_path / "node"
+    holdings = NodeHoldings(data_dir)
+    kept = _register(holdings, packed)
+    _store_first(kept, packed)
+    utf16 = _register(holdings, other)
+    poisoned = _register(holdings, third)
+    (kept.root / "held.msgpack").write_bytes(b"")
+    (utf16.root / "config.json").write_bytes((utf16.root / "config.json").read_text().encode("utf-16"))
+    layers = json.loads((poisoned.root / "layers.json").read_bytes())
+    experts = layers["layers"][0]["experts"]
+    experts[0], experts[1] = experts[1], experts[0]
+    (poisoned.root / "layers.json").write_text(json.dumps(layers))
+    partial = data_dir / "models" / f".{'0' * 64}.partial"
+    partial.mkdir()
+    (partial / "layers.json").write_text("{}")
+
+    node = NodeProcess(token, data_dir)
+    stub, channel = _stub(token, node.address)
+    try:
+        info = stub.Info(pb.InfoRequest(), timeout=10)
+    finally:
+        channel.close()
+        node.stop()
+    assert [(m.fingerprint, list(m.experts)) for m in info.models] == [(kept.fingerprint, [])]
+    log = node.proc.stderr.read()
+    assert log.count("moved aside") == 3, log
+    names = sorted(p.name for p in (data_dir / "models").iterdir())
+    assert names[-1] == kept.fingerprint and len(names) == 3 and not partial.exists(), names
+    assert any(p.name.startswith(".quarantine-held.msgpack") for p in kept.root.iterdir())
+
+
+def test_the_nodes_ram_budget_covers_every_model_together(models, tmp_path):
+    """Each model used to get the whole --cache-mb (plus 32 in-flight slots) for itself."""
+    budget = 2**20
+    holdings = NodeHoldings(tmp_path / "node")
+    fingerprints = [_register(holdings, models.packed("qwen3_moe", q)).fingerprint for q in (False, True)]
+    service = NodeService(NodeIdentity("n", "n", budget), holdings)
+    try:
+        for fingerprint in fingerprints + fingerprints[:1]:
+            service._model(fingerprint)
+            pools = [sum(a.nbytes for g in m.local._groups for a in g.pool.arrays.values())
+                     for m in service._models.values()]
+            assert sum(pools) <= budget, pools
+    finally:
+        service.close()
+
+
+def test_info_reads_the_holdings_under_the_lock(models, tmp_path):
+    """Info used to iterate the held set while a push's thread added to it."""
+    holdings = NodeHoldings(tmp_path / "node")
+    model = _register(holdings, models.packed("qwen3_moe", True))
+
+    class LockedSet(set):
+        def __iter__(self):
+            assert model._lock.locked(), "held experts read without the lock"
+            return super().__iter__()
+
+    model.held = LockedSet(model.held)
+    service = NodeService(NodeIdentity("n", "n", 2**20), holdings)
+    try:
+        info = asyncio.run(service.Info(pb.InfoRequest(), None))
+    finally:
+        service.close()
+    assert [m.fingerprint for m in info.models] == [model.fingerprint] and info.disk_free_bytes > 0
+
+
+def test_the_held_index_is_written_durably(models, tmp_path, monkeypatch):
+    """Power loss must leave the old or the new index: the file is synced before the rename,
+    the directory after it (the old node did neither)."""
+    packed = models.packed("qwen3_moe", True)
+    model = _register(NodeHoldings(tmp_path / "node"), packed)
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), replace(a, b))[1])
+    _store_first(model, packed)
+    index = str(model.root / "held.msgpack")
+    tail = [e for e in events if e[1] != str(model.root / model.manifest.files[0])]
+    assert tail == [("fsync", str(model.root / ".held.msgpack.tmp")), ("replace", index), ("fsync", str(model.root))]
+
+
+def test_the_disk_quota_counts_sparse_files_at_full_size_and_free_space_is_kept(models, tmp_path, monkeypatch):
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    logical = sum(align(s.record_bytes, RECORD_ALIGNMENT) * s.num_experts for s in manifest.layers)
+    with pytest.raises(NodeFullError, match="--disk-mb"):
+        _register(NodeHoldings(tmp_path / "small", disk_bytes=logical - 1), packed)
+    assert not list((tmp_path / "small" / "models").iterdir())
+    holdings = NodeHoldings(tmp_path / "node", disk_bytes=logical)
+    model = _register(holdings, packed)
+    assert holdings.free_disk_bytes() == 0  # the quota is used up by the (sparse) files
+    monkeypatch.setattr(holdings_module, "free_bytes", lambda path: 1)
+    with pytest.raises(NodeFullError, match="disk is full"):
+        _store_first(model, packed)
+    assert model.snapshot() == []
