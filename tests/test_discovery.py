@@ -630,3 +630,95 @@ def test_stale_namespaces_of_dead_runs_are_swept(monkeypatch):
             assert live.name in netns_names() and stale not in netns_names()
     finally:
         subprocess.run(["ip", "netns", "del", stale], capture_output=True)
+
+
+# --- --interface: an address or an interface name; a wrong one is one line; a lost one comes back ---
+
+ABSENT_ADDRESS = "203.0.113.77"  # TEST-NET-3: on no machine's interface
+ABSENT_INTERFACE = "nosuchif0"
+
+
+class _Adapter:
+    def __init__(self, name: str, *ips: str):
+        self.nice_name = name
+        self.ips = [type("IP", (), {"ip": ip})() for ip in ips]
+
+
+def test_interface_names_resolve_and_follow_their_address(monkeypatch):
+    from edgemoe.node import interfaces
+
+    adapters = [_Adapter("lo", "127.0.0.1", ("::1", 0, 0)),
+                _Adapter("eth0", ("fe80::1", 0, 2), "10.9.8.7", ("fd00::7", 0, 0))]
+    monkeypatch.setattr(interfaces.ifaddr, "get_adapters", lambda: adapters)
+    assert interfaces.resolve_interface("eth0") == "10.9.8.7"
+    assert interfaces.resolve_interface("fd00::7") == "fd00::7"
+    adapters[1] = _Adapter("eth0", "10.9.8.99")  # a DHCP renewal gave it another address
+    assert interfaces.interface_address("eth0") == "10.9.8.99"
+    assert interfaces.interface_address("10.9.8.7") is None
+    for wrong in ("10.9.8.7", ABSENT_INTERFACE):
+        with pytest.raises(interfaces.InterfaceError, match=f"--interface {wrong}: .*eth0 \\(10.9.8.99\\)"):
+            interfaces.resolve_interface(wrong)
+
+
+@pytest.mark.parametrize("interface", [ABSENT_ADDRESS, ABSENT_INTERFACE])
+def test_a_wrong_interface_stops_edge_node_and_peers_with_one_line(interface, tmp_path):
+    """They used to crash with a traceback (a crash loop under systemd). Both fail before any mDNS."""
+    from edgemoe.node.credentials import format_token, new_secret
+
+    node = subprocess.run([sys.executable, "-m", "edgemoe.node.daemon", "--join", format_token(new_secret()),
+                           "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "node"), "--interface", interface],
+                          capture_output=True, text=True, timeout=60)
+    cli = [sys.executable, "-m", "edgemoe.coordinator.cli"]
+    subprocess.run([*cli, "cluster", "init", "--dir", str(tmp_path / "cluster")], capture_output=True, check=True,
+                   timeout=60)
+    peers = subprocess.run([*cli, "peers", "--interface", interface, "--cluster-dir", str(tmp_path / "cluster")],
+                           capture_output=True, text=True, timeout=60)
+    for out in (node, peers):
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode != 0 and len(lines) == 1, out.stderr
+        assert f"--interface {interface}" in lines[0] and "Traceback" not in out.stderr
+
+
+class _FakeAd:
+    """Stands in for NodeAdvertisement: no mDNS, registrations recorded."""
+
+    def __init__(self, address: str, log: list, fail: bool = False):
+        self.address, self.log, self.fail = address, log, fail
+
+    async def async_register(self) -> None:
+        if self.fail:
+            raise OSError(99, "Cannot assign requested address")
+        self.log.append(("register", self.address))
+
+    async def async_close(self) -> None:
+        self.log.append(("close", self.address))
+        raise OSError(101, "Network is unreachable")  # goodbyes cannot leave a vanished address
+
+
+def test_a_lost_address_is_advertised_again_when_it_returns():
+    from edgemoe.node.advertise import KeptAdvertisement
+
+    log: list = []
+    now = {"address": "10.1.2.3", "fail": False}
+    kept = KeptAdvertisement("eth0", lambda a: _FakeAd(a, log, now["fail"]), lookup=lambda _: now["address"],
+                             recheck_s=3600)
+
+    async def scenario() -> None:
+        await kept.start()
+        await kept.check()  # nothing changed: nothing happens
+        now["address"] = None  # the cable is pulled
+        await kept.check()
+        assert kept.current is None
+        now.update(address="10.1.2.3", fail=True)  # back, but not usable yet
+        await kept.check()
+        assert kept.current is None
+        now["fail"] = False
+        await kept.check()
+        now["address"] = "10.1.2.4"  # DHCP gave another address
+        await kept.check()
+        kept._task.cancel()
+        kept.current = None
+
+    asyncio.run(scenario())
+    assert log == [("register", "10.1.2.3"), ("close", "10.1.2.3"), ("register", "10.1.2.3"),
+                   ("close", "10.1.2.3"), ("register", "10.1.2.4")]
