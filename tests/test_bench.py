@@ -155,8 +155,16 @@ def test_cold_run_starts_cold(report):
 def test_text_report_names_the_figures(report):
     text = format_report(report)
     for phrase in ("raw sequential read", "SSD bound", "plain mlx-lm", "1/8 of the experts", "in-place pack",
-                   "peers configured but all down", "same tokens as mlx_lm.load(", "same tokens as the cold run"):
+                   "peers configured but all down", "same tokens as mlx_lm.load(", "same tokens as the cold run",
+                   "peak RSS", "MLX peak"):
         assert phrase in text
+
+
+def test_memory_figures(report):
+    # The CPU backend: MLX's peak is its own allocations, in RAM, a part of peak RSS.
+    assert report["array_memory"] == "RAM"
+    assert 0 < report["peak_array_bytes"] <= report["peak_rss_bytes"]
+    assert report["peak_array_bytes"] >= report["dense_bytes"]
 
 
 def test_skips_say_why(model):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.node.credentials import ClusterCredentials, new_secret
-from edgemoe.node.limits import ram_bytes
+from edgemoe.node.limits import array_memory_bytes, array_memory_kind
 
 from ..counters import snapshot
 from ..loader import load_streaming_model
@@ -64,9 +64,9 @@ def dead_peer_figures(sm: StreamingModel, model_dir: Path, load_options: dict[st
     """Alternating cold runs of `sm` (no peers) and of the same model loaded with one peer
     that refuses connections; the medians and their ratio."""
     out: dict[str, Any] = dict.fromkeys(KEYS)
-    if 2 * (sm.dense_bytes + budget) > TWO_MODELS_RAM_FRACTION * ram_bytes():
+    if 2 * (sm.dense_bytes + budget) > TWO_MODELS_RAM_FRACTION * array_memory_bytes():
         notes.add("dead-peer case skipped: two copies of the dense part and the expert cache do not fit in "
-                  f"{TWO_MODELS_RAM_FRACTION:.0%} of RAM")
+                  f"{TWO_MODELS_RAM_FRACTION:.0%} of {array_memory_kind()}")
         return out
     credentials = ClusterCredentials.create(new_secret(), "coordinator")
     with refused_address() as address, quiet_peers():

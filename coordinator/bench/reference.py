@@ -16,7 +16,7 @@ from mlx_lm.utils import load_config
 
 from edgemoe.node.architecture import build_model, with_experts_per_token
 from edgemoe.node.compute import record_to_arrays
-from edgemoe.node.limits import ram_bytes
+from edgemoe.node.limits import array_memory_bytes, array_memory_kind
 from edgemoe.node.manifest import DENSE_NAME, Manifest
 from edgemoe.node.store import ExpertStore
 
@@ -85,9 +85,9 @@ def mlx_lm_run(model_dir: Path, sm: StreamingModel, prompt_tokens: list[int], to
                experts_per_token: int | None, notes: Notes) -> MlxLmRun | None:
     """The fastest of the bench's repeats on plain mlx-lm, or None (with a note) where RAM is short."""
     need = sm.manifest.total_expert_bytes + sm.dense_bytes
-    if need > MLX_LM_RAM_FRACTION * ram_bytes():
+    if need > MLX_LM_RAM_FRACTION * array_memory_bytes():
         notes.add(f"plain mlx-lm skipped: the full model ({need / 2**30:.1f} GiB) is over "
-                  f"{MLX_LM_RAM_FRACTION:.0%} of RAM ({ram_bytes() / 2**30:.1f} GiB)")
+                  f"{MLX_LM_RAM_FRACTION:.0%} of {array_memory_kind()} ({array_memory_bytes() / 2**30:.1f} GiB)")
         return None
     if source is not None:
         name = f"mlx_lm.load({source})"
