@@ -40,12 +40,12 @@ class Server:
         return out
 
 
-def start_server(model: Path, log: Path, *extra: str, timeout: float = 60) -> Server:
+def start_server(model: Path, log: Path, *extra: str, timeout: float = 60, **popen) -> Server:
     f = open(log, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgemoe.coordinator.cli", "serve", "--model", str(model), "--port", "0",
          "--peers", "none", *extra],
-        stdout=f, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO,
+        stdout=f, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO, **popen,
     )
     f.close()
     deadline = time.monotonic() + timeout
@@ -432,6 +432,7 @@ def test_chat_template_refusal_is_a_400():
             raise ValueError("Conversation roles must alternate")
 
     with pytest.raises(ApiError) as refused:
-        chat_prompt(Refusing(), {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 1000)
+        chat_prompt(Refusing(), {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+                    max_chars=1000)
     assert (refused.value.status, refused.value.param, refused.value.code) == (400, "messages", "invalid_value")
     assert "Conversation roles must alternate" in refused.value.message

@@ -28,7 +28,7 @@ from edgemoe.node.errors import EdgemoeError
 
 from . import schema
 from .body import parse_json, read_body
-from .connections import protocol_class
+from .connections import HeaderCap, protocol_class
 from .limits import DEFAULT_LIMITS, ServeLimits, raise_open_file_limit
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .schema import DEFAULT_MAX_TOKENS, ApiError, Chunks, Params, error_response
@@ -275,7 +275,8 @@ def serve(model_dir: Path, host: str, port: int, load: Callable[[], Any], api_ke
               f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
         # uvicorn's limit_concurrency is left off: it would answer 503 to /health once idle
         # connections fill it; the protocol's own cap closes idle ones instead.
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+        config = uvicorn.Config(HeaderCap(app, limits.max_header_bytes), log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=3,
                                 http=protocol_class(max_connections, limits.header_timeout_s), ws="none",
                                 timeout_keep_alive=limits.keep_alive_timeout_s,
                                 h11_max_incomplete_event_size=limits.max_header_bytes)

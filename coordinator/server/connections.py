@@ -1,5 +1,5 @@
 """uvicorn's h11 protocol with the two limits it lacks: a deadline for each request's headers,
-and a cap on open connections.
+and a cap on open connections; and a cap on the size of a request's headers.
 
 uvicorn times out only the wait *between* requests (`timeout_keep_alive`): a client that
 sends half its headers, and never the rest, holds a connection (a file descriptor) for
@@ -16,7 +16,10 @@ import asyncio
 from typing import Any
 
 import h11
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .schema import error_response
 
 
 class LimitedH11Protocol(H11Protocol):
@@ -74,3 +77,24 @@ def protocol_class(max_connections: int, header_timeout_s: float) -> type[Limite
     """The protocol class for one server: its limits, and its own list of open connections."""
     return type("LimitedH11Protocol", (LimitedH11Protocol,),
                 {"max_connections": max_connections, "header_timeout_s": header_timeout_s, "opened": {}})
+
+
+class HeaderCap:
+    """Refuses (431) a request whose line and headers pass `max_bytes`. h11's own cap
+    (h11_max_incomplete_event_size) holds only while the headers are incomplete: headers
+    that arrive whole in one read pass it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope["method"]) + len(scope["raw_path"]) + len(scope["query_string"]) + sum(
+                len(name) + len(value) + 4 for name, value in scope["headers"])  # ": " and CRLF
+            if size > self.max_bytes:
+                response = error_response(431, f"The request's headers are {size} bytes; this server takes at most "
+                                          f"{self.max_bytes} (edgemoe serve --max-header-kb)",
+                                          code="headers_too_large", headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

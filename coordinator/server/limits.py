@@ -13,6 +13,8 @@ log = logging.getLogger(__name__)
 FD_RESERVE = 512
 # Below this many connections the server could not answer /health beside a few clients.
 MIN_CONNECTIONS = 16
+# Where raising the open-file limit stops when the hard limit is higher or unlimited.
+MAX_OPEN_FILES = 65536
 
 # Tokens of real text average 3-5 characters; 8 leaves room for long runs of spaces or digits
 # while a prompt that cannot fit the context is still refused before tokenizing costs much.
@@ -46,11 +48,10 @@ DEFAULT_LIMITS = ServeLimits()
 
 
 def raise_open_file_limit(max_connections: int) -> int:
-    """Raises this process's soft open-file limit toward the hard one, as far as `max_connections`
-    plus FD_RESERVE need; returns the connections the limit then allows (at most `max_connections`)."""
-    wanted = max_connections + FD_RESERVE
+    """Raises this process's soft open-file limit to the hard one (mlx-lm's import sets it to 2048);
+    returns the connections it then allows: `max_connections`, or fewer with a warning."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
     if target > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
@@ -62,4 +63,3 @@ def raise_open_file_limit(max_connections: int) -> int:
         log.warning("the open-file limit (%d) allows %d connections, not --max-connections %d: raise the hard "
                     "limit (ulimit -Hn, or LimitNOFILE= in a systemd unit)", soft, allowed, max_connections)
     return allowed
-
