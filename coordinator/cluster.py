@@ -6,9 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -106,10 +105,11 @@ class ClusterStats:
     peer_calls: int = 0
     experts_from_peers: int = 0
     fallbacks: int = 0
-    # MoE layer calls while a cluster is configured, those that sent work to a node,
-    # and over the latter the sum of each layer's slowest reply (the layer waits for it).
+    # MoE layer calls while a cluster is configured, those that sent work to a node, those
+    # of which a node answered, and over the last the sum of each layer's slowest reply.
     layers: int = 0
     peer_layers: int = 0
+    answered_layers: int = 0
     slowest_rtt_ms_total: float = 0.0
 
 
@@ -142,11 +142,17 @@ class Cluster:
         self.local = local
         self.deadline_s = deadline_s
         self.stats = ClusterStats()
-        self.peers = [Peer(a, credentials) for a in addresses]
+        self.peers: list[Peer] = []
+        try:
+            for address in addresses:
+                self.peers.append(Peer(address, credentials))
+                self.peers[-1].connect(manifest.fingerprint)
+        except BaseException:
+            for peer in self.peers:
+                peer.close()
+            raise
         self._spec = pb.ModelSpec(fingerprint=manifest.fingerprint, config_json=config_json,
                                   layers_json=layer_specs_to_json(manifest))
-        for peer in self.peers:
-            peer.connect(manifest.fingerprint)
         self._keys: list[Key] = [(spec.layer, e) for spec in manifest.layers for e in range(spec.num_experts)]
         self._record_bytes = {spec.layer: spec.record_bytes for spec in manifest.layers}
         # The latest placement: what each node should hold, and each placed expert's node.
@@ -220,42 +226,63 @@ class Cluster:
                 self.stats.peer_calls += 1
         return calls
 
-    def collect(self, calls: list[Call], hidden: mx.array) -> list[mx.array | None]:
-        """Each call's output `[len(pairs), hidden]`, or None where the node failed, sent a
-        malformed reply or missed its deadline (the node is then set aside until its retry)."""
+    def collect(self, calls: list[Call], hidden: mx.array, dtype: mx.Dtype) -> Iterator[tuple[Call, mx.array | None]]:
+        """Each call with its output `[len(pairs), hidden]` of `dtype`, in the order they
+        complete; None where the node failed, sent a malformed reply or missed its deadline
+        (the node is then set aside until its retry), as soon as that is known."""
         sent = time.monotonic()
-        outputs: list[mx.array | None] = []
+        # A node answers its requests in turn: the n-th may take n deadlines.
+        deadlines = {call.future: sent + self.deadline_s * call.turn for call in calls}
+        pending = {call.future: call for call in calls}
         served: dict[Peer, set[int]] = {}
-        slowest = 0.0
-        for call in calls:
-            peer = call.peer
-            # A node answers its requests in turn: the n-th may take n deadlines.
-            deadline = sent + self.deadline_s * call.turn
-            try:
-                reply, rtt_ms = call.future.result(timeout=max(0.0, deadline - time.monotonic()))
-                if reply.error:
-                    raise WireError(f"node {peer.name}: {reply.error}")
-                y = array_from_tensor(reply.output, max_rows=len(call.pairs))
-                if list(y.shape) != [len(call.pairs), hidden.shape[-1]] or y.dtype != hidden.dtype:
-                    raise WireError(f"node {peer.name} answered shape {list(y.shape)} {y.dtype}")
-            except (FutureTimeout, PeerDown, WireError) as exc:
-                if isinstance(exc, FutureTimeout):
-                    peer.mark_failed(f"node {peer.name} did not answer within {self.deadline_s:.1f}s")
-                elif isinstance(exc, WireError):
-                    peer.mark_failed(str(exc) if str(exc).startswith(f"node {peer.name}") else
-                                     f"node {peer.name} sent a malformed reply ({exc}): check that it runs the "
-                                     "same edgemoe version as this coordinator")
-                self.stats.fallbacks += 1
-                outputs.append(None)
-                continue
-            self.stats.experts_from_peers += len(call.pairs)
-            served.setdefault(peer, set()).update(call.experts.tolist())
-            slowest = max(slowest, rtt_ms)
-            outputs.append(y)
-        for peer, experts in served.items():
-            peer.stats.experts += len(experts)
-        self.stats.slowest_rtt_ms_total += slowest
-        return outputs
+        slowest: float | None = None
+        try:
+            while pending:
+                first = min(deadlines[f] for f in pending)
+                done, _ = wait(pending, timeout=max(0.0, first - time.monotonic()), return_when=FIRST_COMPLETED)
+                if not done:
+                    now = time.monotonic()
+                    for future in [f for f in pending if deadlines[f] <= now]:
+                        call = pending.pop(future)
+                        call.peer.mark_failed(f"node {call.peer.name} did not answer within {self.deadline_s:.1f}s")
+                        self.stats.fallbacks += 1
+                        yield call, None
+                    continue
+                for future in done:
+                    call = pending.pop(future)
+                    y, rtt_ms = self._output(call, hidden.shape[-1], dtype)
+                    if y is None:
+                        self.stats.fallbacks += 1
+                    else:
+                        self.stats.experts_from_peers += len(call.pairs)
+                        served.setdefault(call.peer, set()).update(call.experts.tolist())
+                        slowest = max(slowest or 0.0, rtt_ms)
+                    yield call, y
+        finally:
+            for peer, experts in served.items():
+                peer.stats.experts += len(experts)
+            if slowest is not None:
+                self.stats.answered_layers += 1
+                self.stats.slowest_rtt_ms_total += slowest
+
+    def _output(self, call: Call, hidden_size: int, dtype: mx.Dtype) -> tuple[mx.array | None, float]:
+        """A completed call's output and round trip; (None, 0) if it is unusable."""
+        peer = call.peer
+        try:
+            reply, rtt_ms = call.future.result()
+            if reply.error:
+                raise WireError(f"node {peer.name}: {reply.error}")
+            y = array_from_tensor(reply.output, max_rows=len(call.pairs))
+            if list(y.shape) != [len(call.pairs), hidden_size] or y.dtype != dtype:
+                raise WireError(f"node {peer.name} answered shape {list(y.shape)} {y.dtype}")
+        except PeerDown:
+            return None, 0.0
+        except WireError as exc:
+            peer.mark_failed(str(exc) if str(exc).startswith(f"node {peer.name}") else
+                             f"node {peer.name} sent a malformed reply ({exc}): check that it runs the "
+                             "same edgemoe version as this coordinator")
+            return None, 0.0
+        return y, rtt_ms
 
     def _push_loop(self) -> None:
         """Places experts on nodes in the background (see `place_experts`), redoing the
@@ -263,7 +290,10 @@ class Cluster:
         planned_at, planned_for = 0.0, None
         while not self._stop.is_set():
             usable = [p for p in self.peers if p.healthy and p.info is not None]
-            if usable != planned_for or time.monotonic() - planned_at >= REPLAN_S:
+            if not usable:
+                # Nothing to place on: ranking every expert of a large model would only hold the GIL.
+                self._plan, self._assigned, planned_for = {}, {}, usable
+            elif usable != planned_for or time.monotonic() - planned_at >= REPLAN_S:
                 self._replan(usable)
                 planned_at, planned_for = time.monotonic(), usable
             for peer, wanted in (self._plan or {}).items():

@@ -10,7 +10,7 @@ router's order, so the result is the tensor mlx-lm's SwitchGLU/SwitchMLP returns
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ class Remote(Protocol):
     def send(self, layer: int, hidden: mx.array, rows: np.ndarray, flat: np.ndarray,
              by_node: dict[Any, list[int]]) -> Sequence[RemoteCall]: ...
 
-    def collect(self, calls: Any, hidden: mx.array) -> list[mx.array | None]: ...
+    def collect(self, calls: Any, hidden: mx.array, dtype: mx.Dtype) -> Iterable[tuple[Any, mx.array | None]]: ...
 
 
 @dataclass
@@ -115,7 +115,7 @@ class LayerDispatch:
         if local_pairs.size:
             parts.append((local_pairs, self._pairs(hidden, rows[local_pairs], flat[local_pairs])))
         self._prefetch_next(x, chosen)
-        for call, y in zip(calls, remote.collect(calls, hidden)):
+        for call, y in remote.collect(calls, hidden, self._output_dtype(hidden)):
             if y is None:
                 # The fallback's reads may reuse scratch or evicted slots that the work
                 # queued so far still reads: finish that work first.
@@ -123,8 +123,15 @@ class LayerDispatch:
                 y = self._pairs(hidden, rows[call.pairs], flat[call.pairs])
             parts.append((call.pairs, y))
         order = np.concatenate([pairs for pairs, _ in parts])
-        merged = mx.concatenate([y for _, y in parts])[mx.array(np.argsort(order))]
-        return merged.reshape(*chosen.shape, -1)
+        merged = mx.concatenate([y for _, y in parts])[mx.array(np.argsort(order))].reshape(*chosen.shape, -1)
+        mx.async_eval(merged)
+        return merged
+
+    def _output_dtype(self, hidden: mx.array) -> mx.Dtype:
+        """The dtype this layer's experts compute in for `hidden` (a quantized kernel with
+        float32 scales turns bf16 input into float32): a node's output must have it too.
+        Read off the lazy graph of a one-row call, which is never evaluated."""
+        return self.kernel(hidden[:1], np.zeros((1, 1), dtype=np.uint32)).dtype
 
     def _pairs(self, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
         """Output i is expert `experts[i]` applied to `hidden[rows[i]]`, computed here."""

@@ -142,7 +142,7 @@ def generate(
             on_token(response.token)
         if response.finish_reason:
             finish = response.finish_reason
-        if stop is not None and stop():
+        if response.finish_reason is None and stop is not None and stop():
             finish = "cancelled"
             break
     run = snapshot(sm) - before

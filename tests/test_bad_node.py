@@ -14,6 +14,7 @@ import pytest
 from conftest import encode, mlx_lm_tokens
 
 from edgemoe.coordinator import peers as peers_module
+from edgemoe.coordinator.dispatch import LayerDispatch
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret, server_credentials
@@ -450,3 +451,44 @@ def test_chunks_are_checked_against_the_registered_spec_not_the_senders_claims(m
     with pytest.raises(grpc.RpcError) as err:
         _push(stub, [pb.PushChunk(model=second)])
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-models" in err.value.details()
+
+
+def test_a_failed_node_is_computed_here_without_waiting_for_the_others(qwen, token, serve_fake, monkeypatch):
+    """Node A (even experts) fails at once; node B (odd experts) answers a request only
+    once this machine has started computing A's pairs of that layer. Waiting for every
+    node before any fallback would leave B unanswered until its deadline."""
+    packed, prompt, expected = qwen
+    b_waiting, release = threading.Event(), threading.Event()
+    original = LayerDispatch._pairs
+
+    def pairs(self, hidden, rows, experts):
+        if self.remote is not None and self.remote.stats.fallbacks and b_waiting.is_set():
+            release.set()
+        return original(self, hidden, rows, experts)
+
+    monkeypatch.setattr(LayerDispatch, "_pairs", pairs)
+
+    def after_the_fallback(request):
+        b_waiting.set()
+        release.wait(30)
+        return error_string(request)
+
+    everything = all_experts(packed)
+    half = [pb.ModelHoldings(fingerprint=everything.fingerprint,
+                             layers=[l for l, e in zip(everything.layers, everything.experts) if e % 2 == parity],
+                             experts=[e for e in everything.experts if e % 2 == parity]) for parity in (0, 1)]
+    fast = FakeNode("fails-at-once", [half[0]], error_string)
+    slow = FakeNode("answers-after-the-fallback", [half[1]], after_the_fallback)
+    creds = ClusterCredentials.from_token(token, "coordinator")
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes,
+                              peers=[serve_fake(fast), serve_fake(slow)], credentials=creds, node_timeout_s=20)
+    try:
+        result = generate(sm, prompt, max_tokens=4)
+        peers = {p.name: p for p in sm.cluster.peers}
+    finally:
+        sm.close()
+    assert result.token_ids == expected[:4]
+    assert fast.compute_requests >= 1 and slow.compute_requests >= 1
+    # B's answer (an error) came back once A's fallback had started: no timeout.
+    assert release.is_set()
+    assert "out of memory" in peers["answers-after-the-fallback"].last_error

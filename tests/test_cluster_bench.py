@@ -85,10 +85,10 @@ def test_run_figures_by_hand():
     # Node A: 6 replies summing 15 ms, node B: 4 summing 14 ms: 2.9 ms a call.
     run = Decode(token_ids=[1, 2, 3, 4, 5, 6], decode_tokens=5, tokens_per_s=50.0, node_rtts=[(6, 15.0), (4, 14.0)],
                  peer_calls=10, experts_from_peers=12, experts_from_ssd=3, fallbacks=0, layers=40, peer_layers=10,
-                 slowest_rtt_ms_total=30.0)
+                 answered_layers=10, slowest_rtt_ms_total=30.0)
     baseline = Decode(token_ids=[1, 2, 3, 4, 5, 6], decode_tokens=5, tokens_per_s=100.0, node_rtts=[], peer_calls=0,
                       experts_from_peers=0, experts_from_ssd=20, fallbacks=0, layers=0, peer_layers=0,
-                      slowest_rtt_ms_total=0.0)
+                      answered_layers=0, slowest_rtt_ms_total=0.0)
     f = run_figures(run, baseline, added_rtt_ms=0.5, relayed=True, moe_layers=8, local_layer_ms=1.0)
     assert close(f["layer_rtt_ms"], 3.0) and close(f["peer_layer_fraction"], 0.25)
     assert close(f["peer_layers_per_token"], 2.0) and close(f["peer_calls_per_token"], 2.0)

@@ -101,3 +101,4 @@ def test_layers_split_between_a_node_and_this_machine_keep_mlx_lms_tokens(models
     # Layers that sent work to the node also computed pairs here, in the same layer call.
     assert len(calls["splits"]) > 0 and all(n > 0 for n in calls["splits"])
     assert stats.peer_layers > 0
+

@@ -79,6 +79,7 @@ class Mark:
     counters: Counters
     layers: int = 0
     peer_layers: int = 0
+    answered_layers: int = 0
     slowest_rtt_ms_total: float = 0.0
     node_rtts: tuple[tuple[int, float], ...] = ()
 
@@ -93,7 +94,8 @@ def mark(sm: StreamingModel) -> Mark:
     if sm.cluster is None:
         return Mark(counters)
     stats = sm.cluster.stats
-    return Mark(counters, stats.layers, stats.peer_layers, stats.slowest_rtt_ms_total, node_rtts(sm.cluster))
+    return Mark(counters, stats.layers, stats.peer_layers, stats.answered_layers, stats.slowest_rtt_ms_total,
+                node_rtts(sm.cluster))
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Decode:
     fallbacks: int
     layers: int
     peer_layers: int
+    answered_layers: int  # peer layers of which a node answered: the round trips are theirs
     slowest_rtt_ms_total: float
 
 
@@ -128,6 +131,7 @@ def decode_between(first: Mark, last: Mark, token_ids: list[int]) -> Decode:
         fallbacks=d.fallbacks,
         layers=last.layers - first.layers,
         peer_layers=last.peer_layers - first.peer_layers,
+        answered_layers=last.answered_layers - first.answered_layers,
         slowest_rtt_ms_total=last.slowest_rtt_ms_total - first.slowest_rtt_ms_total,
     )
 
@@ -166,7 +170,7 @@ def run_figures(run: Decode, baseline: Decode, added_rtt_ms: float, relayed: boo
                 local_layer_ms: float) -> dict[str, Any]:
     replies = sum(n for n, _ in run.node_rtts)
     fraction = run.peer_layers / run.layers if run.layers else 0.0
-    layer_rtt = run.slowest_rtt_ms_total / run.peer_layers if run.peer_layers else None
+    layer_rtt = run.slowest_rtt_ms_total / run.answered_layers if run.answered_layers else None
     bound = cluster_bound(moe_layers, fraction, layer_rtt, local_layer_ms)
     return {
         "added_rtt_ms": added_rtt_ms,
