@@ -30,7 +30,7 @@ from .version import PROTOCOL_VERSION
 log = logging.getLogger("edge-node")
 
 DEFAULT_DISK_MB = 100 * 1024
-DEFAULT_MAX_MODELS = 8
+DEFAULT_MAX_MODELS = 16
 
 
 class ListenError(EdgemoeError):
