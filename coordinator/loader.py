@@ -3,6 +3,7 @@ RAM, and a dispatcher per MoE layer over the expert store, the cache and the nod
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from edgemoe.node.architecture import (
 )
 from edgemoe.node.compute import ExpertKernel
 from edgemoe.node.credentials import ClusterCredentials
-from edgemoe.node.errors import ManifestError
+from edgemoe.node.errors import ClusterConfigError, ManifestError
 from edgemoe.node.limits import DEFAULT_CACHE_FRACTION, MAX_INFLIGHT_EXPERTS, array_memory_bytes
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
@@ -119,7 +120,11 @@ def load_streaming_model(
     try:
         if peers:
             if credentials is None:
-                raise ValueError("peers need the cluster's credentials (resolve_peers gives both)")
+                raise ClusterConfigError("nodes were given without the cluster's join token; run "
+                                         "`edgemoe cluster init` (or pass peers to edgemoe.load with its cluster_dir)")
+            if not manifest.dense_sha256:
+                # Packs made before the manifest recorded it: nodes need it to recompute the fingerprint.
+                manifest.dense_sha256 = file_sha256(model_dir / DENSE_NAME)
             deadline_s = REPLY_DEADLINE_S if node_timeout_s is None else node_timeout_s
             cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers,
                               deadline_s=deadline_s)
@@ -152,3 +157,11 @@ def load_streaming_model(
         raise
     dense_bytes = sum(a.nbytes for a in weights.values())
     return StreamingModel(model, tokenizer, config, manifest, local, dense_bytes, cluster)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -361,3 +361,25 @@ def test_node_timeout_decides_whether_a_slow_node_is_waited_for(models, nodes, t
                 assert f"did not answer within {node_timeout_s:.1f}s" in peer.last_error
         finally:
             sm.close()
+
+
+def test_a_pack_from_before_the_dense_checksum_was_recorded_still_goes_to_nodes(models, nodes, token, tmp_path):
+    """Version-1 packs made before manifests carried `dense_sha256`: the coordinator hashes
+    the dense file itself, so nodes can check the fingerprint and take the experts."""
+    src = models.src("qwen3_moe", True)
+    packed = models.copy_packed(tmp_path / "old-pack")
+    manifest_path = packed / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest.pop("dense_sha256")
+    manifest_path.write_text(json.dumps(manifest))
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    (node,) = nodes(1)
+    sm = coordinator(packed, token, [node.address], 2 * read_manifest(packed).expert_bytes)
+    try:
+        wait_for_placement(sm)
+        result = generate(sm, prompt, max_tokens=MAX_TOKENS)
+        assert result.token_ids == expected
+        assert sm.cluster.stats.experts_from_peers > 0 and sm.cluster.stats.fallbacks == 0
+    finally:
+        sm.close()
