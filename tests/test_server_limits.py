@@ -205,16 +205,18 @@ def test_full_queue_is_429_with_retry_after(server):
 
 
 def test_an_unseeded_request_does_not_follow_a_seeded_one(server):
+    """MLX's random state is global: without a fresh seed of its own, an unseeded request after a
+    seed=7 one samples on from seed 7's state, so it is the same every time it follows one."""
     def sample(**kw) -> list[int]:
         r = post(server, completion(server, max_tokens=24, temperature=2.0, return_token_ids=True, **kw))
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["token_ids"]
 
-    seeded = sample(seed=7)
+    seeded, first = sample(seed=7), sample()
     assert sample(seed=7) == seeded  # a seed still reproduces
-    after = [sample() for _ in range(3)]
-    assert all(tokens != seeded for tokens in after)
-    assert len({tuple(t) for t in after}) == 3
+    second = sample()
+    assert first != second
+    assert seeded not in (first, second)
 
 
 # -- connections

@@ -16,10 +16,13 @@ request: a queued one is skipped, a running one stops between two tokens.
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
 with a 4xx status for the caller's mistakes (malformed body 400, unknown model
 404, bad `max_tokens` 400, prompt longer than the context 400, missing or wrong
-API key 401); the server keeps serving after each.
+API key 401) and for what passes a limit (body 413, headers 431, slow body 408,
+full queue 429 with Retry-After); the server keeps serving after each.
 
 Modules: `worker` (the MLX worker thread), `schema` (OpenAI's request and answer
-shapes), `metrics` (Prometheus), `app` (routes, auth, bind and serve).
+shapes), `body` (the body read with a cap, strict JSON), `limits` (each limit's
+default, the open-file limit), `connections` (header deadline, connection cap,
+header size), `metrics` (Prometheus), `app` (routes, auth, bind and serve).
 """
 
 from .app import create_app, serve
