@@ -61,9 +61,9 @@ def connect(server: Server) -> socket.socket:
     return socket.create_connection((url.host, url.port), timeout=10)
 
 
-def request_head(server: Server, length: int | None, path: str = "/v1/completions") -> bytes:
+def request_head(server: Server, length: int | None, path: str = "/v1/completions", key: str = KEY) -> bytes:
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: application/json\r\n{framing}\r\n\r\n").encode()
 
 
@@ -122,6 +122,19 @@ def test_slow_body_is_408(server):
         sock.sendall(request_head(server, len(body)) + body[:10])
         response = read_response(sock)  # the rest never comes: --header-timeout 1 for the body too
     assert status_of(response) == 408
+    with connect(server) as sock:  # answered before its body (401): trickling the rest does not hold it open
+        sock.sendall(request_head(server, len(body), key="wrong") + body[:10])
+        assert status_of(sock.recv(65536)) == 401
+        closed = False
+        for i in range(50):  # 10 s at most; --header-timeout is 1
+            try:
+                sock.sendall(body[10 + i : 11 + i])
+                closed = select.select([sock], [], [], 0.2)[0] != [] and sock.recv(65536) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            if closed:
+                break
+        assert closed
 
 
 # -- what the body says

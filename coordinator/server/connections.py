@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import h11
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -48,15 +47,16 @@ class LimitedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.idle:  # headers still incomplete (uvicorn cancelled its keep-alive timer on this data)
+        if self.idle:  # no request yet from this data (and uvicorn cancelled its keep-alive timer on it)
             self._arm_header_timer()
         else:
             self._cancel_header_timer()
 
     @property
     def idle(self) -> bool:
-        """No request in progress: waiting for one's headers, or between two requests."""
-        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        """No response in progress: waiting for a request's headers, between two requests, or
+        receiving the rest of a body that the answer did not need (after a 401, say)."""
+        return self.cycle is None or self.cycle.response_complete
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
