@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--node-timeout", type=float, metavar="SECONDS",
                        help="how long a node may take to answer a layer's request before its experts are computed "
                        "here instead and it is set aside for a while (default: 2)")
+        p.add_argument("--audit", type=float, metavar="RATE",
+                       help="the share of node replies recomputed here and compared bit for bit; a node whose "
+                       "replies differ is never used again for the model (default: 0.01; 0: no audits)")
 
     g = sub.add_parser("generate", help="generate text")
     model_options(g)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -33,6 +34,8 @@ REPLAN_S = 5.0
 MAX_REQUEST_HIDDEN_BYTES = MAX_MESSAGE_BYTES - (1 << 20)
 # Experts pushed to one node per pass of the push loop, so a pass stays short.
 PUSH_BATCH = 64
+# The share of node replies recomputed here and compared bit for bit (`--audit`).
+DEFAULT_AUDIT_RATE = 0.01
 
 Key = tuple[int, int]
 
@@ -111,6 +114,8 @@ class ClusterStats:
     peer_layers: int = 0
     answered_layers: int = 0
     slowest_rtt_ms_total: float = 0.0
+    audits: int = 0  # node replies recomputed here and compared (`--audit`)
+    audit_failures: int = 0
 
 
 @dataclass
@@ -137,15 +142,19 @@ class NodeShare:
 
 class Cluster:
     def __init__(self, manifest: Manifest, config_json: bytes, local: LocalExperts, credentials: ClusterCredentials,
-                 addresses: list[str], deadline_s: float = REPLY_DEADLINE_S, push: bool = True):
+                 addresses: list[str], deadline_s: float = REPLY_DEADLINE_S, push: bool = True,
+                 audit_rate: float = DEFAULT_AUDIT_RATE):
         self.manifest = manifest
         self.local = local
         self.deadline_s = deadline_s
+        self.audit_rate = audit_rate
+        # Its own generator: audits must not draw from MLX's, which samples the tokens.
+        self._audit_rng = random.Random()
         self.stats = ClusterStats()
         self.peers: list[Peer] = []
         try:
             for address in addresses:
-                self.peers.append(Peer(address, credentials))
+                self.peers.append(Peer(address, credentials, manifest))
                 self.peers[-1].connect(manifest.fingerprint)
         except BaseException:
             for peer in self.peers:
@@ -265,9 +274,25 @@ class Cluster:
                 self.stats.answered_layers += 1
                 self.stats.slowest_rtt_ms_total += slowest
 
+    def should_audit(self) -> bool:
+        """Whether to recompute a node's answered call here: a random `audit_rate` of them."""
+        return self.audit_rate > 0 and self._audit_rng.random() < self.audit_rate
+
+    def audited(self, layer: int, call: Call, same: bool) -> None:
+        """Counts an audit (`same`: the node's output was bit for bit this machine's); a node
+        that answered otherwise is set aside for good."""
+        self.stats.audits += 1
+        if same:
+            return
+        self.stats.audit_failures += 1
+        call.peer.distrust(f"node {call.peer.name}'s results for layer {layer} differ from this machine's (an audit "
+                           "recomputed them): never used again for this model")
+
     def _output(self, call: Call, hidden_size: int, dtype: mx.Dtype) -> tuple[mx.array | None, float]:
         """A completed call's output and round trip; (None, 0) if it is unusable."""
         peer = call.peer
+        if peer.distrusted:  # an audit of another of its calls failed meanwhile
+            return None, 0.0
         try:
             reply, rtt_ms = call.future.result()
             if reply.error:
@@ -356,6 +381,8 @@ class Cluster:
             "peer_calls": self.stats.peer_calls,
             "experts_from_peers": self.stats.experts_from_peers,
             "fallbacks": self.stats.fallbacks,
+            "audits": self.stats.audits,
+            "audit_failures": self.stats.audit_failures,
             "nodes": [
                 {"address": p.address, "name": p.name, "node_id": p.node_id, "healthy": p.healthy,
                  "calls": p.stats.calls, "failures": p.stats.failures, "experts_computed": p.stats.experts,
@@ -370,3 +397,4 @@ class Cluster:
             self._pusher.join(timeout=5)
         for peer in self.peers:
             peer.close()
+

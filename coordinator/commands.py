@@ -36,6 +36,17 @@ def _node_timeout(args: argparse.Namespace) -> float | None:
     return args.node_timeout
 
 
+def _audit_rate(args: argparse.Namespace) -> float:
+    """`--audit`, checked (none given: the default)."""
+    from .cluster import DEFAULT_AUDIT_RATE
+
+    if args.audit is None:
+        return DEFAULT_AUDIT_RATE
+    if not 0 <= args.audit <= 1:  # NaN too
+        raise EdgemoeError(f"--audit {args.audit} must be a share of node replies between 0 and 1 (0: no audits)")
+    return args.audit
+
+
 def _check_max_tokens(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise EdgemoeError(f"--max-tokens {args.max_tokens} must be at least 1")
@@ -76,6 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         peers=peers,
         credentials=credentials,
         node_timeout_s=_node_timeout(args),
+        audit_rate=_audit_rate(args),
     )
     try:
         prompt = build_prompt(sm.tokenizer, args.prompt, chat_template=not args.no_chat_template)
@@ -109,13 +121,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     peers, credentials = _peers(args)
     cache_bytes = _cache_bytes(args)
     node_timeout = _node_timeout(args)
+    audit = _audit_rate(args)
 
     limits = _serve_limits(args)
 
     def load():
         return load_streaming_model(Path(args.model), cache_bytes=cache_bytes, experts_per_token=args.experts_per_token,
                                     io_mode=args.io, prefetch=args.prefetch, peers=peers, credentials=credentials,
-                                    node_timeout_s=node_timeout)
+                                    node_timeout_s=node_timeout, audit_rate=audit)
 
     serve(Path(args.model), args.host, args.port, load, api_key=args.api_key, default_max_tokens=args.max_tokens,
           limits=limits)
@@ -154,7 +167,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     peers, credentials = _peers(args)
     sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args),
                               experts_per_token=args.experts_per_token, peers=peers, credentials=credentials,
-                              node_timeout_s=_node_timeout(args))
+                              node_timeout_s=_node_timeout(args), audit_rate=_audit_rate(args))
     try:
         run_chat(sm, args.model, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed)
     finally:

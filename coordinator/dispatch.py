@@ -37,6 +37,10 @@ class Remote(Protocol):
 
     def collect(self, calls: Any, hidden: mx.array, dtype: mx.Dtype) -> Iterable[tuple[Any, mx.array | None]]: ...
 
+    def should_audit(self) -> bool: ...
+
+    def audited(self, layer: int, call: Any, same: bool) -> None: ...
+
 
 @dataclass
 class Prefetch:
@@ -116,11 +120,17 @@ class LayerDispatch:
             parts.append((local_pairs, self._pairs(hidden, rows[local_pairs], flat[local_pairs])))
         self._prefetch_next(x, chosen)
         for call, y in remote.collect(calls, hidden, self._output_dtype(hidden)):
-            if y is None:
+            audit = y is not None and remote.should_audit()
+            if y is None or audit:
                 # The fallback's reads may reuse scratch or evicted slots that the work
                 # queued so far still reads: finish that work first.
                 mx.eval([part for _, part in parts])
-                y = self._pairs(hidden, rows[call.pairs], flat[call.pairs])
+                here = self._pairs(hidden, rows[call.pairs], flat[call.pairs])
+                if audit:
+                    assert y is not None
+                    remote.audited(self.layer, call, _same_bits(y, here))
+                # An audited call's output is this machine's either way: a wrong node changes no token.
+                y = here
             parts.append((call.pairs, y))
         order = np.concatenate([pairs for pairs, _ in parts])
         merged = mx.concatenate([y for _, y in parts])[mx.array(np.argsort(order))].reshape(*chosen.shape, -1)
@@ -187,3 +197,11 @@ class LayerDispatch:
         if self.remote is not None:
             guess = [e for e in guess if not self.remote.is_remote(following.layer, e)]
         self.local.prefetch(following.layer, guess)
+
+
+def _same_bits(a: mx.array, b: mx.array) -> bool:
+    """Whether two arrays are bit for bit the same (NaNs included, which a float compare is not)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    bits = {2: mx.uint16, 4: mx.uint32}[a.dtype.size]
+    return bool(mx.array_equal(a.view(bits), b.view(bits)))

@@ -28,7 +28,7 @@ from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
 from edgemoe.node.store import ExpertStore
 
-from .cluster import REPLY_DEADLINE_S, Cluster
+from .cluster import DEFAULT_AUDIT_RATE, REPLY_DEADLINE_S, Cluster
 from .dispatch import LayerDispatch, Prefetch
 from .progress import progress_bar
 from .streaming import StreamingExperts, StreamingModel, router_logits
@@ -86,6 +86,7 @@ def load_streaming_model(
     peers: list[str] | None = None,
     credentials: ClusterCredentials | None = None,
     node_timeout_s: float | None = None,
+    audit_rate: float = DEFAULT_AUDIT_RATE,
 ) -> StreamingModel:
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -127,7 +128,7 @@ def load_streaming_model(
                 manifest.dense_sha256 = file_sha256(model_dir / DENSE_NAME)
             deadline_s = REPLY_DEADLINE_S if node_timeout_s is None else node_timeout_s
             cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers,
-                              deadline_s=deadline_s)
+                              deadline_s=deadline_s, audit_rate=audit_rate)
         quantized = manifest.dense_quantization
         nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
         # After quantizing: a prefetching layer holds the next layer's (quantized) router.

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from edgemoe.node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials
+from edgemoe.node.holdings import held_checksums_sha256
+from edgemoe.node.limits import compute_backend
+from edgemoe.node.manifest import Manifest
 from edgemoe.node.version import PROTOCOL_VERSION
 from edgemoe.protos import edgemoe_node_pb2 as pb
 from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
@@ -74,8 +77,12 @@ class PeerStats:
 
 
 class Peer:
-    def __init__(self, address: str, credentials: ClusterCredentials):
+    """One node. With `manifest` (the model it computes for) the node must compute on this
+    machine's backend and hold experts whose checksums are the manifest's (`_unfit`)."""
+
+    def __init__(self, address: str, credentials: ClusterCredentials, manifest: Manifest | None = None):
         self.address = address
+        self.manifest = manifest
         self.node_id = ""
         self.name = address
         self.stats = PeerStats()
@@ -91,13 +98,15 @@ class Peer:
         self._retry_at = 0.0
         self.last_error = ""
         self.connecting = False
+        # Why this node is never used again for this model (its checksums or results differed).
+        self.distrusted = ""
 
     @property
     def healthy(self) -> bool:
         return self._requests is not None
 
     def due_for_retry(self) -> bool:
-        return not self.healthy and not self.connecting and time.monotonic() >= self._retry_at
+        return not self.healthy and not self.connecting and not self.distrusted and time.monotonic() >= self._retry_at
 
     def reconnect_in_background(self, fingerprint: str) -> None:
         """Tries the node again without holding up generation."""
@@ -115,6 +124,8 @@ class Peer:
 
     def connect(self, fingerprint: str, timeout: float = 2.0) -> bool:
         """Asks the node what it is and holds, then opens the compute stream. False if it is unusable."""
+        if self.distrusted:
+            return False
         try:
             info = self._stub.Info(pb.InfoRequest(), timeout=timeout)
         except grpc.RpcError as exc:
@@ -129,6 +140,13 @@ class Peer:
         if info.protocol_version != PROTOCOL_VERSION:
             self._failed(f"node {info.name or self.address} speaks protocol {info.protocol_version}, "
                          f"this coordinator {PROTOCOL_VERSION}: upgrade edgemoe on both")
+            return False
+        if info.backend != compute_backend() and self.manifest is not None:
+            self._failed(f"node {info.name or self.address} computes on {info.backend or 'an unknown backend'}, this "
+                         f"coordinator on {compute_backend()}: backends round differently, so its results could "
+                         "change the tokens; run the node on this machine's backend")
+            return False
+        if not self._fits(info):
             return False
         self.info, self.node_id, self.name = info, info.node_id, info.name or self.address
         self.held = _held(info, fingerprint)
@@ -146,6 +164,8 @@ class Peer:
         try:
             info = self._stub.Info(pb.InfoRequest(), timeout=timeout)
         except grpc.RpcError:
+            return
+        if not self._fits(info):
             return
         self.info = info
         self.held = _held(info, fingerprint)
@@ -165,6 +185,32 @@ class Peer:
 
     def mark_failed(self, reason: str) -> None:
         self._failed(reason)
+
+    def distrust(self, reason: str) -> None:
+        """Sets the node aside for good: it is never retried for this model."""
+        self.distrusted = reason
+        self._failed(reason)
+
+    def _fits(self, info: pb.NodeInfo) -> bool:
+        """Whether the checksums of the experts the node holds of this model are this manifest's;
+        if not, the node is distrusted. A member can register a model under its real fingerprint
+        only with the real checksums (the node recomputes the fingerprint), so a difference means
+        a node that does not check what it is pushed: none of its experts can be trusted."""
+        manifest = self.manifest
+        if manifest is None:
+            return True
+        for model in info.models:
+            if model.fingerprint != manifest.fingerprint:
+                continue
+            try:
+                expected = held_checksums_sha256(manifest, zip(model.layers, model.experts))
+            except (KeyError, IndexError):  # experts this model does not have
+                expected = ""
+            if model.checksums_sha256 != expected:
+                self.distrust(f"node {info.name or self.address} holds experts of model {manifest.fingerprint[:12]} "
+                              "whose checksums differ from this coordinator's manifest: never used for this model")
+                return False
+        return True
 
     def _read_replies(self, replies, stream: queue.Queue) -> None:
         try:

@@ -23,6 +23,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def layer_specs_to_json(manifest: Manifest) -> bytes:
         layers.append(data)
     return json.dumps({"model_type": manifest.model_type, "dense_quantization": manifest.dense_quantization,
                        "dense_sha256": manifest.dense_sha256, "layers": layers}).encode()
+
+
+def held_checksums_sha256(manifest: Manifest, pairs: Iterable[tuple[int, int]]) -> str:
+    """One digest of the held experts' checksums ("layer expert checksum" lines in (layer,
+    expert) order): a node reports it in Info, the coordinator recomputes it from its
+    manifest. KeyError or IndexError for a pair the manifest does not have."""
+    lines = (f"{layer} {expert} {manifest.layer(layer).experts[expert].checksum}\n" for layer, expert in sorted(pairs))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def write_durably(path: Path, data: bytes) -> None:

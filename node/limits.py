@@ -42,6 +42,16 @@ def array_memory_kind() -> str:
     return "unified memory" if mx.metal.is_available() else "GPU memory"
 
 
+def compute_backend() -> str:
+    """Where MLX computes here: "cpu", "cuda" or "metal". Each rounds its own way, so a
+    node's results equal this machine's bit for bit only on the same backend."""
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.gpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
 def peak_array_bytes() -> int:
     """The most memory MLX's allocator has held at once in this process: on a GPU the peak
     of GPU memory; on the CPU backend MLX's own allocations, a part of peak RSS."""

@@ -20,8 +20,8 @@ from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 from .architecture import build_model, routed_expert_modules
 from .compute import ExpertKernel, compute_pairs, input_dims
 from .errors import ChecksumError, EdgemoeError
-from .holdings import ModelHoldings, NodeFullError, NodeHoldings, PushError
-from .limits import MAX_INFLIGHT_EXPERTS
+from .holdings import ModelHoldings, NodeFullError, NodeHoldings, PushError, held_checksums_sha256
+from .limits import MAX_INFLIGHT_EXPERTS, compute_backend
 from .local import LocalExperts
 from .manifest import Manifest
 from .pool import layout_key
@@ -103,15 +103,20 @@ class NodeService(pb_grpc.EdgeNodeServicer):
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
         snapshot = self.holdings.snapshot()
-        models = [pb.ModelHoldings(fingerprint=fingerprint, layers=[layer for layer, _ in pairs],
-                                   experts=[e for _, e in pairs]) for fingerprint, pairs in snapshot.items()]
+        models = []
+        for fingerprint, pairs in snapshot.items():
+            model = self.holdings.get(fingerprint)
+            if model is not None:  # a model dropped since the snapshot is not reported
+                models.append(pb.ModelHoldings(fingerprint=fingerprint, layers=[layer for layer, _ in pairs],
+                                               experts=[e for _, e in pairs],
+                                               checksums_sha256=held_checksums_sha256(model.manifest, pairs)))
         with self._models_lock:
             used = sum(m.local.cache_bytes_used for m in self._models.values())
         disk_free = await asyncio.to_thread(self.holdings.free_disk_bytes)
         return pb.NodeInfo(node_id=self.identity.node_id, name=self.identity.name, version=EDGEMOE_VERSION,
                            protocol_version=PROTOCOL_VERSION, models=models,
                            cache_budget_bytes=self.identity.cache_bytes, cache_used_bytes=used,
-                           disk_free_bytes=disk_free)
+                           disk_free_bytes=disk_free, backend=compute_backend())
 
     async def PushExperts(self, request_iterator: AsyncIterator[pb.PushChunk], context) -> pb.PushReply:
         """Stores pushed experts. Each chunk is checked against the registered spec (layer,

@@ -21,17 +21,19 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelHoldings(_message.Message):
-    __slots__ = ("fingerprint", "layers", "experts")
+    __slots__ = ("fingerprint", "layers", "experts", "checksums_sha256")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_SHA256_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     layers: _containers.RepeatedScalarFieldContainer[int]
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, fingerprint: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    checksums_sha256: str
+    def __init__(self, fingerprint: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., checksums_sha256: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "protocol_version", "models", "cache_budget_bytes", "cache_used_bytes", "disk_free_bytes")
+    __slots__ = ("node_id", "name", "version", "protocol_version", "models", "cache_budget_bytes", "cache_used_bytes", "disk_free_bytes", "backend")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +42,7 @@ class NodeInfo(_message.Message):
     CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -48,7 +51,8 @@ class NodeInfo(_message.Message):
     cache_budget_bytes: int
     cache_used_bytes: int
     disk_free_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHoldings, _Mapping]]] = ..., cache_budget_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHoldings, _Mapping]]] = ..., cache_budget_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("fingerprint", "config_json", "layers_json")

@@ -18,6 +18,8 @@ from edgemoe.coordinator.dispatch import LayerDispatch
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret, server_credentials
+from edgemoe.node.holdings import held_checksums_sha256
+from edgemoe.node.limits import compute_backend
 from edgemoe.node.manifest import read_manifest
 from edgemoe.node.version import PROTOCOL_VERSION
 from edgemoe.protos import edgemoe_node_pb2 as pb
@@ -133,7 +135,8 @@ class FakeNode(pb_grpc.EdgeNodeServicer):
 
     def Info(self, request, context):
         return pb.NodeInfo(node_id=f"fake-{self.name}", name=self.name, version="0",
-                           protocol_version=self.protocol_version, models=self.holdings, cache_budget_bytes=2**30)
+                           protocol_version=self.protocol_version, models=self.holdings, cache_budget_bytes=2**30,
+                           backend=compute_backend())
 
     def PushExperts(self, request_iterator, context):
         for _ in request_iterator:
@@ -186,20 +189,21 @@ def qwen(models):
     return packed, prompt, expected
 
 
-def all_experts(packed) -> pb.ModelHoldings:
+def all_experts(packed, keep=lambda layer, expert: True) -> pb.ModelHoldings:
+    """Holdings of every expert (or those `keep` picks), with the manifest's checksums digest."""
     manifest = read_manifest(packed)
-    pairs = [(spec.layer, e) for spec in manifest.layers for e in range(spec.num_experts)]
+    pairs = [(spec.layer, e) for spec in manifest.layers for e in range(spec.num_experts) if keep(spec.layer, e)]
     return pb.ModelHoldings(fingerprint=manifest.fingerprint, layers=[l for l, _ in pairs],
-                            experts=[e for _, e in pairs])
+                            experts=[e for _, e in pairs], checksums_sha256=held_checksums_sha256(manifest, pairs))
 
 
-def generate_bounded(packed, token, address, prompt, max_tokens=MAX_TOKENS):
-    """Loads the coordinator with one peer and generates in a thread that must finish in time.
-    Returns (token ids, the cluster, seconds taken)."""
+def generate_bounded(packed, token, address, prompt, max_tokens=MAX_TOKENS, **load):
+    """Loads the coordinator with one peer (and `load`'s arguments) and generates in a thread
+    that must finish in time. Returns (token ids, the cluster, seconds taken)."""
     creds = ClusterCredentials.from_token(token, "coordinator")
     # The coordinator caches one expert: every other expert is the fake node's to compute.
     sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).expert_bytes, peers=[address],
-                              credentials=creds)
+                              credentials=creds, **load)
     sm.cluster.deadline_s = DEADLINE_S
     outcome: dict = {}
 
@@ -473,10 +477,7 @@ def test_a_failed_node_is_computed_here_without_waiting_for_the_others(qwen, tok
         release.wait(30)
         return error_string(request)
 
-    everything = all_experts(packed)
-    half = [pb.ModelHoldings(fingerprint=everything.fingerprint,
-                             layers=[l for l, e in zip(everything.layers, everything.experts) if e % 2 == parity],
-                             experts=[e for e in everything.experts if e % 2 == parity]) for parity in (0, 1)]
+    half = [all_experts(packed, lambda layer, e, parity=parity: e % 2 == parity) for parity in (0, 1)]
     fast = FakeNode("fails-at-once", [half[0]], error_string)
     slow = FakeNode("answers-after-the-fallback", [half[1]], after_the_fallback)
     creds = ClusterCredentials.from_token(token, "coordinator")
@@ -492,3 +493,129 @@ def test_a_failed_node_is_computed_here_without_waiting_for_the_others(qwen, tok
     # B's answer (an error) came back once A's fallback had started: no timeout.
     assert release.is_set()
     assert "out of memory" in peers["answers-after-the-fallback"].last_error
+
+
+
+# --- A member that lies: plausible but wrong results, or experts of other checksums. ---
+
+def computing(packed, wrong):
+    """A behaviour that computes the requested pairs for real (this process's own streaming
+    model, no peers), then passes the output (and the experts to use) through `wrong`."""
+    import mlx.core as mx
+    import numpy as np
+
+    from edgemoe.coordinator.streaming import StreamingExperts
+    from edgemoe.node.wire import array_from_tensor, tensor_from_array
+
+    honest = load_streaming_model(packed)
+    layers = {m.dispatch.layer: m.dispatch for _, m in honest.model.named_modules() if isinstance(m, StreamingExperts)}
+    lock = threading.Lock()
+
+    def behaviour(request):
+        hidden = array_from_tensor(request.hidden, max_rows=MAX_ROWS_SEEN)
+        experts, scale = wrong(np.array(request.experts, dtype=np.int64))
+        with lock:
+            y = layers[request.layer]._pairs(hidden, np.array(request.rows, dtype=np.int64), experts)
+            y = (y * scale).astype(y.dtype) if scale != 1 else y
+            mx.eval(y)
+        return pb.ComputeReply(request_id=request.request_id, output=tensor_from_array(y))
+
+    return behaviour, honest
+
+
+MAX_ROWS_SEEN = 1 << 16
+LIES = {
+    "honest": lambda experts: (experts, 1),
+    "scaled by 1.01": lambda experts: (experts, 1.01),
+    "another expert's output": lambda experts: (experts ^ 1, 1),
+}
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+def test_an_audited_node_that_lies_changes_no_token_and_is_never_used_again(qwen, token, serve_fake, monkeypatch,
+                                                                            lie):
+    # A short back-off: a node only set aside for a while would be used again within this generation.
+    monkeypatch.setattr(peers_module, "MIN_BACKOFF_S", 0.05)
+    monkeypatch.setattr(peers_module, "MAX_BACKOFF_S", 0.05)
+    packed, prompt, expected = qwen
+    behaviour, honest = computing(packed, LIES[lie])
+    fake = FakeNode(f"fake-{lie}", [all_experts(packed)], behaviour)
+    try:
+        tokens, cluster, _ = generate_bounded(packed, token, serve_fake(fake), prompt, audit_rate=1.0)
+    finally:
+        honest.close()
+    assert tokens == expected
+    peer, stats = cluster.peers[0], cluster.stats
+    if lie == "honest":
+        # Bit for bit this machine's results: every reply audited, none set aside.
+        assert stats.audits == stats.peer_calls == fake.compute_requests > 1
+        assert stats.audit_failures == 0 and stats.fallbacks == 0 and not peer.distrusted
+        return
+    # The first reply was audited and differed: the node is never asked again.
+    assert (stats.audits, stats.audit_failures, fake.compute_requests) == (1, 1, 1)
+    assert stats.layers > 1 and stats.peer_calls == 1
+    assert cluster.snapshot()["audit_failures"] == 1
+    assert peer.distrusted and not peer.due_for_retry()
+    assert fake.name in peer.last_error and "differ" in peer.last_error and "\n" not in peer.last_error
+
+
+def test_audits_off_take_the_nodes_word(qwen, token, serve_fake):
+    """`--audit 0`: no reply is recomputed, so a lying node goes unnoticed (what the audits are for)."""
+    packed, prompt, expected = qwen
+    behaviour, honest = computing(packed, LIES["scaled by 1.01"])
+    fake = FakeNode("fake-unaudited", [all_experts(packed)], behaviour)
+    try:
+        tokens, cluster, _ = generate_bounded(packed, token, serve_fake(fake), prompt, audit_rate=0.0)
+    finally:
+        honest.close()
+    assert cluster.stats.audits == 0 and cluster.peers[0].stats.failures == 0
+    assert cluster.stats.experts_from_peers > 0 and tokens != expected
+
+
+class InfoCountingNode(FakeNode):
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.info_requests = 0
+
+    def Info(self, request, context):
+        self.info_requests += 1
+        info = super().Info(request, context)
+        if self.backend is not None:
+            info.backend = self.backend
+        return info
+
+
+def _poisoned_holdings(packed) -> pb.ModelHoldings:
+    """What a node that took a poisoner's push would say it holds: every expert, under the real
+    fingerprint, with the checksums of a pack whose experts 0 and 1 of each layer are swapped."""
+    holdings = all_experts(packed)
+    manifest = read_manifest(packed)
+    for spec in manifest.layers:
+        spec.experts[0], spec.experts[1] = spec.experts[1], spec.experts[0]
+    holdings.checksums_sha256 = held_checksums_sha256(manifest, zip(holdings.layers, holdings.experts))
+    return holdings
+
+
+def test_a_node_whose_checksums_differ_is_never_used(qwen, token, serve_fake, monkeypatch):
+    monkeypatch.setattr(peers_module, "MIN_BACKOFF_S", 0.05)
+    monkeypatch.setattr(peers_module, "MAX_BACKOFF_S", 0.05)
+    packed, prompt, expected = qwen
+    fake = InfoCountingNode("fake-poisoned", [_poisoned_holdings(packed)], LIES["honest"])
+    tokens, cluster, _ = generate_bounded(packed, token, serve_fake(fake), prompt, audit_rate=0.0)
+    peer = cluster.peers[0]
+    assert tokens == expected
+    assert fake.compute_requests == 0 and cluster.stats.peer_calls == 0
+    # Asked once what it holds, then never again: it is not retried like a node that was only down.
+    assert fake.info_requests == 1 and not peer.due_for_retry()
+    assert "checksums differ" in peer.distrusted and fake.name in peer.last_error and "\n" not in peer.last_error
+
+
+def test_a_node_on_another_backend_is_not_used(qwen, token, serve_fake):
+    packed, prompt, expected = qwen
+    other = "cuda" if compute_backend() != "cuda" else "cpu"
+    fake = InfoCountingNode("fake-other-backend", [all_experts(packed)], error_string, backend=other)
+    tokens, cluster, _ = generate_bounded(packed, token, serve_fake(fake), prompt)
+    peer = cluster.peers[0]
+    assert tokens == expected and fake.compute_requests == 0 and peer.stats.failures >= 1
+    assert f"computes on {other}" in peer.last_error and "\n" not in peer.last_error

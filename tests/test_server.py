@@ -376,7 +376,8 @@ def test_cluster_metrics_collector():
                         ssd_bytes_read=1000, ssd_read_seconds=0.01, peer_calls=99)
     node = {"address": "10.0.0.2:7070", "name": "n", "node_id": "x", "healthy": True, "calls": 4, "failures": 1,
             "experts_computed": 6, "mean_rtt_ms": 3.0, "experts_held": 2, "error": None}
-    cluster = {"peer_calls": 4, "experts_from_peers": 6, "fallbacks": 1, "nodes": [node]}
+    cluster = {"peer_calls": 4, "experts_from_peers": 6, "fallbacks": 1, "audits": 5, "audit_failures": 2,
+               "nodes": [node]}
 
     stats = PeerStats()
     for ms in (2.0, 4.0, 30.0):
@@ -405,6 +406,8 @@ def test_cluster_metrics_collector():
     assert samples["edgemoe_cluster_nodes", None] == 1
     assert samples["edgemoe_cluster_peer_calls_total", None] == 4
     assert samples["edgemoe_cluster_fallbacks_total", None] == 1
+    assert samples["edgemoe_cluster_audits_total", None] == 5
+    assert samples["edgemoe_cluster_audit_failures_total", None] == 2
     assert samples["edgemoe_cache_hits_total", None] == 3
     assert samples["edgemoe_cache_evictions_total", None] == 1
     assert samples["edgemoe_ssd_bytes_read_total", None] == 1000

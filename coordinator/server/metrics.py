@@ -47,6 +47,11 @@ def model_families(c: Counters, cache_bytes_used: int, budget_bytes: int, cluste
     yield CounterMetricFamily("edgemoe_cluster_fallbacks",
                               "Node calls that failed and were computed locally from the SSD instead",
                               value=cluster["fallbacks"])
+    yield CounterMetricFamily("edgemoe_cluster_audits", "Node replies recomputed here and compared (--audit)",
+                              value=cluster["audits"])
+    yield CounterMetricFamily("edgemoe_cluster_audit_failures",
+                              "Audited node replies that differed from this machine's (the node is set aside)",
+                              value=cluster["audit_failures"])
     calls = CounterMetricFamily("edgemoe_node_calls", "Calls sent to each node", labels=["node"])
     failures = CounterMetricFamily("edgemoe_node_failures", "Failed calls to each node", labels=["node"])
     experts = CounterMetricFamily("edgemoe_node_experts", "Experts computed by each node", labels=["node"])
