@@ -102,3 +102,29 @@ def test_layers_split_between_a_node_and_this_machine_keep_mlx_lms_tokens(models
     assert len(calls["splits"]) > 0 and all(n > 0 for n in calls["splits"])
     assert stats.peer_layers > 0
 
+
+
+def test_every_reply_of_an_honest_node_audited_is_bit_for_bit_this_machines(models, tmp_path):
+    """A real edge-node on this machine's backend: its held-checksums digest is the manifest's
+    (it is used at all), and with `--audit 1` every reply recomputed here is the same bits."""
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    manifest = read_manifest(packed)
+    token = format_token(new_secret())
+    node = NodeProcess(token, tmp_path / "node", cache_mb=manifest.total_expert_bytes / 2**20)
+    try:
+        sm = coordinator(packed, token, [node.address], manifest.expert_bytes, audit_rate=1.0)
+        try:
+            wait_for_placement(sm)
+            result = generate(sm, prompt, max_tokens=MAX_TOKENS)
+            stats, peer = sm.cluster.stats, sm.cluster.peers[0]
+            snap = sm.cluster.snapshot()
+        finally:
+            sm.close()
+    finally:
+        node.stop(signal.SIGKILL)
+    assert result.token_ids == expected
+    assert peer.distrusted == "" and stats.fallbacks == 0
+    assert stats.audits == stats.peer_calls > 0 and stats.audit_failures == 0
+    assert (snap["audits"], snap["audit_failures"]) == (stats.audits, 0)
