@@ -240,7 +240,8 @@ class Peer:
             self._retry_at = time.monotonic() + self._backoff
             self.stats.failures += 1
         if reason != self.last_error:
-            log.warning("%s; using the local SSD for its experts (retry in %.1fs)", reason, self._backoff)
+            retry = "never retried" if self.distrusted else f"retry in {self._backoff:.1f}s"
+            log.warning("%s; using the local SSD for its experts (%s)", reason, retry)
         self.last_error = reason
         for future, _ in pending.values():
             if not future.done():

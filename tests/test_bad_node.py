@@ -601,8 +601,13 @@ def test_a_node_whose_checksums_differ_is_never_used(qwen, token, serve_fake, mo
     monkeypatch.setattr(peers_module, "MIN_BACKOFF_S", 0.05)
     monkeypatch.setattr(peers_module, "MAX_BACKOFF_S", 0.05)
     packed, prompt, expected = qwen
-    fake = InfoCountingNode("fake-poisoned", [_poisoned_holdings(packed)], LIES["honest"])
-    tokens, cluster, _ = generate_bounded(packed, token, serve_fake(fake), prompt, audit_rate=0.0)
+    # It would answer with the swapped experts' outputs, and no audit would catch them.
+    behaviour, honest = computing(packed, LIES["another expert's output"])
+    fake = InfoCountingNode("fake-poisoned", [_poisoned_holdings(packed)], behaviour)
+    try:
+        tokens, cluster, _ = generate_bounded(packed, token, serve_fake(fake), prompt, audit_rate=0.0)
+    finally:
+        honest.close()
     peer = cluster.peers[0]
     assert tokens == expected
     assert fake.compute_requests == 0 and cluster.stats.peer_calls == 0
