@@ -185,8 +185,10 @@ class GarbageNode(pb_grpc.EdgeNodeServicer):
         self.compute_requests = 0
 
     def Info(self, request, context):
+        from edgemoe.node.limits import compute_backend
+
         return pb.NodeInfo(node_id="garbage", name="garbage", version="0", protocol_version=_protocol(),
-                           models=[self.holdings], cache_budget_bytes=2**30)
+                           models=[self.holdings], cache_budget_bytes=2**30, backend=compute_backend())
 
     def Compute(self, request_iterator, context):
         for request in request_iterator:
@@ -205,8 +207,11 @@ def test_a_node_answering_garbage_changes_no_token(qwen, token):
     packed, prompt, expected = qwen
     manifest = read_manifest(packed)
     pairs = [(spec.layer, e) for spec in manifest.layers for e in range(spec.num_experts)]
+    from edgemoe.node.holdings import held_checksums_sha256
+
     fake = GarbageNode(pb.ModelHoldings(fingerprint=manifest.fingerprint, layers=[l for l, _ in pairs],
-                                        experts=[e for _, e in pairs]))
+                                        experts=[e for _, e in pairs],
+                                        checksums_sha256=held_checksums_sha256(manifest, pairs)))
     server = grpc.server(ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_EdgeNodeServicer_to_server(fake, server)
     port = server.add_secure_port("127.0.0.1:0", server_credentials(ClusterCredentials.from_token(token, "fake")))
