@@ -624,3 +624,13 @@ def test_a_node_on_another_backend_is_not_used(qwen, token, serve_fake):
     peer = cluster.peers[0]
     assert tokens == expected and fake.compute_requests == 0 and peer.stats.failures >= 1
     assert f"computes on {other}" in peer.last_error and "\n" not in peer.last_error
+
+
+@pytest.mark.parametrize("rate", ["nan", "-0.1", "1.5"])
+def test_an_audit_rate_outside_0_to_1_is_one_line(models, capsys, rate):
+    from edgemoe.coordinator.cli import main
+
+    packed = models.packed("qwen3_moe", True)
+    assert main(["generate", "--model", str(packed), "--prompt", "hi", "--peers", "none", "--audit", rate]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgemoe: error: --audit {float(rate)}") and err.count("\n") == 1
