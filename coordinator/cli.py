@@ -20,6 +20,7 @@ from .commands import (
     cmd_demo,
     cmd_demo_model,
     cmd_generate,
+    cmd_install_service,
     cmd_pack,
     cmd_peers,
     cmd_push,
@@ -187,6 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--expires-days", type=float, metavar="DAYS",
                     help="the token (and every certificate made from it) stops working after DAYS")
     ci.set_defaults(func=cmd_cluster_init)
+
+    ins = sub.add_parser("install-service", help="run edge-node at boot: write a systemd unit (Linux) or a "
+                         "launchd agent (macOS), the join token in a 0600 env file")
+    ins.add_argument("what", choices=["node"], help="the service to install (edge-node)")
+    ins.add_argument("--token-file", metavar="FILE", help="a file whose last line is the join token (default: "
+                     "$EDGEMOE_JOIN_TOKEN, else the token file of `edgemoe cluster init`)")
+    ins.add_argument("--output", metavar="DIR", help="write the files into DIR (default: /etc/systemd/system and "
+                     "/etc/edgemoe on Linux, ~/Library/LaunchAgents and ~/.config/edgemoe on macOS)")
+    ins.add_argument("--dry-run", action="store_true", help="print the files (not the token); write nothing")
+    ins.add_argument("--platform", choices=["linux", "macos"], help="systemd or launchd (default: this machine's)")
+    ins.add_argument("--edge-node", metavar="PATH", help="the edge-node to run (default: the one next to this "
+                     "edgemoe, else on PATH)")
+    ins.add_argument("--user", help="Linux: the user it runs as (default: edge-node's owner; root's: a DynamicUser)")
+    ins.add_argument("--listen", default="0.0.0.0:7070", metavar="HOST:PORT", help="edge-node --listen")
+    ins.add_argument("--interface", metavar="ADDR|NAME", help="edge-node --interface (the LAN to advertise on)")
+    ins.add_argument("--cache-mb", type=float, help="edge-node --cache-mb")
+    ins.add_argument("--name", help="edge-node --name")
+    ins.add_argument("--data-dir", help="edge-node --data-dir (default on Linux: /var/lib/edgemoe-node)")
+    ins.set_defaults(func=cmd_install_service)
     return parser
 
 

@@ -305,3 +305,18 @@ def cmd_cluster_init(args: argparse.Namespace) -> None:
         print(f"the token stops working on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expires))}")
     print("on every other device run:  edge-node --join TOKEN   with this token:")
     print(result.token)
+
+
+def cmd_install_service(args: argparse.Namespace) -> None:
+    from . import deploy
+
+    if args.cache_mb is not None and args.cache_mb <= 0:
+        raise EdgemoeError(f"--cache-mb {args.cache_mb:g} must be positive")
+    edge_node = deploy.find_edge_node(args.edge_node)
+    token, source = deploy.read_token(args.token_file)
+    node_args = deploy.node_args(args.listen, args.interface, args.cache_mb, args.name, args.data_dir)
+    output = Path(args.output).expanduser() if args.output else None
+    service = deploy.plan(args.platform or deploy.current_platform(), edge_node, node_args, token, output, args.user)
+    if not args.dry_run:
+        deploy.write(service)
+    print(deploy.show(service, source, args.dry_run))
