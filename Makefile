@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: setup demo check test quick bench clean protos gpu-check
+.PHONY: setup demo check test quick soak bench clean protos gpu-check
 
 $(BIN)/edgemoe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: setup check
 # For development: everything but the long tests and the root/namespace ones.
 quick: setup
 	$(BIN)/python -m pytest -q -m "not slow and not netns"
+
+# The long form of the reliability suite (README, Reliability): the 1,000-request serve soak,
+# 25 kill trials, 500 fuzz examples per property. Minutes, not part of `make test`.
+soak: setup
+	EDGEMOE_SOAK=1 $(BIN)/python -m pytest -q tests/test_soak.py tests/test_faults.py tests/test_fuzz.py
 
 # On the GPU machine (../shared/gpu/README.md, after `source .gpu-b/on-device.sh`; no venv
 # there): the same-answer suite and a short bench, logs under $$OUT. CI has no GPU.
