@@ -55,7 +55,7 @@ def _check_max_tokens(args: argparse.Namespace) -> None:
 def _peers(args: argparse.Namespace) -> tuple[list[str], ClusterCredentials | None]:
     from .discovery import resolve_peers
 
-    return resolve_peers(args.peers, args.interface, args.cluster_dir)
+    return resolve_peers(args.peers, args.interface, args.cluster_dir, must_look=args.func is cmd_peers)
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
@@ -193,6 +193,21 @@ def cmd_status(args: argparse.Namespace) -> None:
     addresses, credentials = _peers(args)
     status = collect_status(addresses, credentials, cluster_directory(args.cluster_dir))
     print(json.dumps(status) if args.json else format_status(status))
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from .discovery import cluster_directory
+    from .doctor import FAIL, run_doctor
+
+    if not args.verbose:
+        # A node's line says what is wrong with it; the peer's own warning would only repeat it.
+        logging.getLogger("edgemoe.coordinator.peers").setLevel(logging.ERROR)
+    checks = run_doctor(Path(args.model) if args.model else None, args.peers, args.interface,
+                        cluster_directory(args.cluster_dir), progress=args.progress)
+    print(json.dumps([c.to_dict() for c in checks]) if args.json else "\n".join(c.line() for c in checks))
+    failed = [c.name for c in checks if c.level == FAIL]
+    if failed:
+        raise EdgemoeError(f"{len(failed)} check(s) failed ({', '.join(failed)}): fix what the lines say")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ so `--peers HOST:PORT,...` (parsed by edgemoe.node.addresses) is the other way.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -17,7 +18,8 @@ from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 from edgemoe.node.addresses import format_address, parse_static_peers
 from edgemoe.node.advertise import SERVICE_TYPE, ip_version_of, new_zeroconf
 from edgemoe.node.credentials import TOKEN_FILE, ClusterCredentials, default_cluster_dir, load_cluster_secret
-from edgemoe.node.interfaces import resolve_interface
+from edgemoe.node.errors import EdgemoeError
+from edgemoe.node.interfaces import lan_addresses, resolve_interface
 from edgemoe.node.version import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,11 @@ class PeerBrowser:
             peers = [replace(p, fingerprints=list(p.fingerprints)) for p in self._peers.values()]
         return sorted(peers, key=lambda p: p.node_id)
 
+    def ignored(self) -> int:
+        """How many nodes were seen and left out (another cluster or protocol)."""
+        with self._lock:
+            return len({node_id for node_id, _ in self._logged})
+
     def close(self) -> None:
         """Stop browsing and release the sockets; safe to call more than once."""
         browser, self._browser = self._browser, None
@@ -140,6 +147,10 @@ class PeerBrowser:
             log.info("found node %s (%s) at %s:%d", peer.name, peer.node_id, peer.host, peer.port)
 
     def _rejection(self, peer: DiscoveredPeer) -> str:
+        # A node on this machine's loopback is heard on every interface (multicast loops back
+        # to all of this host's sockets): used only when loopback is what was asked for.
+        if ipaddress.ip_address(peer.host).is_loopback and not ipaddress.ip_address(self.interface_address).is_loopback:
+            return "it advertises a loopback address (pass --interface lo to use nodes on this machine)"
         if self.cluster_id is not None and peer.cluster_id != self.cluster_id:
             return f"it belongs to another cluster ({peer.cluster_id or 'none'})"
         if self.protocol_version is not None and peer.protocol_version != self.protocol_version:
@@ -168,13 +179,28 @@ def cluster_directory(cluster_dir: str | Path | None) -> Path:
     return Path(cluster_dir).expanduser() if cluster_dir else default_cluster_dir()
 
 
+def browse_targets(interface: str | None) -> list[tuple[str, str]]:
+    """(what, address) to browse on: `--interface` (an address or a name; loopback only
+    when asked for), else every private or link-local address of this machine."""
+    if interface:
+        address = resolve_interface(interface)  # one line if wrong
+        return [(interface if interface != address else address, address)]
+    return lan_addresses()
+
+
+def _describe(targets: list[tuple[str, str]]) -> str:
+    return ", ".join(name if name == address else f"{name} ({address})" for name, address in targets)
+
+
 def resolve_peers(
     peers: str = "auto",
     interface: str | None = None,
     cluster_dir: str | Path | None = None,
+    must_look: bool = False,
 ) -> tuple[list[str], ClusterCredentials | None]:
     """The peer addresses to use (`--peers`: auto, none, or HOST:PORT,...) and this
-    coordinator's cluster credentials (None without a cluster)."""
+    coordinator's cluster credentials (None without a cluster). With `must_look` (`edgemoe
+    peers`), not being able to browse is an error instead of running alone."""
     if peers == "none":
         return [], None
     directory = cluster_directory(cluster_dir)
@@ -182,16 +208,41 @@ def resolve_peers(
         credentials = ClusterCredentials.create(load_cluster_secret(directory), "coordinator")
         return [format_address(h, p) for h, p in parse_static_peers(peers)], credentials
     if not (directory / TOKEN_FILE).exists():
-        log.info("no cluster in %s: running on this machine alone", directory)
+        why = f"no cluster token in {directory}"
+        if must_look:
+            raise EdgemoeError(f"cannot look for nodes: {why}; run `edgemoe cluster init` (or pass --cluster-dir DIR), "
+                               "then `edge-node --join TOKEN` on each node")
+        log.info("%s: running on this machine alone", why)
         return [], None
-    if not interface:
-        log.warning("not browsing for nodes: pass --interface ADDR|NAME (this machine's LAN address or interface) "
-                    "or --peers HOST:PORT")
-        return [], None
-    address = resolve_interface(interface)  # an address or an interface name; one line if wrong
+    targets = browse_targets(interface)
     credentials = ClusterCredentials.create(load_cluster_secret(directory), "coordinator")
-    with PeerBrowser(address, credentials.cluster_id, PROTOCOL_VERSION) as browser:
+    if not targets:
+        why = ("not browsing for nodes: this machine has no private or link-local address; pass --interface ADDR|NAME "
+               "(127.0.0.1 or lo for nodes on this machine) or --peers HOST:PORT")
+        if must_look:
+            raise EdgemoeError(why)
+        log.warning("%s", why)
+        return [], credentials
+    browsers: list[PeerBrowser] = []
+    try:
+        for name, address in targets:
+            try:
+                browsers.append(PeerBrowser(address, credentials.cluster_id, PROTOCOL_VERSION))
+            except OSError as exc:  # an interface going down as we start; the others still count
+                log.warning("cannot browse for nodes on %s (%s)", _describe([(name, address)]), exc.strerror or exc)
+        if not browsers and must_look:
+            raise EdgemoeError(f"cannot browse for nodes on {_describe(targets)} (see above); pass --peers HOST:PORT")
         time.sleep(DISCOVERY_SECONDS)
-        found = browser.peers()
-    log.info("found %d nodes over mDNS", len(found))
-    return [format_address(p.host, p.port) for p in found], credentials
+        found = {p.node_id: p for b in browsers for p in b.peers()}
+        ignored = sum(b.ignored() for b in browsers)
+    finally:
+        for b in browsers:
+            b.close()
+    where = f"on {_describe(targets)} for {DISCOVERY_SECONDS:.0f} s"
+    if found:
+        log.info("found %d nodes over mDNS %s", len(found), where)
+    else:
+        others = f"; {ignored} of another cluster or version left out (-v says which)" if ignored else ""
+        log.warning("no nodes of cluster %s answered %s (is edge-node --join TOKEN running on the same LAN? "
+                    "mDNS blocked? then pass --peers HOST:PORT)%s", credentials.cluster_id, where, others)
+    return [format_address(p.host, p.port) for p in found.values()], credentials

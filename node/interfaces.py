@@ -30,6 +30,19 @@ def _addresses() -> dict[str, list[str]]:
     return found
 
 
+# Where `--peers auto` looks without `--interface`: private (RFC 1918, fc00::/7) and
+# IPv4 link-local networks, never loopback (asked for by name or address only) nor a
+# public address (mDNS there would announce the cluster beyond the LAN).
+LAN_NETWORKS = [ipaddress.ip_network(n) for n in
+                ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7")]
+
+
+def lan_addresses() -> list[tuple[str, str]]:
+    """(interface, address) of each private or link-local address of this machine, in ifaddr's order."""
+    return [(name, a) for name, ips in _addresses().items() for a in ips
+            if any(ipaddress.ip_address(a) in net for net in LAN_NETWORKS)]
+
+
 def interface_address(text: str) -> str | None:
     """The address `text` stands for now (itself if this machine has it; a named interface's
     first address), or None when it has none at the moment."""

@@ -722,3 +722,86 @@ def test_a_lost_address_is_advertised_again_when_it_returns():
     asyncio.run(scenario())
     assert log == [("register", "10.1.2.3"), ("close", "10.1.2.3"), ("register", "10.1.2.3"),
                    ("close", "10.1.2.3"), ("register", "10.1.2.4")]
+
+
+# ---------------------------------------------------------------- zero-config discovery (issue 11)
+
+
+def test_auto_browses_private_and_link_local_addresses_only(monkeypatch):
+    from edgemoe.coordinator import discovery
+    from edgemoe.node import interfaces
+
+    monkeypatch.setattr(interfaces.ifaddr, "get_adapters", lambda: [
+        _Adapter("lo", "127.0.0.1", ("::1", 0, 0)),
+        _Adapter("eth0", "192.168.1.5", ("fd12::5", 0, 0), ("2001:db8::5", 0, 0), ("fe80::5", 0, 2)),
+        _Adapter("wan0", "8.8.4.4"),
+        _Adapter("eth1", "172.20.0.3", "172.32.0.3"),  # 172.32/16 is outside 172.16/12
+        _Adapter("usb0", "169.254.7.7"),
+        _Adapter("vpn0", "10.8.0.2"),
+        _Adapter("cgnat0", "100.64.0.9"),  # shared address space: not a LAN of ours
+    ])
+    assert discovery.browse_targets(None) == [
+        ("eth0", "192.168.1.5"), ("eth0", "fd12::5"), ("eth1", "172.20.0.3"), ("usb0", "169.254.7.7"),
+        ("vpn0", "10.8.0.2")]
+    # Loopback only when asked for, by name or address.
+    assert discovery.browse_targets("lo") == [("lo", "127.0.0.1")]
+    assert discovery.browse_targets("127.0.0.1") == [("127.0.0.1", "127.0.0.1")]
+
+
+def test_peers_says_why_it_could_not_look(monkeypatch, tmp_path):
+    from edgemoe.coordinator import discovery
+    from edgemoe.node import interfaces
+    from edgemoe.node.credentials import init_cluster
+
+    with pytest.raises(EdgemoeError, match=f"no cluster token in {tmp_path}.*cluster init") as err:
+        discovery.resolve_peers("auto", None, tmp_path, must_look=True)
+    assert "--interface" not in str(err.value)
+    assert discovery.resolve_peers("auto", None, tmp_path) == ([], None)  # serve/generate: run alone
+
+    init_cluster(tmp_path)
+    monkeypatch.setattr(interfaces.ifaddr, "get_adapters", lambda: [_Adapter("lo", "127.0.0.1"),
+                                                                    _Adapter("wan0", "8.8.4.4")])
+    with pytest.raises(EdgemoeError, match="no private or link-local address; pass --interface"):
+        discovery.resolve_peers("auto", None, tmp_path, must_look=True)
+    addresses, credentials = discovery.resolve_peers("auto", None, tmp_path)
+    assert addresses == [] and credentials is not None
+
+
+EDGE_NODE = [sys.executable, "-m", "edgemoe.node.daemon"]
+CLI = [sys.executable, "-m", "edgemoe.coordinator.cli"]
+
+
+def _start_node(ns: netns.Namespace, token: str, data: Path, listen: str, interface: str, name: str) -> str:
+    proc = netns.run_in(ns, [*EDGE_NODE, "--join", token, "--listen", listen, "--data-dir", str(data),
+                             "--interface", interface, "--name", name])
+    line = proc.wait_for_line(lambda s: "listening on" in s, 60)
+    return line.rsplit(" ", 1)[1]
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_peers_auto_finds_lan_nodes_without_interface_and_never_loopback(lan, tmp_path):
+    from edgemoe.node.credentials import init_cluster
+
+    a, b, _ = lan.hosts
+    token = init_cluster(tmp_path / "cluster").token
+    on_lan = _start_node(a, token, tmp_path / "a", f"{a.address}:50061", "eth0", "same-host")
+    on_lo = _start_node(b, token, tmp_path / "b", "127.0.0.1:50062", "lo", "same-host")
+    peers = [*CLI, "peers", "--json", "--cluster-dir", str(tmp_path / "cluster")]
+
+    def found(*extra: str) -> list[dict]:
+        out = b.run([*peers, *extra], timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    wait_until(lambda: found(), timeout=30, what="the LAN node")
+    rows = found()
+    assert [(r["address"], r["name"], r["healthy"]) for r in rows] == [(on_lan, "same-host", True)]
+    rows = found("--interface", "lo")
+    assert [(r["address"], r["name"]) for r in rows] == [(on_lo, "same-host")]
+
+    # A namespace with loopback only: `peers` could not look, and says so.
+    with netns.Namespace() as alone:
+        out = alone.run(peers, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "no private or link-local address" in lines[0], out.stderr
