@@ -19,6 +19,7 @@ from .commands import (
     cmd_cluster_init,
     cmd_demo,
     cmd_demo_model,
+    cmd_doctor,
     cmd_generate,
     cmd_install_service,
     cmd_pack,
@@ -178,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     peer_options(st)
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=cmd_status)
+
+    dr = sub.add_parser("doctor", help="a read-only readiness check: the pack and its checksums, disk, memory, "
+                        "the token, the nodes, MLX; one line each, non-zero exit when one fails")
+    dr.add_argument("--model", help="packed model directory to check (from `edgemoe pack`)")
+    peer_options(dr)
+    dr.add_argument("--json", action="store_true", help="print one JSON list of the checks")
+    dr.add_argument("--progress", action="store_true",
+                    help="show the checksum progress bar even when not on a terminal")
+    dr.set_defaults(func=cmd_doctor)
 
     c = sub.add_parser("cluster", help="the cluster's credentials")
     csub = c.add_subparsers(dest="cluster_command", required=True)
