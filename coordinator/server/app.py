@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edgemoe.node.errors import EdgemoeError
@@ -29,6 +29,7 @@ from edgemoe.node.errors import EdgemoeError
 from . import schema
 from .body import parse_json, read_body
 from .connections import HeaderCap, protocol_class
+from .dashboard import HEADERS, MAX_STREAMS, Dashboard, page
 from .limits import DEFAULT_LIMITS, ServeLimits, raise_open_file_limit
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .schema import DEFAULT_MAX_TOKENS, ApiError, Chunks, Params, error_response
@@ -54,6 +55,7 @@ class Service:
         self.context_length = schema.config_value(config, "max_position_embeddings")
         self.vocab_size = schema.config_value(config, "vocab_size")
         self.max_prompt_chars = limits.prompt_chars(self.context_length)
+        self.dashboard = Dashboard(engine)
 
     @property
     def tokenizer(self) -> Any:
@@ -181,6 +183,18 @@ class Service:
             body["reason"] = failure
         return JSONResponse(body, status_code=503 if failure else 200)
 
+    async def dashboard_page(self, request: Request) -> Response:
+        """The page holds no data: it asks for the key (URL fragment or prompt) and reads the events with it."""
+        return HTMLResponse(page(), headers=HEADERS)
+
+    async def dashboard_events(self, request: Request) -> Response:
+        self.check_key(request)
+        if self.dashboard.streams >= MAX_STREAMS:
+            raise ApiError(429, f"{MAX_STREAMS} dashboards are open already; close one", type="server_busy",
+                           code="too_many_dashboards")
+        return StreamingResponse(self.dashboard.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     async def render_metrics(self, request: Request) -> Response:
         self.check_key(request)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -216,6 +230,8 @@ def create_app(service: Service) -> Starlette:
         Route("/v1/models/{model:path}", service.model, methods=["GET"]),
         Route("/health", service.health, methods=["GET"]),
         Route("/metrics", service.render_metrics, methods=["GET"]),
+        Route("/", service.dashboard_page, methods=["GET"]),
+        Route("/v1/dashboard/events", service.dashboard_events, methods=["GET"]),
     ]
     # The ignore: starlette types every handler as taking a plain Exception, though it calls
     # each with the exception class it is registered for.

@@ -72,6 +72,7 @@ class Engine:
         self._held = 0  # jobs queued or running; taken on the event loop, given back by the worker
         self._held_lock = threading.Lock()
         self._last_job_s = 1.0
+        self.last_ttft_s: float | None = None  # the last request's time to first token, for the dashboard
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._closing = False
@@ -144,8 +145,17 @@ class Engine:
         metrics.prompt_tokens.inc(len(p.prompt_ids))
         # MLX's random state is global: without a seed of its own a job would sample on from the last one's
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
+        started, seen = time.monotonic(), False
+
+        def on_token(_: int) -> None:
+            nonlocal seen
+            if not seen:
+                seen = True
+                self.last_ttft_s = time.monotonic() - started
+            metrics.tokens_generated.inc()
+
         result = generate(self.sm, p.prompt_ids, p.max_tokens, temp=p.temperature, top_p=p.top_p, seed=seed,
-                          on_text=on_text, on_token=lambda _: metrics.tokens_generated.inc(),
+                          on_text=on_text, on_token=on_token,
                           stop=lambda: stop_text.stopped or job.cancelled.is_set() or self._closing)
         finish = result.finish_reason
         if stop_text.stopped:
