@@ -106,7 +106,53 @@ def check_body(body: Any, model_id: str, aliases: set[str]) -> dict:
         raise ApiError(400, "Only n=1 is supported", param="n", code="invalid_value")
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
+    _check_unhonoured(body)
     return body
+
+
+# What this server does as asked (`user` only tags a request, which we neither log nor keep).
+HONOURED = ("model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+            "stop", "stream", "stream_options", "n", "user", "return_token_ids")
+# OpenAI's parameters that this server does not honour, each with the values that ask for nothing
+# (clients send those as defaults); any other value is refused rather than silently ignored.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+    "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "verbosity": (None,), "store": (None, False), "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    # JSON's false is not 0 (`0 == False` in Python): a type must match too, ints and floats alike.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def _check_unhonoured(body: dict) -> None:
+    """Refuses each parameter this server would otherwise silently ignore, naming it."""
+    for name, value in body.items():
+        if name in HONOURED:
+            continue
+        if name not in NEUTRAL:
+            raise ApiError(400, f"Unrecognized request argument supplied: '{name}'; this server takes "
+                           f"{', '.join(HONOURED)}", param=name, code="unknown_parameter")
+        if not any(_same(value, ok) for ok in NEUTRAL[name]):
+            allowed = " or ".join(json.dumps(ok) for ok in NEUTRAL[name])
+            raise ApiError(400, f"'{name}' is not supported by this server; leave it out (or send {allowed})",
+                           param=name, code="unsupported_parameter")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise ApiError(400, "'stream_options' takes only {\"include_usage\": true|false}", param="stream_options",
+                       code="invalid_value")
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
