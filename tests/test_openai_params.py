@@ -90,5 +90,6 @@ def test_neutral_values_and_honoured_parameters_still_work(server, client):
     assert neutral.choices[0].text == plain.choices[0].text
     stream = chat(client, server.model_id, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat_plain.choices[0].message.content
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat_plain.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == chat_plain.usage.completion_tokens
