@@ -22,10 +22,10 @@ from edgemoe.node.manifest import Manifest
 from edgemoe.node.wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
 from edgemoe.protos import edgemoe_node_pb2 as pb
 
+from .members import Members
 from .peers import Peer, PeerDown
 
 log = logging.getLogger(__name__)
-
 REPLY_DEADLINE_S = 2.0
 # Placement is redone at most this often (or at once when the usable nodes change):
 # ranking every expert of a large model holds the GIL for tens of milliseconds.
@@ -140,7 +140,7 @@ class NodeShare:
     planned_bytes: int
 
 
-class Cluster:
+class Cluster(Members):
     def __init__(self, manifest: Manifest, config_json: bytes, local: LocalExperts, credentials: ClusterCredentials,
                  addresses: list[str], deadline_s: float = REPLY_DEADLINE_S, push: bool = True,
                  audit_rate: float = DEFAULT_AUDIT_RATE):

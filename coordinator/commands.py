@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from edgemoe.node.credentials import ClusterCredentials
 
     from .server.limits import ServeLimits
+    from .watch import NodeWatcher
 
 
 def _cache_bytes(args: argparse.Namespace) -> int | None:
@@ -58,6 +61,28 @@ def _peers(args: argparse.Namespace) -> tuple[list[str], ClusterCredentials | No
     return resolve_peers(args.peers, args.interface, args.cluster_dir, must_look=args.func is cmd_peers)
 
 
+@contextmanager
+def _watched_peers(
+    args: argparse.Namespace,
+) -> Iterator[tuple[list[str], ClusterCredentials | None, NodeWatcher | None]]:
+    """`_peers`, and with `--peers auto` a watcher that keeps browsing while the command runs
+    (`follow` the loaded cluster); stopped on the way out."""
+    from .discovery import discover
+
+    addresses, credentials, browsers = discover(args.peers, args.interface, args.cluster_dir, keep_browsing=True)
+    if not browsers:
+        yield addresses, credentials, None
+        return
+    from .watch import NodeWatcher
+
+    assert credentials is not None  # browsing needs the cluster's token
+    watcher = NodeWatcher(browsers, credentials)
+    try:
+        yield addresses, credentials, watcher
+    finally:
+        watcher.close()
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     from .pack import pack
 
@@ -76,34 +101,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .status import nodes_in_use, save_last_run
 
     _check_max_tokens(args)
-    peers, credentials = _peers(args)
-    sm = load_streaming_model(
-        Path(args.model),
-        cache_bytes=_cache_bytes(args),
-        experts_per_token=args.experts_per_token,
-        cache_policy=args.cache_policy,
-        io_mode=args.io,
-        prefetch=args.prefetch,
-        peers=peers,
-        credentials=credentials,
-        node_timeout_s=_node_timeout(args),
-        audit_rate=_audit_rate(args),
-    )
-    try:
-        prompt = build_prompt(sm.tokenizer, args.prompt, chat_template=not args.no_chat_template)
-        if not prompt:
-            raise EdgemoeError(
-                f"--prompt {args.prompt!r} encodes to no tokens with the tokenizer in {args.model}; pass some text "
-                "(if you did, the model's tokenizer files may be missing: repack it)"
-            )
-        stream = None if args.json else (lambda text: print(text, end="", flush=True))
-        result = generate(sm, prompt, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, on_text=stream)
-        # Before close: closing the cluster closes every peer, so none would show as healthy.
-        cluster = sm.cluster.snapshot() if sm.cluster is not None else None
-        stats = {**result.stats.to_dict(), **(cluster or {})}
-        save_last_run("generate", args.model, stats, sm.dense_bytes, nodes_in_use(cluster))
-    finally:
-        sm.close()
+    with _watched_peers(args) as (peers, credentials, watcher):
+        sm = load_streaming_model(
+            Path(args.model),
+            cache_bytes=_cache_bytes(args),
+            experts_per_token=args.experts_per_token,
+            cache_policy=args.cache_policy,
+            io_mode=args.io,
+            prefetch=args.prefetch,
+            peers=peers,
+            credentials=credentials,
+            node_timeout_s=_node_timeout(args),
+            audit_rate=_audit_rate(args),
+            keep_cluster=watcher is not None,
+        )
+        if watcher is not None:
+            watcher.follow(sm.cluster)
+        try:
+            prompt = build_prompt(sm.tokenizer, args.prompt, chat_template=not args.no_chat_template)
+            if not prompt:
+                raise EdgemoeError(
+                    f"--prompt {args.prompt!r} encodes to no tokens with the tokenizer in {args.model}; pass some "
+                    "text (if you did, the model's tokenizer files may be missing: repack it)"
+                )
+            stream = None if args.json else (lambda text: print(text, end="", flush=True))
+            result = generate(sm, prompt, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, on_text=stream)
+            # Before close: closing the cluster closes every peer, so none would show as healthy.
+            cluster = sm.cluster.snapshot() if sm.cluster is not None else None
+            stats = {**result.stats.to_dict(), **(cluster or {})}
+            save_last_run("generate", args.model, stats, sm.dense_bytes, nodes_in_use(cluster))
+        finally:
+            if watcher is not None:
+                watcher.follow(None)
+            sm.close()
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": stats}))
     else:
@@ -118,20 +148,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _check_max_tokens(args)
     if not 0 <= args.port <= 65535:
         raise EdgemoeError(f"--port {args.port} must be between 0 and 65535")
-    peers, credentials = _peers(args)
     cache_bytes = _cache_bytes(args)
     node_timeout = _node_timeout(args)
     audit = _audit_rate(args)
 
     limits = _serve_limits(args)
+    with _watched_peers(args) as (peers, credentials, watcher):
 
-    def load():
-        return load_streaming_model(Path(args.model), cache_bytes=cache_bytes, experts_per_token=args.experts_per_token,
-                                    io_mode=args.io, prefetch=args.prefetch, peers=peers, credentials=credentials,
-                                    node_timeout_s=node_timeout, audit_rate=audit)
+        def load():
+            if watcher is not None:
+                watcher.follow(None)  # the model is loaded again after a failure: follow the new cluster
+            sm = load_streaming_model(Path(args.model), cache_bytes=cache_bytes,
+                                      experts_per_token=args.experts_per_token, io_mode=args.io,
+                                      prefetch=args.prefetch, peers=peers, credentials=credentials,
+                                      node_timeout_s=node_timeout, audit_rate=audit, keep_cluster=watcher is not None)
+            if watcher is not None:
+                watcher.follow(sm.cluster)
+            return sm
 
-    serve(Path(args.model), args.host, args.port, load, api_key=args.api_key, default_max_tokens=args.max_tokens,
-          limits=limits)
+        serve(Path(args.model), args.host, args.port, load, api_key=args.api_key,
+              default_max_tokens=args.max_tokens, limits=limits)
 
 
 def _serve_limits(args: argparse.Namespace) -> ServeLimits:
@@ -164,14 +200,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .loader import load_streaming_model
 
     _check_max_tokens(args)
-    peers, credentials = _peers(args)
-    sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args),
-                              experts_per_token=args.experts_per_token, peers=peers, credentials=credentials,
-                              node_timeout_s=_node_timeout(args), audit_rate=_audit_rate(args))
-    try:
-        run_chat(sm, args.model, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed)
-    finally:
-        sm.close()
+    with _watched_peers(args) as (peers, credentials, watcher):
+        sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args),
+                                  experts_per_token=args.experts_per_token, peers=peers, credentials=credentials,
+                                  node_timeout_s=_node_timeout(args), audit_rate=_audit_rate(args),
+                                  keep_cluster=watcher is not None)
+        if watcher is not None:
+            watcher.follow(sm.cluster)
+        try:
+            run_chat(sm, args.model, max_tokens=args.max_tokens, temp=args.temp, seed=args.seed)
+        finally:
+            if watcher is not None:
+                watcher.follow(None)
+            sm.close()
 
 
 def cmd_peers(args: argparse.Namespace) -> None:

@@ -201,19 +201,32 @@ def resolve_peers(
     """The peer addresses to use (`--peers`: auto, none, or HOST:PORT,...) and this
     coordinator's cluster credentials (None without a cluster). With `must_look` (`edgemoe
     peers`), not being able to browse is an error instead of running alone."""
+    addresses, credentials, _ = discover(peers, interface, cluster_dir, must_look)
+    return addresses, credentials
+
+
+def discover(
+    peers: str = "auto",
+    interface: str | None = None,
+    cluster_dir: str | Path | None = None,
+    must_look: bool = False,
+    keep_browsing: bool = False,
+) -> tuple[list[str], ClusterCredentials | None, list[PeerBrowser]]:
+    """`resolve_peers`, and with `keep_browsing` the browsers of `--peers auto`, still
+    browsing (the caller closes them; see watch.NodeWatcher); else no browsers."""
     if peers == "none":
-        return [], None
+        return [], None, []
     directory = cluster_directory(cluster_dir)
     if peers != "auto":
         credentials = ClusterCredentials.create(load_cluster_secret(directory), "coordinator")
-        return [format_address(h, p) for h, p in parse_static_peers(peers)], credentials
+        return [format_address(h, p) for h, p in parse_static_peers(peers)], credentials, []
     if not (directory / TOKEN_FILE).exists():
         why = f"no cluster token in {directory}"
         if must_look:
             raise EdgemoeError(f"cannot look for nodes: {why}; run `edgemoe cluster init` (or pass --cluster-dir DIR), "
                                "then `edge-node --join TOKEN` on each node")
         log.info("%s: running on this machine alone", why)
-        return [], None
+        return [], None, []
     targets = browse_targets(interface)
     credentials = ClusterCredentials.create(load_cluster_secret(directory), "coordinator")
     if not targets:
@@ -222,7 +235,7 @@ def resolve_peers(
         if must_look:
             raise EdgemoeError(why)
         log.warning("%s", why)
-        return [], credentials
+        return [], credentials, []
     browsers: list[PeerBrowser] = []
     try:
         for name, address in targets:
@@ -235,7 +248,11 @@ def resolve_peers(
         time.sleep(DISCOVERY_SECONDS)
         found = {p.node_id: p for b in browsers for p in b.peers()}
         ignored = sum(b.ignored() for b in browsers)
-    finally:
+    except BaseException:
+        for b in browsers:
+            b.close()
+        raise
+    if not keep_browsing:
         for b in browsers:
             b.close()
     where = f"on {_describe(targets)} for {DISCOVERY_SECONDS:.0f} s"
@@ -243,6 +260,7 @@ def resolve_peers(
         log.info("found %d nodes over mDNS %s", len(found), where)
     else:
         others = f"; {ignored} of another cluster or version left out (-v says which)" if ignored else ""
-        log.warning("no nodes of cluster %s answered %s (is edge-node --join TOKEN running on the same LAN? "
-                    "mDNS blocked? then pass --peers HOST:PORT)%s", credentials.cluster_id, where, others)
-    return [format_address(p.host, p.port) for p in found.values()], credentials
+        log.warning("no nodes of cluster %s answered %s%s (is edge-node --join TOKEN running on the same LAN? "
+                    "mDNS blocked? then pass --peers HOST:PORT)%s", credentials.cluster_id, where,
+                    "; still looking while this runs" if keep_browsing and browsers else "", others)
+    return [format_address(p.host, p.port) for p in found.values()], credentials, browsers if keep_browsing else []

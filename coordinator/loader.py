@@ -87,6 +87,7 @@ def load_streaming_model(
     credentials: ClusterCredentials | None = None,
     node_timeout_s: float | None = None,
     audit_rate: float = DEFAULT_AUDIT_RATE,
+    keep_cluster: bool = False,
 ) -> StreamingModel:
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -119,7 +120,7 @@ def load_streaming_model(
         raise
     cluster = None
     try:
-        if peers:
+        if peers or keep_cluster:  # keep_cluster: nodes may join later (discovery's NodeWatcher)
             if credentials is None:
                 raise ClusterConfigError("nodes were given without the cluster's join token; run "
                                          "`edgemoe cluster init` (or pass peers to edgemoe.load with its cluster_dir)")
@@ -127,7 +128,7 @@ def load_streaming_model(
                 # Packs made before the manifest recorded it: nodes need it to recompute the fingerprint.
                 manifest.dense_sha256 = file_sha256(model_dir / DENSE_NAME)
             deadline_s = REPLY_DEADLINE_S if node_timeout_s is None else node_timeout_s
-            cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers,
+            cluster = Cluster(manifest, (model_dir / "config.json").read_bytes(), local, credentials, peers or [],
                               deadline_s=deadline_s, audit_rate=audit_rate)
         quantized = manifest.dense_quantization
         nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))

@@ -805,3 +805,49 @@ def test_peers_auto_finds_lan_nodes_without_interface_and_never_loopback(lan, tm
         out = alone.run(peers, timeout=60)
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1 and "no private or link-local address" in lines[0], out.stderr
+
+
+WATCH = """
+import argparse, json, signal, sys, threading
+from pathlib import Path
+from edgemoe.coordinator.commands import _watched_peers
+from edgemoe.coordinator.loader import load_streaming_model
+cfg = json.loads(sys.argv[1])
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+args = argparse.Namespace(peers="auto", interface=None, cluster_dir=cfg["cluster_dir"])
+with _watched_peers(args) as (peers, credentials, watcher):
+    sm = load_streaming_model(Path(cfg["model"]), cache_bytes=10_000, peers=peers, credentials=credentials,
+                              keep_cluster=watcher is not None)
+    watcher.follow(sm.cluster)
+    print("LOADED", json.dumps(peers), flush=True)
+    last = None
+    while not done.wait(0.1):
+        now = [[n["address"], n["name"], n["healthy"], n["experts_held"] > 0] for n in sm.cluster.snapshot()["nodes"]]
+        if now != last:
+            print(json.dumps(now), flush=True)
+            last = now
+    watcher.follow(None)
+    sm.close()
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_a_node_that_starts_later_is_used_and_one_that_leaves_is_dropped(lan, models, tmp_path):
+    """`serve`, `chat` and `generate` keep browsing (commands._watched_peers) while they run."""
+    from edgemoe.node.credentials import init_cluster
+
+    a, b, _ = lan.hosts
+    token = init_cluster(tmp_path / "cluster").token
+    coordinator = netns.run_in(b, python(WATCH, {"cluster_dir": str(tmp_path / "cluster"),
+                                                  "model": str(models.packed("qwen3_moe", True))}))
+    assert coordinator.wait_for_line(lambda s: s.startswith("LOADED"), 120) == "LOADED []"
+
+    address = _start_node(a, token, tmp_path / "a", f"{a.address}:50063", "eth0", "late")
+    # Joined, healthy, and given experts by the placement: it is used.
+    coordinator.wait_for_line(lambda s: s == json.dumps([[address, "late", True, True]]), 30)
+
+    a.procs[-1].popen.terminate()  # withdraws its advertisement
+    coordinator.wait_for_line(lambda s: s == "[]", 30)
+    assert coordinator.stop(timeout=10) == 0, coordinator.stderr()
