@@ -107,3 +107,17 @@ def test_a_missing_or_bad_token_is_a_one_line_error(tmp_path, capsys, content, w
     err = capsys.readouterr().err
     assert rc == 2 and wanted in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def keys(unit: str) -> set[str]:
+    return {line.split("=", 1)[0] for line in unit.splitlines() if "=" in line and not line.startswith("#")}
+
+
+def test_the_deploy_examples_match_what_the_command_writes(tmp_path, token_file):
+    repo = Path(__file__).resolve().parent.parent
+    linux = install(tmp_path / "linux", token_file, "--platform", "linux", "--user", "nobody")
+    assert keys((repo / "deploy" / "edge-node.service").read_text()) == keys((linux / "edge-node.service").read_text())
+    macos = install(tmp_path / "macos", token_file, "--platform", "macos")
+    example = plistlib.loads((repo / "deploy" / f"{deploy.LABEL}.plist").read_bytes())
+    written = plistlib.loads((macos / f"{deploy.LABEL}.plist").read_bytes())
+    assert set(example) == set(written) and example["ProgramArguments"][:3] == written["ProgramArguments"][:3]
