@@ -1,8 +1,9 @@
 """Advertise an edge-node over zeroconf (mDNS) as `_edgemoe._tcp.local.` on one interface.
 
-The service instance name is the node id, so a second node with the same id is
-a name conflict: it is looked up before registering and caught while probing,
-and reported as DuplicateNodeError.
+The service instance name is `--name (node id)`, so mDNS browsers show the name and
+two nodes of one name stay apart. A second node with the same id is looked up (by
+the id in its instance name) before registering, caught while probing when it also
+has the same name, and reported as DuplicateNodeError.
 
 The API is synchronous and works from any thread: zeroconf always runs its own
 event-loop thread here. From asyncio code prefer `await adv.async_register()`
@@ -17,6 +18,7 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +27,9 @@ from zeroconf import (
     DNSQuestionType,
     IPVersion,
     NonUniqueNameException,
+    ServiceBrowser,
     ServiceInfo,
+    ServiceStateChange,
     Zeroconf,
 )
 
@@ -47,6 +51,8 @@ FINGERPRINT_PREFIX_LEN = 16
 # goodbye would also withdraw the twin's identical PTR record everywhere.
 DUPLICATE_CHECK_MS = 2000
 RECORD_TTL_S = 120
+# A DNS label, the instance name included, is at most 63 bytes (RFC 6763 4.1.1).
+INSTANCE_MAX = 63
 # How often a node checks that its interface still has the address it advertises on.
 RECHECK_S = 5.0
 
@@ -90,6 +96,22 @@ def build_txt(
         "cluster": cluster_id,
         "models": models_txt(fingerprints),
     }
+
+
+def instance_name(name: str, node_id: str) -> str:
+    """`NAME (NODE_ID)`, the name cut to fit one DNS label; the node id alone without a name or room."""
+    suffix = f" ({node_id})"
+    room = INSTANCE_MAX - len(suffix.encode())
+    short = _truncate_utf8(name.replace(".", " "), room).strip() if room > 0 else ""
+    return f"{short}{suffix}" if short else node_id
+
+
+def instance_node_id(service_name: str) -> str:
+    """The node id in an instance name made by `instance_name` (with or without the service type)."""
+    instance = service_name.removesuffix(f".{SERVICE_TYPE}")
+    if instance.endswith(")") and " (" in instance:
+        return instance[instance.rindex(" (") + 2:-1]
+    return instance
 
 
 def ip_version_of(address: str) -> IPVersion:
@@ -136,7 +158,7 @@ class NodeAdvertisement:
 
     @property
     def service_name(self) -> str:
-        return f"{self.node_id}.{SERVICE_TYPE}"
+        return f"{instance_name(self.name, self.node_id)}.{SERVICE_TYPE}"
 
     def service_info(self) -> ServiceInfo:
         return ServiceInfo(
@@ -176,14 +198,22 @@ class NodeAdvertisement:
         )
 
     def _check_not_advertised(self, zc: Zeroconf) -> None:
-        other = zc.get_service_info(
-            SERVICE_TYPE,
-            self.service_name,
-            timeout=self.duplicate_check_ms,
-            question_type=DNSQuestionType.QM,
-        )
-        if other is not None:
-            raise self._duplicate_error(other)
+        names: set[str] = set()
+        def seen(**kw: object) -> None:
+            if kw["state_change"] is not ServiceStateChange.Removed:
+                names.add(str(kw["name"]))
+
+        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[seen], question_type=DNSQuestionType.QM)
+        try:
+            time.sleep(self.duplicate_check_ms / 1000)
+        finally:
+            browser.cancel()
+        for name in sorted(names):
+            if instance_node_id(name) == self.node_id:
+                other = zc.get_service_info(SERVICE_TYPE, name, timeout=self.duplicate_check_ms,
+                                            question_type=DNSQuestionType.QM)
+                if other is not None:  # else it withdrew meanwhile
+                    raise self._duplicate_error(other)
 
     def _duplicate_error(self, other: ServiceInfo | None) -> DuplicateNodeError:
         where = ""

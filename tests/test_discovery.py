@@ -851,3 +851,42 @@ def test_a_node_that_starts_later_is_used_and_one_that_leaves_is_dropped(lan, mo
     a.procs[-1].popen.terminate()  # withdraws its advertisement
     coordinator.wait_for_line(lambda s: s == "[]", 30)
     assert coordinator.stop(timeout=10) == 0, coordinator.stderr()
+
+
+def test_instance_name_is_the_node_name_and_id():
+    from edgemoe.node.advertise import INSTANCE_MAX, SERVICE_TYPE, instance_name, instance_node_id
+
+    assert instance_name("kitchen mac", "ab12") == "kitchen mac (ab12)"
+    long = instance_name("é" * 100, "ab12")
+    assert len(long.encode()) <= INSTANCE_MAX and long.endswith("é (ab12)")
+    assert instance_name("", "ab12") == "ab12" and instance_name("x", "f" * 63) == "f" * 63
+    for name in ("kitchen mac (ab12)", f"kitchen mac (ab12).{SERVICE_TYPE}", "a (b) (ab12)", "ab12"):
+        assert instance_node_id(name) == "ab12"
+
+
+NAMES = """
+import json, sys, time
+from zeroconf import ServiceBrowser, Zeroconf
+from edgemoe.node.advertise import SERVICE_TYPE
+zc = Zeroconf(interfaces=[sys.argv[1]])
+names = set()
+browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[lambda **kw: names.add(kw["name"])])
+deadline = time.monotonic() + 20
+while len(names) < 2 and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(json.dumps(sorted(names)), flush=True)
+browser.cancel(); zc.close()
+"""
+
+
+@pytest.mark.netns
+def test_mdns_shows_the_node_name_and_same_names_stay_apart(lan):
+    a, b, _ = lan.hosts
+    ids = sorted([new_id(), new_id()])
+    for port, node_id in zip((50071, 50072), ids):
+        netns.run_in(a, python(ADVERTISE, {"node_id": node_id, "name": "same-host", "port": port,
+                                           "address": a.address, "protocol_version": PROTO, "cluster_id": "c"}))
+    for proc in a.procs:
+        proc.wait_for_line(lambda s: s == "REGISTERED", TIMEOUT)
+    out = b.run([sys.executable, "-c", NAMES, b.address], timeout=60)
+    assert json.loads(out.stdout) == [f"same-host ({i})._edgemoe._tcp.local." for i in ids], out.stderr
