@@ -22,7 +22,7 @@ from edgemoe.node.manifest import Manifest
 from edgemoe.node.wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
 from edgemoe.protos import edgemoe_node_pb2 as pb
 
-from .members import Members
+from .members import Members, peer_label
 from .peers import Peer, PeerDown
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class Cluster(Members):
         for peer, keys in (self._plan or {}).items():
             if peer.healthy:
                 held = [k for k in keys if k in peer.held]
-                shares.append(NodeShare(peer.name, len(held), len(keys),
+                shares.append(NodeShare(peer_label(peer), len(held), len(keys),
                                         sum(self._record_bytes[k[0]] for k in held),
                                         sum(self._record_bytes[k[0]] for k in keys)))
         return shares

@@ -288,6 +288,7 @@ def cmd_cluster_bench(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> None:
     from .loader import load_streaming_model
+    from .members import peer_label
     from .progress import show_push_progress
 
     peers, credentials = _peers(args)
@@ -299,13 +300,13 @@ def cmd_push(args: argparse.Namespace) -> None:
     try:
         for peer in sm.cluster.peers:
             if not peer.healthy:
-                print(f"skipping {peer.address}: {peer.last_error}", file=sys.stderr)
+                print(f"skipping {peer_label(peer)}: {peer.last_error}", file=sys.stderr)
         usable = [peer for peer in sm.cluster.peers if peer.healthy]
         if not usable:
             raise EdgemoeError("none of the nodes can be used (see above)")
         complete = show_push_progress(sm.cluster, args.timeout, always=args.progress)
         shares = sm.cluster.push_progress()
-        lost = [f"{peer.name} ({peer.last_error})" for peer in usable if not peer.healthy]
+        lost = [f"{peer_label(peer)}: {peer.last_error}" for peer in usable if not peer.healthy]
     finally:
         sm.close()
     for share in shares:

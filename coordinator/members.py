@@ -14,6 +14,11 @@ from .peers import Peer
 log = logging.getLogger(__name__)
 
 
+def peer_label(peer: Peer) -> str:
+    """`NAME (HOST:PORT)`, what `push` shows: nodes of one host name stay apart."""
+    return peer.address if peer.name == peer.address else f"{peer.name} ({peer.address})"
+
+
 class Members:
     peers: list[Peer]
     # Serialises writers only; shared by every cluster of the process (changes are rare).

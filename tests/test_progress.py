@@ -111,7 +111,7 @@ def test_push_shows_a_bar_per_node_and_the_node_holds_its_share(models, node):
     code, stdout, shown = run_on_terminal(*args)
     assert code == 0, shown
     assert "pushing experts to node1" in shown and BAR in shown and "100%" in shown
-    assert f"node1: holds {n_experts - 1} of the {n_experts - 1} experts placed on it" in stdout
+    assert f"node1 ({address}): holds {n_experts - 1} of the {n_experts - 1} experts placed on it" in stdout
     assert held_by(address, cluster_dir) == n_experts - 1
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
