@@ -95,17 +95,19 @@ def probe_peers(addresses: list[str], credentials) -> list[dict]:
 
 
 def format_peer_rows(rows: list[dict]) -> list[str]:
+    """One line per node: `NAME (HOST:PORT)` (nodes of one host name stay apart), then its state."""
     if not rows:
-        return ["no nodes found (start `edge-node --join TOKEN` on other devices; "
-                "pass --peers HOST:PORT or --interface ADDR)"]
+        return ["no nodes found (the warning above says where edgemoe looked; start `edge-node --join TOKEN` on "
+                "other devices, or pass --peers HOST:PORT)"]
     lines = []
     for r in rows:
         if r["healthy"]:
             lines.append(
-                f"{r['address']:<22} {r['name']:<16} healthy  rtt {r['rtt_ms']:.1f} ms  experts {r['experts_held']}  "
-                f"cache used {r['cache_used_bytes'] / 2**20:.1f} MiB free {r['cache_free_bytes'] / 2**20:.1f} MiB")
+                f"{r['name'] + ' (' + r['address'] + ')':<40} healthy  rtt {r['rtt_ms']:.1f} ms  "
+                f"experts {r['experts_held']}  cache used {r['cache_used_bytes'] / 2**20:.1f} MiB "
+                f"free {r['cache_free_bytes'] / 2**20:.1f} MiB")
         else:
-            lines.append(f"{r['address']:<22} unreachable: {r['error']}")
+            lines.append(f"{r['address']:<40} unreachable: {r['error']}")
     return lines
 
 

@@ -890,3 +890,16 @@ def test_mdns_shows_the_node_name_and_same_names_stay_apart(lan):
         proc.wait_for_line(lambda s: s == "REGISTERED", TIMEOUT)
     out = b.run([sys.executable, "-c", NAMES, b.address], timeout=60)
     assert json.loads(out.stdout) == [f"same-host ({i})._edgemoe._tcp.local." for i in ids], out.stderr
+
+
+def test_peers_and_status_show_each_node_by_name_and_address():
+    from edgemoe.coordinator.status import format_peer_rows, format_status
+
+    row = {"healthy": True, "name": "same-host", "rtt_ms": 1.0, "experts_held": 3, "cache_used_bytes": 0,
+           "cache_free_bytes": 2**20}
+    rows = [dict(row, address="10.0.0.1:7070"), dict(row, address="10.0.0.2:7070")]
+    lines = format_peer_rows(rows)
+    assert [line.split("  ")[0].strip() for line in lines] == ["same-host (10.0.0.1:7070)", "same-host (10.0.0.2:7070)"]
+    status = format_status({"coordinator": {"version": "x", "cluster_id": None, "cluster_error": None,
+                                             "cluster_dir": "d"}, "last_run": None, "nodes": rows})
+    assert all(line in status for line in lines)
