@@ -56,9 +56,14 @@ def test_page_is_static_and_events_need_the_key(server):
     page = httpx.get(f"{server.url}/", timeout=10)
     assert page.status_code == 200 and 'id="grid"' in page.text
     assert "connect-src 'self'" in page.headers["content-security-policy"]
-    assert httpx.get(f"{server.url}/v1/dashboard/events", timeout=10).status_code == 401
-    bad = httpx.get(f"{server.url}/v1/dashboard/events", headers={"Authorization": "Bearer nope"}, timeout=10)
-    assert bad.status_code == 401
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        # a stream: read the status only, since granted events never end
+        with httpx.stream("GET", f"{server.url}/v1/dashboard/events", headers=headers, timeout=10) as r:
+            assert r.status_code == 401
+    with httpx.stream("GET", f"{server.url}/v1/dashboard/events", headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=10) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert '"layers":' in next(r.iter_lines())
 
 
 def _look(page) -> dict:
