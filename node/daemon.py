@@ -16,15 +16,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
-
 from .addresses import format_address, parse_address
 from .credentials import SERVER_OPTIONS, ClusterCredentials, parse_token, server_credentials, token_expiry
 from .errors import EdgemoeError
 from .holdings import NodeHoldings, write_durably
 from .interfaces import resolve_interface
 from .limits import default_node_cache_mb
-from .service import NodeIdentity, NodeService
+from .service import NodeIdentity, NodeService, add_to_server
 from .version import PROTOCOL_VERSION
 
 log = logging.getLogger("edge-node")
@@ -69,7 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
     service = NodeService(identity, holdings)
     # so_reuseport off: a second node on a taken port must fail, not share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
-    pb_grpc.add_EdgeNodeServicer_to_server(service, server)
+    add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, port = parse_listen(args.listen)
