@@ -207,7 +207,7 @@ class NodeService(pb_grpc.EdgeNodeServicer):
                 return model
             held = self.holdings.get(fingerprint)
             if held is None:
-                raise WireError(f"this node holds no experts of model {fingerprint[:12]}")
+                raise WireError(f"this node holds no experts of model {fingerprint[:12]!r}")
             need = min_ram(held.manifest)
             evicted = []
             while self._models and self.identity.cache_bytes - sum(m.ram_bytes for m in self._models.values()) < need:
