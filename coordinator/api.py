@@ -19,6 +19,7 @@ from edgemoe.node.local import LocalExperts
 from .cluster import Cluster
 from .counters import snapshot
 from .discovery import resolve_peers
+from .hotset import attached
 from .loader import load_streaming_model
 from .streaming import StreamingExperts, StreamingModel
 
@@ -29,6 +30,7 @@ def load(
     peers: list[str] | str | None = None,
     interface: str | None = None,
     cluster_dir: str | Path | None = None,
+    hot_set: bool = True,
     **options: Any,
 ) -> tuple[nn.Module, Any]:
     addresses: list[str] = []
@@ -38,7 +40,7 @@ def load(
         addresses, credentials = resolve_peers(spec, interface, cluster_dir)
     cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
     sm = load_streaming_model(Path(path).expanduser(), cache_bytes=cache_bytes, peers=addresses,
-                              credentials=credentials, **options)
+                              credentials=credentials, hot_set=hot_set, **options)
     return sm.model, sm.tokenizer
 
 
@@ -54,11 +56,12 @@ def _parts(model: nn.Module) -> tuple[LocalExperts, Cluster | None]:
 def streaming_model(model: nn.Module) -> StreamingModel:
     """The `StreamingModel` view of a model from `load` (what the CLI works with)."""
     local, cluster = _parts(model)
-    return StreamingModel(model, None, {}, local.manifest, local, 0, cluster)
+    return StreamingModel(model, None, {}, local.manifest, local, 0, cluster, attached(local))
 
 
 def stats(model: nn.Module) -> dict[str, Any]:
     sm = streaming_model(model)
+    sm.local.settle(everything=True)
     counters = snapshot(sm)
     figures = {k: v for k, v in asdict(counters).items() if k != "t"}
     figures.update(

@@ -76,11 +76,19 @@ class LayerDispatch:
         self.guessed_right = 0
         self._bound: dict[str, mx.array] | None = None
 
-    def __call__(self, x: mx.array, chosen: np.ndarray) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         arrays = self.local.arrays(self.layer)
         if arrays is not self._bound:  # the pools are rebuilt when the cache is reset
             self.kernel.bind(arrays)
             self._bound = arrays
+        resident = self.local.resident_slots(self.layer) if self.remote is None else None
+        if resident is not None:
+            # Every expert of the layer is in its slot for good: the slots are looked up on
+            # the device, with no host round trip, in mlx-lm's own batch shape.
+            self.local.defer_hits(self.layer, indices)
+            return self.kernel(x, resident[indices])
+        # The host round trip: which experts the router chose.
+        chosen = np.array(indices)
         flat = chosen.reshape(-1)
         needed = sorted(set(flat.tolist()))
         if self.guess is not None:

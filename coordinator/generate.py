@@ -133,6 +133,7 @@ def generate(
     text, tokens, last = [], [], None
     finish = "length"
     for response in stream(sm.model, sm.tokenizer, prompt_tokens, max_tokens, temp, top_p, seed):
+        sm.local.settle()
         last = response
         tokens.append(response.token)
         text.append(response.text)
@@ -145,6 +146,7 @@ def generate(
         if response.finish_reason is None and stop is not None and stop():
             finish = "cancelled"
             break
+    sm.local.settle(everything=True)
     run = snapshot(sm) - before
     generated = len(tokens)
     local = sm.local

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import Manifest
@@ -19,6 +18,7 @@ from .dispatch import LayerDispatch
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .hotset import HotSet
 
 def router_logits(router: nn.Module | None) -> Callable[[mx.array], mx.array] | None:
     """Router logits of a MoE block's gate: a (quantized) Linear, or a gate module
@@ -42,8 +42,7 @@ class StreamingExperts(nn.Module):
         self.dispatch = dispatch
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        # The one host sync per layer: which experts the router chose.
-        return self.dispatch(x, np.array(indices))
+        return self.dispatch(x, indices)
 
 
 @dataclass
@@ -55,6 +54,7 @@ class StreamingModel:
     local: LocalExperts
     dense_bytes: int
     cluster: Cluster | None = None
+    hot_set: HotSet | None = None
 
     def guesses(self) -> tuple[int, int]:
         return guesses(self.model)
@@ -63,6 +63,8 @@ class StreamingModel:
         if self.cluster is not None:
             self.cluster.close()
         self.local.close()
+        if self.hot_set is not None:  # after the experts' close, which counts the last routing
+            self.hot_set.close()
 
 
 def guesses(model: nn.Module) -> tuple[int, int]:

@@ -53,9 +53,9 @@ class ExpertKernel:
                 owner = owner[part]
             owner[attr] = pool_arrays[t.name]
 
-    def __call__(self, x: mx.array, slots: np.ndarray) -> mx.array:
+    def __call__(self, x: mx.array, slots: np.ndarray | mx.array) -> mx.array:
         """`slots` has the shape of mlx-lm's `indices` (`x.shape[:-1] + (k,)`), holding slot ids."""
-        return self.template(x, mx.array(slots))
+        return self.template(x, slots if isinstance(slots, mx.array) else mx.array(slots))
 
 
 def input_dims(kernel: ExpertKernel) -> int:

@@ -23,6 +23,11 @@ class FetchStats:
     prefetch_used: int = 0
 
 
+# Deferred routing choices kept before they are counted regardless (`defer_hits`): a caller
+# that never settles (mlx-lm's own loop over `edgemoe.load`) waits once per this many layers.
+MAX_UNSETTLED = 4096
+
+
 class _Group:
     """Layers sharing one tensor layout, and their pool's slots:
     [0, cache) the cache's, then `scratch` slots for misses the cache does not
@@ -41,9 +46,17 @@ class _Group:
         self.cache: ExpertCache[tuple[int, int]] = ExpertCache(self.cache_slots * spec.record_bytes, spec.record_bytes,
                                                                policy, on_evict=self._evicted)
         self.bank = 0
+        self.cached_in_layer: dict[int, int] = {}
+
+    def admit(self, key: tuple[int, int]) -> int:
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.cached_in_layer[key[0]] = self.cached_in_layer.get(key[0], 0) + 1
+        return slot
 
     def _evicted(self, key, _value) -> None:
         self.free.append(self.slot_of.pop(key))
+        self.cached_in_layer[key[0]] -= 1
 
     def copy_slot(self, src: int, dst: int) -> None:
         for a, b in zip(self.pool.views(src), self.pool.views(dst)):
@@ -106,6 +119,9 @@ class LocalExperts:
         self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
         self._misses: Misses | None = None
+        # Routing choices of layers computed from a resident table, counted once computed (`settle`).
+        self._unsettled: list[tuple[int, mx.array, int]] = []
+        self._epoch = 0
         self._build(cache_bytes)
 
     def _build(self, cache_bytes: int) -> None:
@@ -115,6 +131,10 @@ class LocalExperts:
         total = self.manifest.total_expert_bytes
         self._groups: list[_Group] = []
         self._group_of: dict[int, _Group] = {}
+        self._num_experts = {spec.layer: spec.num_experts for spec in self.manifest.layers}
+        # Groups whose cache holds every expert of all their layers: nothing there is ever evicted.
+        self._keeps_all: set[int] = set()
+        self._resident: dict[int, mx.array] = {}
         for specs in by_layout.values():
             share = sum(s.record_bytes * s.num_experts for s in specs) / total
             budget = min(int(cache_bytes * share), sum(s.record_bytes * s.num_experts for s in specs))
@@ -126,12 +146,15 @@ class LocalExperts:
                 )
             group = _Group(specs[0], budget, self.scratch_slots, self.prefetch_slots, self.policy)
             self._groups.append(group)
+            if group.cache_slots >= sum(s.num_experts for s in specs):
+                self._keeps_all.add(id(group))
             for spec in specs:
                 self._group_of[spec.layer] = group
         self.budget_bytes = cache_bytes
 
     def reset_cache(self, cache_bytes: int) -> None:
         """A fresh, empty cache of another budget (the pools are rebuilt)."""
+        self.settle(everything=True)
         self._drain()
         self._prefetched.clear()
         self._build(cache_bytes)
@@ -210,8 +233,7 @@ class LocalExperts:
             prefetched = self._prefetched.pop(key, None)
             admitted = group.cache.put(key, True, group.record_bytes, protect)
             if admitted:
-                slot = group.free.pop()
-                group.slot_of[key] = slot
+                slot = group.admit(key)
             if prefetched is not None:
                 used_prefetch += 1
                 if admitted:
@@ -241,6 +263,46 @@ class LocalExperts:
             misses.wait_all()
         return slots, misses
 
+    def resident_slots(self, layer: int) -> mx.array | None:
+        """The expert -> slot table of a layer whose every expert is cached for good (its
+        group's cache holds all its layers' experts, so nothing is evicted), as a device
+        array: such a layer computes without the host learning which experts were routed.
+        None until then."""
+        table = self._resident.get(layer)
+        if table is not None:
+            return table
+        group = self._group_of[layer]
+        n = self._num_experts[layer]
+        if id(group) not in self._keeps_all or group.cached_in_layer.get(layer, 0) < n:
+            return None
+        table = mx.array(np.array([group.slot_of[(layer, e)] for e in range(n)], dtype=np.uint32))
+        self._resident[layer] = table
+        return table
+
+    def defer_hits(self, layer: int, indices: mx.array) -> None:
+        """Records a resident layer's routing choice, counted as cache hits by `settle`
+        once computed: reading it now would wait for the layer's compute."""
+        self._unsettled.append((layer, indices, self._epoch))
+        if len(self._unsettled) > MAX_UNSETTLED:
+            self.settle(everything=True)
+
+    def settle(self, everything: bool = False) -> None:
+        """Counts the deferred routing choices of the tokens already produced: those recorded
+        before the previous call (a decode loop calls this once per token it receives, while
+        the next token's graph, recorded since, may still be computing), or all of them."""
+        if everything:
+            done, self._unsettled = self._unsettled, []
+        else:
+            done = [u for u in self._unsettled if u[2] < self._epoch]
+            self._unsettled = [u for u in self._unsettled if u[2] >= self._epoch]
+        self._epoch += 1
+        for layer, indices, _ in done:
+            experts = np.unique(np.array(indices)).tolist()
+            cache = self._group_of[layer].cache
+            for e in experts:
+                cache.get((layer, e))
+            self.stats.experts_from_cache += len(experts)
+
     def note_routed(self, layer: int, experts: list[int]) -> None:
         """Counts experts the router chose that were computed elsewhere (on a node)."""
         cache = self._group_of[layer].cache
@@ -248,7 +310,8 @@ class LocalExperts:
             cache.count((layer, e))
 
     def routing_counts(self) -> dict[tuple[int, int], int]:
-        """How often each (layer, expert) was routed to, as the cache counts it (aged)."""
+        """How often each (layer, expert) was routed to, as the cache counts it (aged; a
+        resident layer's choices once `settle`d)."""
         counts: dict[tuple[int, int], int] = {}
         for g in self._groups:
             counts.update(g.cache.routing_counts())
@@ -275,6 +338,29 @@ class LocalExperts:
         return sum(g.cache.bytes_used for g in self._groups)
 
     def close(self) -> None:
+        self.settle(everything=True)
         self._drain()
         self._prefetcher.shutdown(wait=True)
         self.store.close()
+
+    def seed_counts(self, counts: dict[tuple[int, int], int]) -> None:
+        """Starts the routing counts from a saved history (the learned hot set); pairs of
+        layers this model does not have are ignored."""
+        for group in self._groups:
+            group.cache.seed_counts({key: c for key, c in counts.items() if self._group_of.get(key[0]) is group})
+
+    def warm(self) -> int:
+        """Reads the most-counted experts not yet cached into the cache's free slots, hottest
+        first, through the miss path (so they count as misses); returns how many it read."""
+        read = 0
+        for group in self._groups:
+            counts = group.cache.routing_counts()
+            hottest = sorted((k for k in counts if k not in group.cache), key=lambda k: (-counts[k], k))
+            by_layer: dict[int, list[int]] = {}
+            for layer, expert in hottest[: len(group.free)]:
+                by_layer.setdefault(layer, []).append(expert)
+            for layer, experts in sorted(by_layer.items()):
+                for i in range(0, len(experts), self.scratch_slots):
+                    self.slots(layer, experts[i : i + self.scratch_slots])
+                    read += len(experts[i : i + self.scratch_slots])
+        return read

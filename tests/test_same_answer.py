@@ -129,7 +129,9 @@ def test_prefetch_same_tokens_as_mlx_lm(models, arch):
         result, sm = stream(models.packed(arch, True), prompt, which, prefetch=True)
         assert result.token_ids == expected, f"budget {which}"
         s = result.stats
-        assert s.prefetch_accuracy is not None
+        # With every expert cached for good, layers compute from their resident table
+        # (no host round trip) and guess nothing: the tokens are all that must hold there.
+        assert which == "all" or s.prefetch_accuracy is not None
         if which == "one":
             assert s.experts_prefetched > 0
         assert 0 <= s.experts_prefetch_used <= s.experts_prefetched

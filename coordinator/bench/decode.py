@@ -167,3 +167,13 @@ def best_of(run: Callable[[], T], repeats: int = REPEATS) -> T:
     """The fastest of `repeats` runs (runs are deterministic but for their timing)."""
     runs = [run() for _ in range(repeats)]
     return max(runs, key=lambda r: r.tokens_per_s or 0.0)
+
+
+def cache_everything(sm: StreamingModel) -> None:
+    """Reads every expert into the cache (whose budget must hold them all), so each layer
+    computes from its resident table from the first token."""
+    local = sm.local
+    for spec in sm.manifest.layers:
+        experts = list(range(spec.num_experts))
+        for start in range(0, len(experts), local.scratch_slots):
+            local.slots(spec.layer, experts[start : start + local.scratch_slots])

@@ -1,0 +1,104 @@
+"""Layers whose every expert is cached for good compute from a device-side expert -> slot
+table, with no host round trip per layer: same tokens as mlx-lm, and the same counters as
+the path that reads the routing on the host."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from conftest import PROMPT, encode, mlx_lm_tokens
+
+from edgemoe.coordinator.bench.decode import cache_everything
+from edgemoe.coordinator.counters import snapshot
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.node.local import MAX_UNSETTLED, LocalExperts
+from edgemoe.node.manifest import read_manifest
+
+MAX_TOKENS = 12
+
+
+def _decode(packed, prompt, budget, warm=True, looked_up=None):
+    sm = load_streaming_model(packed, cache_bytes=budget)
+    try:
+        if warm:
+            cache_everything(sm)
+        if looked_up is not None:
+            looked_up.clear()
+        before = snapshot(sm)
+        result = generate(sm, prompt, max_tokens=MAX_TOKENS)
+        return result.token_ids, snapshot(sm) - before, sm.local.routing_counts(), sm
+    finally:
+        sm.close()
+
+
+@pytest.mark.parametrize("arch,quantized", [("qwen3_moe", True), ("mixtral", False), ("gpt_oss", True)])
+def test_resident_layers_keep_mlx_lms_tokens_and_the_host_paths_counters(models, monkeypatch, arch, quantized):
+    src, packed = models.src(arch, quantized), models.packed(arch, quantized)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    budget = read_manifest(packed).total_expert_bytes
+
+    looked_up = []
+    original = LocalExperts.start_slots
+
+    def counting(self, layer, experts):
+        looked_up.append(layer)
+        return original(self, layer, experts)
+
+    monkeypatch.setattr(LocalExperts, "start_slots", counting)
+    tokens, run, counts, sm = _decode(packed, prompt, budget, looked_up=looked_up)
+    assert tokens == expected
+    # Every layer was resident: no routing was read on the host, nothing read from SSD.
+    assert looked_up == [] and run.ssd_bytes_read == 0
+    assert all(sm.local.resident_slots(spec.layer) is not None for spec in sm.manifest.layers)
+
+    # The host path (tables disabled) gives the same hits and routing counts.
+    monkeypatch.setattr(LocalExperts, "resident_slots", lambda self, layer: None)
+    host_tokens, host_run, host_counts, _ = _decode(packed, prompt, budget, looked_up=looked_up)
+    assert host_tokens == expected and looked_up != []
+    for field in ("cache_hits", "cache_misses", "experts_from_cache", "experts_from_ssd"):
+        assert getattr(run, field) == getattr(host_run, field), field
+    assert run.experts_from_cache > 0
+    assert counts == host_counts
+
+
+def test_no_table_while_the_cache_can_evict(models):
+    """A quarter of the experts: a miss may evict any cached expert, so no layer's slots are fixed."""
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    tokens, run, _, sm = _decode(packed, prompt, read_manifest(packed).total_expert_bytes // 4, warm=False)
+    assert tokens == expected and run.experts_from_ssd > 0
+    assert all(sm.local.resident_slots(spec.layer) is None for spec in sm.manifest.layers)
+
+
+def test_a_layer_becomes_resident_once_its_experts_are_all_read(models):
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    tokens, _, _, sm = _decode(packed, prompt, read_manifest(packed).total_expert_bytes, warm=False)
+    assert tokens == expected
+    for spec in sm.manifest.layers:
+        resident = sm.local.resident_slots(spec.layer) is not None
+        assert resident == all((spec.layer, e) in sm.local for e in range(spec.num_experts))
+
+
+def test_deferred_choices_are_counted_once_computed_and_never_pile_up(models):
+    packed = models.packed("qwen3_moe", True)
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
+    try:
+        cache_everything(sm)
+        local = sm.local
+        before = local.stats.experts_from_cache
+        local.defer_hits(0, mx.array([[1, 2], [2, 3]], dtype=mx.uint32))
+        # The first settle after a choice leaves it: its token's graph may still be computing.
+        local.settle()
+        assert local.stats.experts_from_cache == before
+        local.settle()
+        assert local.stats.experts_from_cache == before + 3
+        for _ in range(MAX_UNSETTLED + 1):
+            local.defer_hits(0, mx.array([[1, 2]], dtype=mx.uint32))
+        assert local.stats.experts_from_cache == before + 3 + 2 * (MAX_UNSETTLED + 1)
+    finally:
+        sm.close()
