@@ -20,10 +20,12 @@ from .commands import (
     cmd_demo,
     cmd_demo_model,
     cmd_doctor,
+    cmd_forget,
     cmd_generate,
     cmd_install_service,
     cmd_pack,
     cmd_peers,
+    cmd_plan,
     cmd_push,
     cmd_serve,
     cmd_status,
@@ -77,10 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the share of node replies recomputed here and compared bit for bit; a node whose "
                        "replies differ is never used again for the model (default: 0.01; 0: no audits)")
 
+    def hot_set_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--no-hot-set", action="store_true",
+                       help="start with a cold cache and keep no routing history (default: warm the cache with the "
+                       "experts earlier runs routed to most, kept in $EDGEMOE_HOME/hot-sets; `edgemoe forget`)")
+
     g = sub.add_parser("generate", help="generate text")
     model_options(g)
     peer_options(g)
     node_timeout_option(g)
+    hot_set_option(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=100)
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(s)
     peer_options(s)
     node_timeout_option(s)
+    hot_set_option(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", metavar="KEY", default=os.environ.get("EDGEMOE_API_KEY") or None,
@@ -170,10 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--experts-per-token", type=int, metavar="K", help="route each token to K experts")
     peer_options(ch)
     node_timeout_option(ch)
+    hot_set_option(ch)
     ch.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     ch.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     ch.add_argument("--seed", type=int)
     ch.set_defaults(func=cmd_chat)
+
+    fo = sub.add_parser("forget", help="delete the learned hot set (routing counts kept across runs in "
+                        "$EDGEMOE_HOME/hot-sets) of a model, or of all")
+    which = fo.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="packed model directory (from `edgemoe pack`)")
+    which.add_argument("--all", action="store_true", help="every model's")
+    fo.set_defaults(func=cmd_forget)
 
     st = sub.add_parser("status", help="the coordinator, each node and the last generation's figures")
     peer_options(st)
@@ -188,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--progress", action="store_true",
                     help="show the checksum progress bar even when not on a terminal")
     dr.set_defaults(func=cmd_doctor)
+
+    pl = sub.add_parser("plan", help="measure this machine and the nodes; print the placement and the predicted "
+                        "tok/s for a few cache sizes, with and without the nodes (read-only)")
+    pl.add_argument("--model", required=True, help="packed model directory (from `edgemoe pack`)")
+    pl.add_argument("--cache-mb", type=float, help="the coordinator's expert cache to place for (default: as generate)")
+    peer_options(pl)
+    pl.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("cluster", help="the cluster's credentials")
     csub = c.add_subparsers(dest="cluster_command", required=True)

@@ -114,6 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             node_timeout_s=_node_timeout(args),
             audit_rate=_audit_rate(args),
             keep_cluster=watcher is not None,
+            hot_set=not args.no_hot_set,
         )
         if watcher is not None:
             watcher.follow(sm.cluster)
@@ -161,7 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             sm = load_streaming_model(Path(args.model), cache_bytes=cache_bytes,
                                       experts_per_token=args.experts_per_token, io_mode=args.io,
                                       prefetch=args.prefetch, peers=peers, credentials=credentials,
-                                      node_timeout_s=node_timeout, audit_rate=audit, keep_cluster=watcher is not None)
+                                      node_timeout_s=node_timeout, audit_rate=audit, keep_cluster=watcher is not None,
+                                      hot_set=not args.no_hot_set)
             if watcher is not None:
                 watcher.follow(sm.cluster)
             return sm
@@ -204,7 +206,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args),
                                   experts_per_token=args.experts_per_token, peers=peers, credentials=credentials,
                                   node_timeout_s=_node_timeout(args), audit_rate=_audit_rate(args),
-                                  keep_cluster=watcher is not None)
+                                  keep_cluster=watcher is not None, hot_set=not args.no_hot_set)
         if watcher is not None:
             watcher.follow(sm.cluster)
         try:
@@ -213,6 +215,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
             if watcher is not None:
                 watcher.follow(None)
             sm.close()
+
+
+def cmd_forget(args: argparse.Namespace) -> None:
+    from .hotset import forget, hot_set_dir, prune
+
+    if args.all:
+        print(f"forgot {len(prune(keep=0))} learned hot set(s) in {hot_set_dir()}")
+        return
+    path = forget(Path(args.model))
+    print(f"forgot the learned hot set {path}" if path else f"no learned hot set is kept for {args.model}")
 
 
 def cmd_peers(args: argparse.Namespace) -> None:
@@ -249,6 +261,15 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     failed = [c.name for c in checks if c.level == FAIL]
     if failed:
         raise EdgemoeError(f"{len(failed)} check(s) failed ({', '.join(failed)}): fix what the lines say")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .plan import format_plan, run_plan
+
+    cache_bytes = _cache_bytes(args)
+    addresses, credentials = _peers(args)
+    report = run_plan(Path(args.model), cache_bytes, addresses, credentials)
+    print(json.dumps(report) if args.json else format_plan(report))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ from edgemoe.node.store import ExpertStore
 
 from .cluster import DEFAULT_AUDIT_RATE, REPLY_DEADLINE_S, Cluster
 from .dispatch import LayerDispatch, Prefetch
+from .hotset import attach
 from .progress import progress_bar
 from .streaming import StreamingExperts, StreamingModel, router_logits
 
@@ -88,7 +89,11 @@ def load_streaming_model(
     node_timeout_s: float | None = None,
     audit_rate: float = DEFAULT_AUDIT_RATE,
     keep_cluster: bool = False,
+    hot_set: bool = False,
 ) -> StreamingModel:
+    """`hot_set`: seed the routing counts and warm the cache from the model's learned hot set,
+    and keep it up to date (coordinator/hotset.py). Off here so that tests and benches start
+    cold; the CLI and `edgemoe.load` turn it on unless asked not to."""
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     config = read_config(model_dir)
@@ -119,7 +124,10 @@ def load_streaming_model(
         store.close()
         raise
     cluster = None
+    hot = None
     try:
+        # Before the cluster: its first placement already starts from the history.
+        hot = attach(local) if hot_set else None
         if peers or keep_cluster:  # keep_cluster: nodes may join later (discovery's NodeWatcher)
             if credentials is None:
                 raise ClusterConfigError("nodes were given without the cluster's join token; run "
@@ -153,12 +161,14 @@ def load_streaming_model(
         mx.eval(model.parameters())
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     except BaseException:
+        if hot is not None:
+            hot.close(save=False)
         if cluster is not None:
             cluster.close()
         local.close()
         raise
     dense_bytes = sum(a.nbytes for a in weights.values())
-    return StreamingModel(model, tokenizer, config, manifest, local, dense_bytes, cluster)
+    return StreamingModel(model, tokenizer, config, manifest, local, dense_bytes, cluster, hot)
 
 
 def file_sha256(path: Path) -> str:

@@ -191,3 +191,14 @@ class ExpertCache(Generic[K]):
             # Entries go stale when a key is touched again; only the newest counts.
             if key in self._items and count == self._counts.get(key, 0) and last == self._last.get(key, 0):
                 yield key
+
+    def seed_counts(self, counts: dict[K, int]) -> None:
+        """Adds saved access counts (a learned hot set, from earlier runs) to this cache's,
+        so that its policy and `routing_counts` start from that history."""
+        with self._lock:
+            for key, count in counts.items():
+                if count > 0:
+                    self._counts[key] = self._counts.get(key, 0) + count
+            if self.policy == "lfu":
+                self._heap = [(self._counts.get(k, 0), self._last.get(k, 0), k) for k in self._items]
+                heapq.heapify(self._heap)
