@@ -29,6 +29,9 @@ class Counters:
     peer_calls: int = 0
     experts_from_peers: int = 0
     fallbacks: int = 0
+    moe_layer_calls: int = 0
+    routing_wait_s: float = 0.0
+    dispatch_s: float = 0.0
 
     def __sub__(self, earlier: Counters) -> Counters:
         return Counters(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
@@ -53,6 +56,7 @@ def snapshot(sm: StreamingModel) -> Counters:
     cache = local.cache_stats
     guessed, right = sm.guesses()
     cluster = sm.cluster.stats if sm.cluster is not None else None
+    times = sm.layer_times()
     return Counters(
         t=time.perf_counter(),
         cache_hits=cache.hits,
@@ -71,4 +75,7 @@ def snapshot(sm: StreamingModel) -> Counters:
         peer_calls=cluster.peer_calls if cluster else 0,
         experts_from_peers=cluster.experts_from_peers if cluster else 0,
         fallbacks=cluster.fallbacks if cluster else 0,
+        moe_layer_calls=times.calls,
+        routing_wait_s=times.routing_wait_s,
+        dispatch_s=times.dispatch_s,
     )

@@ -14,7 +14,7 @@ import mlx.nn as nn
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import Manifest
 
-from .dispatch import LayerDispatch
+from .dispatch import LayerDispatch, LayerTimes
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -59,6 +59,15 @@ class StreamingModel:
     def guesses(self) -> tuple[int, int]:
         return guesses(self.model)
 
+    def layer_times(self) -> LayerTimes:
+        """Every MoE layer's `LayerTimes`, summed."""
+        total = LayerTimes()
+        for d in _dispatchers(self.model):
+            total.calls += d.times.calls
+            total.routing_wait_s += d.times.routing_wait_s
+            total.dispatch_s += d.times.dispatch_s
+        return total
+
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.close()
@@ -69,5 +78,9 @@ class StreamingModel:
 
 def guesses(model: nn.Module) -> tuple[int, int]:
     """Prefetch guesses made so far, and how many of them the next layer did ask for."""
-    layers = [m.dispatch for _, m in model.named_modules() if isinstance(m, StreamingExperts)]
+    layers = _dispatchers(model)
     return sum(d.guessed for d in layers), sum(d.guessed_right for d in layers)
+
+
+def _dispatchers(model: nn.Module) -> list[LayerDispatch]:
+    return [m.dispatch for _, m in model.named_modules() if isinstance(m, StreamingExperts)]

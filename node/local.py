@@ -122,6 +122,8 @@ class LocalExperts:
         # Routing choices of layers computed from a resident table, counted once computed (`settle`).
         self._unsettled: list[tuple[int, mx.array, int]] = []
         self._epoch = 0
+        # Off, resident layers take the host path too (the bench's A/B of the two).
+        self.resident_tables = True
         self._build(cache_bytes)
 
     def _build(self, cache_bytes: int) -> None:
@@ -269,8 +271,8 @@ class LocalExperts:
         array: such a layer computes without the host learning which experts were routed.
         None until then."""
         table = self._resident.get(layer)
-        if table is not None:
-            return table
+        if table is not None or not self.resident_tables:
+            return table if self.resident_tables else None
         group = self._group_of[layer]
         n = self._num_experts[layer]
         if id(group) not in self._keeps_all or group.cached_in_layer.get(layer, 0) < n:

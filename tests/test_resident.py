@@ -18,8 +18,9 @@ from edgemoe.node.manifest import read_manifest
 MAX_TOKENS = 12
 
 
-def _decode(packed, prompt, budget, warm=True, looked_up=None):
+def _decode(packed, prompt, budget, warm=True, looked_up=None, resident_tables=True):
     sm = load_streaming_model(packed, cache_bytes=budget)
+    sm.local.resident_tables = resident_tables
     try:
         if warm:
             cache_everything(sm)
@@ -54,8 +55,8 @@ def test_resident_layers_keep_mlx_lms_tokens_and_the_host_paths_counters(models,
     assert all(sm.local.resident_slots(spec.layer) is not None for spec in sm.manifest.layers)
 
     # The host path (tables disabled) gives the same hits and routing counts.
-    monkeypatch.setattr(LocalExperts, "resident_slots", lambda self, layer: None)
-    host_tokens, host_run, host_counts, _ = _decode(packed, prompt, budget, looked_up=looked_up)
+    host_tokens, host_run, host_counts, _ = _decode(packed, prompt, budget, looked_up=looked_up,
+                                                    resident_tables=False)
     assert host_tokens == expected and looked_up != []
     for field in ("cache_hits", "cache_misses", "experts_from_cache", "experts_from_ssd"):
         assert getattr(run, field) == getattr(host_run, field), field

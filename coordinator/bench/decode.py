@@ -54,6 +54,11 @@ class DecodeRun:
     first_read_bytes: int
     disk_bytes_read: int | None
     page_cache_resident: float | None = None
+    # Per MoE layer call, in µs: the whole token's time shared out, the wait to read the
+    # router's choice back, and the dispatcher's own work (`dispatch.LayerTimes`).
+    layer_us: float | None = None
+    routing_wait_us: float | None = None
+    dispatch_us: float | None = None
 
 
 def mark(sm: StreamingModel | None = None, first: FirstReads | None = None) -> Mark:
@@ -86,7 +91,16 @@ def decode_figures(start: Mark, marks: list[Mark], token_ids: list[int], prompt_
         first_reads=last.first_reads - first.first_reads,
         first_read_bytes=last.first_read_bytes - first.first_read_bytes,
         disk_bytes_read=disk,
+        **_per_layer(decode),
     )
+
+
+def _per_layer(decode: Counters) -> dict[str, float | None]:
+    calls = decode.moe_layer_calls
+    if not calls:
+        return {"layer_us": None, "routing_wait_us": None, "dispatch_us": None}
+    return {"layer_us": decode.t / calls * 1e6, "routing_wait_us": decode.routing_wait_s / calls * 1e6,
+            "dispatch_us": decode.dispatch_s / calls * 1e6}
 
 
 @contextlib.contextmanager

@@ -60,6 +60,26 @@ def _dead_peer_lines(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _layer_line(r: dict[str, Any], prefix: str) -> str:
+    return (f"  per MoE layer         {_f(r.get(prefix + 'layer_us'), '{:.0f}', ' us')} of the token: waiting for the "
+            f"router's choice {_f(r.get(prefix + 'routing_wait_us'), '{:.0f}', ' us')}, dispatch "
+            f"{_f(r.get(prefix + 'dispatch_us'), '{:.0f}', ' us')}, the rest (dense layers, expert compute) "
+            "not waited for per layer")
+
+
+def _all_cached_lines(r: dict[str, Any]) -> list[str]:
+    lines = ["", f"every expert cached ({_mib(r['all_cached_budget_bytes'])}), alternating runs, medians"]
+    for prefix, name in (("all_cached_", "resident tables"), ("all_cached_host_routing_", "host routing")):
+        lines += [
+            f"  {name:<21} {_f(r[prefix + 'tokens_per_s'], unit=' tok/s')}  "
+            f"({_speeds(r[prefix + 'tokens_per_s_runs'])}) "
+            f"-> {_pct(r[prefix + 'relative_to_mlx_lm'])} of mlx-lm (target >= 90%); "
+            f"same tokens as mlx-lm: {_f(r[prefix + 'same_tokens_as_mlx_lm'], '{}')}",
+            _layer_line(r, prefix),
+        ]
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """`edgemoe bench`'s report."""
     r = report
@@ -92,6 +112,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"= {_pct(r['read_efficiency'])} of raw, {_pct(r['record_read_efficiency'])} of record-sized raw",
         f"  SSD bound             {_f(r['ssd_bound_tokens_per_s'], '{:.1f}', ' tok/s')}  "
         f"-> decode at {_pct(r['bound_efficiency'])} of it",
+        _layer_line(r, ""),
         "",
         "cold decode, page cache dropped before every token (each miss reads the disk)",
         f"  decode                {_f(r['every_token_cold_tokens_per_s'], unit=' tok/s')}  "
@@ -118,7 +139,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"hit rate {_pct(r['warm_eighth_cache_hit_rate'])}, {_mib(r['warm_eighth_ssd_bytes_per_token'])}/token "
         f"at {_f(r['warm_eighth_expert_read_gbps'], unit=' GB/s')}; "
         f"same tokens as the cold run: {r['warm_eighth_same_tokens_as_cold_run']}",
+        f"  bound                 {_f(r.get('warm_eighth_bound_tokens_per_s'), unit=' tok/s')} = min(mlx-lm, "
+        f"host-to-device {_f(r.get('host_to_device_gbps'), unit=' GB/s')} / missed bytes per token) "
+        f"-> {_pct(r.get('warm_eighth_relative_to_bound'))} of it (target >= 80%)",
+        _layer_line(r, "warm_eighth_"),
     ]
+    if r.get("all_cached_tokens_per_s") is not None:
+        lines += _all_cached_lines(r)
     if r.get("in_place_tokens_per_s") is not None:
         lines += [
             "",

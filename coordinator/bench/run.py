@@ -17,6 +17,7 @@ from edgemoe.node.manifest import Manifest, read_manifest
 from ..generate import build_prompt, generate, peak_rss_bytes
 from ..loader import load_streaming_model
 from ..streaming import StreamingModel
+from .cached import all_cached_figures
 from .dead_peer import dead_peer_figures
 from .decode import (
     REPEATS,
@@ -33,6 +34,7 @@ from .disk import measure_reads, record_jobs, run_fio, sequential_jobs
 from .page_cache import drop_page_cache, expert_paths, resident_fraction, warm_page_cache
 from .reference import MlxLmRun, mlx_lm_run
 from .report import MiB, Notes
+from .transfer import host_to_device_gbps
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _run_keys(prefix: str, run: DecodeRun | None) -> dict[str, Any]:
     names = ("tokens_per_s", "prompt_tokens_per_s", "cache_hit_rate", "ssd_bytes_read", "ssd_bytes_per_token",
-             "expert_read_gbps", "decode_tokens")
+             "expert_read_gbps", "decode_tokens", "layer_us", "routing_wait_us", "dispatch_us")
     return {f"{prefix}{n}": (getattr(run, n) if run else None) for n in names}
 
 
@@ -121,6 +123,9 @@ def run_bench(
             report["warm_eighth_relative_to_mlx_lm"] = (_ratio(warm.tokens_per_s, mlx_lm.tokens_per_s)
                                                         if mlx_lm else None)
             report["warm_eighth_same_tokens_as_cold_run"] = warm.token_ids == cold.token_ids
+            report.update(_transfer_bound(report, mlx_lm))
+            report.update(all_cached_figures(sm, prompt_tokens, tokens, mlx_lm.tokens_per_s if mlx_lm else None,
+                                             mlx_lm.token_ids if mlx_lm else None))
         finally:
             sm.close()
         report.update(_in_place_figures(in_place and in_place[0], cold, prompt_tokens, tokens, options, notes))
@@ -260,6 +265,18 @@ def _mlx_lm_figures(cold: DecodeRun, mlx_lm: MlxLmRun | None) -> dict[str, Any]:
         "same_tokens_as_mlx_lm": None if rebuilt else same,
         "same_tokens_as_rebuilt_model": same if rebuilt else None,
     }
+
+
+def _transfer_bound(report: dict[str, Any], mlx_lm: MlxLmRun | None) -> dict[str, Any]:
+    """The warm case's bound: min(mlx-lm, host-to-device bytes/s / missed bytes per token)."""
+    gbps = host_to_device_gbps()
+    missed = report["warm_eighth_ssd_bytes_per_token"]
+    transfer = gbps * 1e9 / missed if missed else None
+    candidates = [v for v in (transfer, mlx_lm.tokens_per_s if mlx_lm else None) if v]
+    bound = min(candidates) if candidates else None
+    return {"host_to_device_gbps": gbps, "warm_eighth_transfer_bound_tokens_per_s": transfer,
+            "warm_eighth_bound_tokens_per_s": bound,
+            "warm_eighth_relative_to_bound": _ratio(report["warm_eighth_tokens_per_s"], bound)}
 
 
 def _warm_eighth_run(sm: StreamingModel, paths: list[Path], prompt_tokens: list[int], tokens: int) -> DecodeRun:
