@@ -88,6 +88,11 @@ class LayerDispatch:
         self.guessed_right = 0
         self._bound: dict[str, mx.array] | None = None
         self.times = LayerTimes()
+        # Whether a resident layer starts its compute at once, while Python builds the next
+        # layer: on the CPU backend +17% tok/s (109.6 against 93.7, every expert cached); on
+        # CUDA each evaluation is a launch, and once per token, as mlx-lm does, was faster
+        # (278 against 240 tok/s on an H200).
+        self._overlap = mx.default_device() == mx.cpu
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         began = time.perf_counter()
@@ -110,9 +115,8 @@ class LayerDispatch:
             no_wait = time.perf_counter()
             self.local.defer_hits(self.layer, indices)
             out = self.kernel(x, resident[indices])
-            # As on the host path: compute starts while Python builds the next layer (on
-            # the CPU backend worth 27% here against one evaluation per token, as mlx-lm does).
-            mx.async_eval(out)
+            if self._overlap:
+                mx.async_eval(out)
             return out, no_wait
         # The host round trip: which experts the router chose.
         chosen = np.array(indices)

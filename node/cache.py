@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -78,17 +78,26 @@ class ExpertCache(Generic[K]):
     def get(self, key: K) -> Any | None:
         """Returns the cached value or None, and counts the access."""
         with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self._count_access(key)
-                self.stats.misses += 1
-                return None
-            self.stats.hits += 1
-            if self.policy == "lru":
-                self._items.move_to_end(key)
-            elif not self._count_access(key):
-                self._push(key)
-            return item[0]
+            return self._get(key)
+
+    def get_many(self, keys: Iterable[K]) -> None:
+        """`get` of each key in turn, under one lock (a resident layer's deferred hits)."""
+        with self._lock:
+            for key in keys:
+                self._get(key)
+
+    def _get(self, key: K) -> Any | None:
+        item = self._items.get(key)
+        if item is None:
+            self._count_access(key)
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        if self.policy == "lru":
+            self._items.move_to_end(key)
+        elif not self._count_access(key):
+            self._push(key)
+        return item[0]
 
     def count(self, key: K) -> None:
         """Counts an access served without this cache (a node computed the expert), so that

@@ -298,12 +298,15 @@ class LocalExperts:
             done = [u for u in self._unsettled if u[2] < self._epoch]
             self._unsettled = [u for u in self._unsettled if u[2] >= self._epoch]
         self._epoch += 1
+        by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, indices, _ in done:
-            experts = np.unique(np.array(indices)).tolist()
-            cache = self._group_of[layer].cache
-            for e in experts:
-                cache.get((layer, e))
-            self.stats.experts_from_cache += len(experts)
+            chosen = np.array(indices)
+            # One row (a decoded token) names distinct experts; more rows may repeat them.
+            experts = chosen.reshape(-1) if chosen.size == chosen.shape[-1] else np.unique(chosen)
+            by_layer.setdefault(layer, []).extend((layer, e) for e in experts.tolist())
+        for layer, keys in by_layer.items():
+            self._group_of[layer].cache.get_many(keys)
+            self.stats.experts_from_cache += len(keys)
 
     def note_routed(self, layer: int, experts: list[int]) -> None:
         """Counts experts the router chose that were computed elsewhere (on a node)."""
