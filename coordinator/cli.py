@@ -25,6 +25,7 @@ from .commands import (
     cmd_install_service,
     cmd_pack,
     cmd_peers,
+    cmd_plan,
     cmd_push,
     cmd_serve,
     cmd_status,
@@ -204,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--progress", action="store_true",
                     help="show the checksum progress bar even when not on a terminal")
     dr.set_defaults(func=cmd_doctor)
+
+    pl = sub.add_parser("plan", help="measure this machine and the nodes; print the placement and the predicted "
+                        "tok/s for a few cache sizes, with and without the nodes (read-only)")
+    pl.add_argument("--model", required=True, help="packed model directory (from `edgemoe pack`)")
+    pl.add_argument("--cache-mb", type=float, help="the coordinator's expert cache to place for (default: as generate)")
+    peer_options(pl)
+    pl.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("cluster", help="the cluster's credentials")
     csub = c.add_subparsers(dest="cluster_command", required=True)

@@ -263,6 +263,15 @@ def cmd_doctor(args: argparse.Namespace) -> None:
         raise EdgemoeError(f"{len(failed)} check(s) failed ({', '.join(failed)}): fix what the lines say")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .plan import format_plan, run_plan
+
+    cache_bytes = _cache_bytes(args)
+    addresses, credentials = _peers(args)
+    report = run_plan(Path(args.model), cache_bytes, addresses, credentials)
+    print(json.dumps(report) if args.json else format_plan(report))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.cluster is not None:
         cmd_cluster_bench(args)

@@ -39,6 +39,9 @@ REQUIRED_KEYS = [
     "warm_eighth_tokens_per_s", "warm_eighth_relative_to_mlx_lm",
     "in_place_tokens_per_s", "in_place_expert_read_gbps", "repack_tokens_per_s_gain", "repack_read_gbps_gain",
     "decode_tokens", "prefill_ssd_bytes_read", "ssd_read_seconds", "expert_reads", "notes",
+    "every_token_cold_predicted_tok_s", "warm_eighth_predicted_tok_s",
+    "warm_eighth_predicted_from_cache_fraction_tok_s",
+    "predict_hit_step_ms", "predict_disk_miss_gbps", "predict_page_cache_miss_gbps",
 ]
 
 
@@ -129,6 +132,8 @@ def test_ratios_are_their_parts(report):
     assert close(r["repack_tokens_per_s_gain"], r["tokens_per_s"] / r["in_place_tokens_per_s"])
     assert close(r["repack_read_gbps_gain"], r["expert_read_gbps"] / r["in_place_expert_read_gbps"])
     assert 0.0 <= r["cache_hit_rate"] <= 1.0
+    for case in ("every_token_cold", "warm_eighth"):
+        assert close(r[f"{case}_measured_over_predicted"], r[f"{case}_tokens_per_s"] / r[f"{case}_predicted_tok_s"])
 
 
 def test_byte_counts_add_up(report):

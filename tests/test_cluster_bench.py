@@ -115,6 +115,8 @@ def test_figures_agree_with_each_other(report):
         # The mean call lies between the nodes' means.
         assert min(run["node_rtt_ms"]) - 1e-9 <= run["rtt_ms"] <= max(run["node_rtt_ms"]) + 1e-9
         assert run["through_relay"] == (run["added_rtt_ms"] > 0)
+        assert run["predicted_tok_s"] > 0
+        assert close(run["measured_over_predicted"], run["tokens_per_s"] / run["predicted_tok_s"])
 
 
 def test_added_delay_shows_in_the_measured_round_trip(report):

@@ -7,6 +7,7 @@
 - `dead_peer`: peers configured but all down, against no peers.
 - `run`: `edgemoe bench`, every stage into one report.
 - `cluster`: `edgemoe bench --cluster N`, nodes on this machine against the cluster bound.
+- `predict`: the performance model's measured inputs (shared with `edgemoe plan`) and the bench's predictions.
 - `report`: both text reports.
 """
 

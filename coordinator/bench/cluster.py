@@ -43,6 +43,8 @@ from ..loader import load_streaming_model
 from ..local_nodes import HOST, START_TIMEOUT_S, Children, sigterm_as_interrupt, start_nodes, wait_for_output
 from ..streaming import StreamingModel
 from .decode import REPEATS, ignore_eos, warm_up
+from .page_cache import expert_paths
+from .predict import Steps, cluster_prediction, measure_steps
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +228,7 @@ def _wait_for_placement(cluster: Cluster, notes: list[str]) -> float:
 
 
 def _cluster_run(setup: Setup, addresses: list[str], credentials: ClusterCredentials, prompt_tokens: list[int],
-                 report: dict[str, Any], notes: list[str]) -> Decode:
+                 report: dict[str, Any], notes: list[str], steps: Steps) -> tuple[Decode, float]:
     sm = _load(setup, addresses, credentials)
     try:
         assert sm.cluster is not None
@@ -236,7 +238,8 @@ def _cluster_run(setup: Setup, addresses: list[str], credentials: ClusterCredent
         push_seconds = _wait_for_placement(sm.cluster, notes)
         report.setdefault("push_seconds", push_seconds)
         report.setdefault("experts_placed", sm.cluster.placed())
-        return fastest_decode(sm, prompt_tokens, setup.tokens)
+        predicted = cluster_prediction(sm, steps)
+        return fastest_decode(sm, prompt_tokens, setup.tokens), predicted
     finally:
         sm.close()
 
@@ -296,6 +299,7 @@ def run_cluster_bench(
                 report["experts_per_token"] = routed_experts_per_token(sm.config)
                 report["prompt_tokens"] = len(prompt_tokens)
                 baseline = fastest_decode(sm, prompt_tokens, tokens)
+                steps = measure_steps(sm, expert_paths(model_dir, manifest))  # the performance model's inputs
             finally:
                 sm.close()
             local_layer_ms = (_ratio(1e3, baseline.tokens_per_s * len(manifest.layers))
@@ -309,10 +313,11 @@ def run_cluster_bench(
                 relays = [start_relay(children, workdir, a, added / 2, f"relay{i}-{added}ms")
                           for i, a in enumerate(addresses)] if added else addresses
                 try:
-                    run = _cluster_run(setup, relays, credentials, prompt_tokens, report, notes)
+                    run, predicted = _cluster_run(setup, relays, credentials, prompt_tokens, report, notes, steps)
                 finally:
                     children.stop([c for c in children.items if c.name.startswith("relay")])
                 runs.append(run_figures(run, baseline, added, bool(added), len(manifest.layers), local_layer_ms))
+                runs[-1].update(predicted_tok_s=predicted, measured_over_predicted=_ratio(run.tokens_per_s, predicted))
         finally:
             children.stop_all()
     report["runs"] = runs

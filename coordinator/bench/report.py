@@ -122,6 +122,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"= {_pct(r['every_token_cold_read_efficiency'])} of raw",
         f"  SSD bound             {_f(r['every_token_cold_ssd_bound_tokens_per_s'], '{:.1f}', ' tok/s')}  "
         f"-> decode at {_pct(r['every_token_cold_bound_efficiency'])} of it",
+        f"  predicted             {_f(r.get('every_token_cold_predicted_tok_s'), unit=' tok/s')}  "
+        f"-> measured/predicted {_f(r.get('every_token_cold_measured_over_predicted'))}",
         "",
         "memory (peaks of the runs above, before the other models below load)",
         f"  peak RSS              {_mib(r['peak_rss_bytes'])}",
@@ -143,6 +145,16 @@ def format_report(report: dict[str, Any]) -> str:
         f"host-to-device {_f(r.get('host_to_device_gbps'), unit=' GB/s')} / missed bytes per token) "
         f"-> {_pct(r.get('warm_eighth_relative_to_bound'))} of it (target >= 80%)",
         _layer_line(r, "warm_eighth_"),
+        f"  predicted             {_f(r.get('warm_eighth_predicted_tok_s'), unit=' tok/s')} at its hit rate "
+        f"-> measured/predicted {_f(r.get('warm_eighth_measured_over_predicted'))}; "
+        f"{_f(r.get('warm_eighth_predicted_from_cache_fraction_tok_s'), unit=' tok/s')} at hit rate = cache fraction "
+        f"-> {_f(r.get('warm_eighth_measured_over_predicted_from_cache_fraction'))}",
+        f"  (model inputs: decode step with every expert cached {_f(r.get('predict_hit_step_ms'), unit=' ms')}, "
+        f"one expert {_f(r.get('predict_expert_ms'), '{:.3f}', ' ms')}; a miss: "
+        f"{_f(r.get('predict_disk_miss_layer_ms'), unit=' ms')} per layer + its bytes at "
+        f"{_f(r.get('predict_disk_miss_gbps'), unit=' GB/s')} from the disk, "
+        f"{_f(r.get('predict_page_cache_miss_layer_ms'), unit=' ms')} + "
+        f"{_f(r.get('predict_page_cache_miss_gbps'), unit=' GB/s')} from the page cache)",
     ]
     if r.get("all_cached_tokens_per_s") is not None:
         lines += _all_cached_lines(r)
@@ -175,7 +187,7 @@ def format_cluster_report(report: dict[str, Any]) -> str:
         f"local work {_f(r['local_layer_ms'], '{:.3f}', ' ms')} per MoE layer",
         "",
         "added RTT   RTT per call   slowest per layer   peer layers/token   tok/s   cluster bound   "
-        "of bound   vs no peers   same tokens",
+        "of bound   vs no peers   same tokens   predicted (measured/predicted)",
     ]
     for run in r["runs"]:
         added = f"{run['added_rtt_ms']:g} ms" if run["through_relay"] else "0 (direct)"
@@ -186,7 +198,8 @@ def format_cluster_report(report: dict[str, Any]) -> str:
             f"{_f(run['cluster_bound_tokens_per_s'], '{:.1f}', ' tok/s'):>13}   "
             f"{_f(run['bound_efficiency'] and 100 * run['bound_efficiency'], '{:.0f}', '%'):>8}   "
             f"{_f(run['relative_to_no_peers'] and 100 * run['relative_to_no_peers'], '{:.0f}', '%'):>11}   "
-            f"{run['same_tokens']}"
+            f"{run['same_tokens']!s:<11}   {_f(run.get('predicted_tok_s'), '{:.1f}')} "
+            f"({_f(run.get('measured_over_predicted'))})"
         )
     lines.append("")
     lines.append("cluster bound: tok/s <= 1 / (MoE layers x (peer share x max(slowest RTT, local work) "

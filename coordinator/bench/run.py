@@ -32,6 +32,7 @@ from .decode import (
 )
 from .disk import measure_reads, record_jobs, run_fio, sequential_jobs
 from .page_cache import drop_page_cache, expert_paths, resident_fraction, warm_page_cache
+from .predict import bench_predictions
 from .reference import MlxLmRun, mlx_lm_run
 from .report import MiB, Notes
 from .transfer import host_to_device_gbps
@@ -126,6 +127,8 @@ def run_bench(
             report.update(_transfer_bound(report, mlx_lm))
             report.update(all_cached_figures(sm, prompt_tokens, tokens, mlx_lm.tokens_per_s if mlx_lm else None,
                                              mlx_lm.token_ids if mlx_lm else None))
+            log.info("the performance model's inputs, and its predictions of the runs above")
+            report.update(bench_predictions(sm, paths, report))
         finally:
             sm.close()
         report.update(_in_place_figures(in_place and in_place[0], cold, prompt_tokens, tokens, options, notes))
