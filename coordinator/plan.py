@@ -26,6 +26,8 @@ from .bench.predict import (
     node_rtts_s,
     placement,
 )
+from .cluster import Key
+from .hotset import load_counts
 from .loader import default_cache_bytes, load_streaming_model
 from .perf_model import Machine, predict, uniform
 
@@ -61,20 +63,24 @@ def measure_nodes(addresses: list[str], credentials: Any, manifest: Manifest) ->
 
 
 def _predictions(manifest: Manifest, m_disk: Machine, m_warm: Machine, budgets: list[tuple[str, int]],
-                 nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                 nodes: list[dict[str, Any]], counts: dict[Key, int]) -> list[dict[str, Any]]:
     usable = [n for n in nodes if n["usable"]]
     rtts = [n["rtt_ms"] / 1e3 for n in usable]
     rows = []
     for label, budget in budgets:
         fraction = min(1.0, budget / manifest.total_expert_bytes)
+        if counts:  # the cache keeps the hottest experts, whichever layer they are in
+            local, _ = placement(manifest, budget, [], counts)
+            alone = layer_shares(manifest, local, [], [], counts)
+        else:  # an LFU cache under uniform routing holds the same share of every layer
+            alone = uniform(fraction, len(manifest.layers))
         row: dict[str, Any] = {"cache": label, "cache_bytes": budget, "cache_fraction": fraction,
-                               "no_nodes": predict(m_disk, uniform(fraction, len(manifest.layers))).to_dict(),
-                               "no_nodes_page_cache_warm":
-                                   predict(m_warm, uniform(fraction, len(manifest.layers))).to_dict(),
+                               "no_nodes": predict(m_disk, alone).to_dict(),
+                               "no_nodes_page_cache_warm": predict(m_warm, alone).to_dict(),
                                "with_nodes": None}
         if usable:
-            local, plan = placement(manifest, budget, nodes)
-            row["with_nodes"] = predict(m_disk, layer_shares(manifest, local, plan, rtts)).to_dict()
+            local, plan = placement(manifest, budget, nodes, counts)
+            row["with_nodes"] = predict(m_disk, layer_shares(manifest, local, plan, rtts, counts)).to_dict()
         rows.append(row)
     return rows
 
@@ -98,7 +104,8 @@ def run_plan(model_dir: Path, cache_bytes: int | None, addresses: list[str], cre
     total = manifest.total_expert_bytes
     budgets = [(f"{a}/{b}", max(manifest.expert_bytes, total * a // b)) for a, b in CACHE_FRACTIONS]
     budgets.append(("--cache-mb" if cache_bytes is not None else "default", budget))
-    local, plan = placement(manifest, budget, nodes)
+    counts = load_counts(manifest)  # the learned hot set, read only
+    local, plan = placement(manifest, budget, nodes, counts)
     usable = [n for n in nodes if n["usable"]]
     placed = {n["address"]: len(keys) for n, keys in zip(usable, plan)}
     ssd_only = len(expert_keys(manifest)[0]) - len(local) - sum(placed.values())
@@ -112,13 +119,14 @@ def run_plan(model_dir: Path, cache_bytes: int | None, addresses: list[str], cre
         "io": steps.io, "disk_miss_gbps": steps.disk.gbps, "disk_miss_layer_ms": steps.disk.layer_s * 1e3,
         "page_cache_miss_gbps": steps.page_cache.gbps, "page_cache_miss_layer_ms": steps.page_cache.layer_s * 1e3,
         "hit_step_ms": steps.hit_step_s * 1e3, "expert_ms": steps.expert_s * 1e3,
-        "routing": "uniform (no routing counts kept)",
+        "routing": (f"learned hot set ({len(counts)} experts counted)" if counts
+                    else "uniform (no learned hot set)"),
         "nodes": [{k_: v for k_, v in n.items() if k_ != "held"} for n in nodes],
         "cache_bytes": budget,
         "placement": {"local_experts": len(local), "local_layers": sorted({key[0] for key in local}),
                       "nodes": placed, "ssd_only_experts": ssd_only},
         "predictions": _predictions(manifest, machine(manifest, k, steps, steps.disk),
-                                    machine(manifest, k, steps, steps.page_cache), budgets, nodes),
+                                    machine(manifest, k, steps, steps.page_cache), budgets, nodes, counts),
     }
 
 
@@ -159,7 +167,7 @@ def format_plan(r: dict[str, Any]) -> str:
         f"  here {p['local_experts']} experts (layers {layers[0]}-{layers[-1]})" if layers else "  here none",
         f"  nodes: {placed or 'none'}; SSD only: {p['ssd_only_experts']} experts",
         "",
-        "predicted tok/s (the performance model of docs/DESIGN.md; uniform routing, hit rate = cache fraction):",
+        f"predicted tok/s (the performance model of docs/DESIGN.md; routing {r['routing']}):",
         f"  {'cache':<22} {'hit rate':>8} {'SSD MiB/token':>14} {'no nodes':>9} {'page cache warm':>16} "
         f"{'with nodes':>11}",
     ]

@@ -11,6 +11,7 @@ from conftest import run_cli
 from nodes import NodeProcess
 
 from edgemoe.coordinator.bench.predict import layer_shares, placement
+from edgemoe.coordinator.hotset import save_counts
 from edgemoe.coordinator.perf_model import LayerShares, Machine, predict, uniform
 from edgemoe.node.credentials import init_cluster
 from edgemoe.node.manifest import read_manifest
@@ -37,12 +38,22 @@ def plan_json(*args) -> dict:
     return json.loads(out.stdout)
 
 
-def test_plan_json_is_consistent_and_writes_nothing(models, tmp_path, edgemoe_home):
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An EDGEMOE_HOME of the test's own: no learned hot set of another test's runs."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("EDGEMOE_HOME", str(path))
+    return path
+
+
+def test_plan_json_is_consistent_and_writes_nothing(models, tmp_path, home):
     packed = models.copy_packed(tmp_path / "packed")
     manifest = read_manifest(packed)
-    before = tree_state(packed, edgemoe_home)
+    before = tree_state(packed, home)
     r = plan_json("--model", packed, "--peers", "none", "--cache-mb", "0.07")
-    assert tree_state(packed, edgemoe_home) == before
+    assert tree_state(packed, home) == before
+    assert r["routing"].startswith("uniform")
 
     total = sum(s.num_experts for s in manifest.layers)
     assert r["moe_layers"] == len(manifest.layers) and r["total_expert_bytes"] == manifest.total_expert_bytes
@@ -66,7 +77,21 @@ def test_plan_json_is_consistent_and_writes_nothing(models, tmp_path, edgemoe_ho
     assert rows["1/1"]["no_nodes"]["tokens_per_s"] == pytest.approx(1e3 / r["hit_step_ms"])
 
 
-def test_plan_text(models):
+def test_learned_hot_set_drives_hit_rate_and_placement(models, tmp_path, home):
+    packed = models.packed()
+    manifest = read_manifest(packed)
+    # every routing went to experts 0 and 1 of each layer: 1/8 of the experts
+    save_counts(manifest, {(s.layer, e): 100 for s in manifest.layers for e in (0, 1)})
+    before = tree_state(home)
+    r = plan_json("--model", packed, "--peers", "none", "--cache-mb", "0.07")
+    assert tree_state(home) == before
+    assert r["routing"].startswith("learned hot set")
+    rows = {row["cache"]: row for row in r["predictions"]}
+    assert rows["1/8"]["no_nodes"]["hit_rate"] == pytest.approx(1.0)  # the hot eighth is what is cached
+    assert rows["1/8"]["no_nodes"]["ssd_bytes_per_token"] == pytest.approx(0.0)
+
+
+def test_plan_text(models, home):
     out = run_cli("plan", "--model", models.packed(), "--peers", "none")
     assert out.returncode == 0, out.stderr
     assert "placement with a" in out.stdout and "predicted tok/s" in out.stdout
@@ -75,7 +100,7 @@ def test_plan_text(models):
 
 
 @pytest.mark.parametrize("args", [("--model", "/nonexistent/model"), ("--cache-mb", "-1")])
-def test_bad_input_is_one_line(models, args):
+def test_bad_input_is_one_line(models, args, home):
     argv = ["plan", "--model", models.packed(), "--peers", "none", *args]
     out = run_cli(*argv)
     assert out.returncode != 0
@@ -84,7 +109,7 @@ def test_bad_input_is_one_line(models, args):
 
 
 @pytest.mark.slow
-def test_plan_reports_a_loopback_node(models, tmp_path):
+def test_plan_reports_a_loopback_node(models, tmp_path, home):
     packed = models.packed()
     cluster = init_cluster(tmp_path / "cluster")
     (tmp_path / "node").mkdir()

@@ -183,25 +183,34 @@ def expert_keys(manifest: Manifest) -> tuple[list[Key], dict[int, int]]:
             {s.layer: s.record_bytes for s in manifest.layers})
 
 
-def placement(manifest: Manifest, cache_bytes: int,
-              nodes: list[dict[str, Any]]) -> tuple[set[Key], list[list[Key]]]:
-    """keep_local and place_experts as the cluster runs them at start: an empty cache, and no
-    routing counts kept yet, so uniform routing (ties go in (layer, expert) order)."""
+def placement(manifest: Manifest, cache_bytes: int, nodes: list[dict[str, Any]],
+              counts: dict[Key, int] | None = None) -> tuple[set[Key], list[list[Key]]]:
+    """keep_local and place_experts as the cluster runs them at start: an empty cache (or one
+    warmed with the hottest of `counts`, which comes to the same), and the routing counts given
+    (none: uniform routing, ties in (layer, expert) order)."""
     keys, record_bytes = expert_keys(manifest)
-    local = keep_local(keys, record_bytes, {}, set(), cache_bytes)
+    counts = counts or {}
+    local = keep_local(keys, record_bytes, counts, set(), cache_bytes)
     usable = [n for n in nodes if n["usable"]]
     held = [{tuple(k) for k in n["held"]} for n in usable]
-    plan = place_experts(keys, record_bytes, {}, [n["capacity_bytes"] for n in usable], local, held)
+    plan = place_experts(keys, record_bytes, counts, [n["capacity_bytes"] for n in usable], local, held)
     return local, plan
 
 
-def layer_shares(manifest: Manifest, local: set[Key], plan: list[list[Key]], rtts_s: list[float]) -> list[LayerShares]:
+def layer_shares(manifest: Manifest, local: set[Key], plan: list[list[Key]], rtts_s: list[float],
+                 counts: dict[Key, int] | None = None) -> list[LayerShares]:
+    """Each layer's chance that a routed expert is cached here or on a node: the share of its
+    experts with no counts (uniform routing), else their share of the layer's routings."""
     shares = []
     for spec in manifest.layers:
-        on = [sum(1 for k in keys if k[0] == spec.layer) for keys in plan]
+        layer_counts = {e: n for (layer, e), n in (counts or {}).items() if layer == spec.layer}
+        total = sum(layer_counts.values())
+        weight = ({e: n / total for e, n in layer_counts.items()} if total
+                  else dict.fromkeys(range(spec.num_experts), 1 / spec.num_experts))
+        on = [sum(weight.get(k[1], 0.0) for k in keys if k[0] == spec.layer) for keys in plan]
         slowest = max((rtt for rtt, n in zip(rtts_s, on) if n), default=0.0)
-        cached = sum(1 for k in local if k[0] == spec.layer)
-        shares.append(LayerShares(cached / spec.num_experts, sum(on) / spec.num_experts, slowest))
+        cached = sum(weight.get(k[1], 0.0) for k in local if k[0] == spec.layer)
+        shares.append(LayerShares(cached, sum(on), slowest))
     return shares
 
 
