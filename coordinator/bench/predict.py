@@ -39,6 +39,8 @@ from .decode import WARMUP_PROMPT, DecodeRun, ignore_eos, timed_generate
 STEP_TOKENS = 16
 STEP_REPEATS = 3
 KERNEL_REPEATS = 20
+# A miss step's reads per token, at most (whole layers: at least one).
+MISS_STEP_BYTES = 256 * 2**20
 RTT_SAMPLES = 5
 
 
@@ -116,7 +118,7 @@ def measure_steps(sm: StreamingModel, paths: list[Path]) -> Steps:
         expert = _expert_seconds(routes[0].dispatch, sm, hidden[..., -1:, :], k)
         disk = _misses(sm, prompt, routes, hit, k, paths)
         sm.local.store.set_io_mode("buffered")  # the page cache is what this one is about
-        _misses(sm, prompt, routes, hit, k, None)  # brings the experts in: the rotations repeat
+        _misses(sm, prompt, routes, hit, k, None, repeats=1)  # brings the experts in: the rotations repeat
         warm = _misses(sm, prompt, routes, hit, k, None)
     finally:
         for m, route in zip(modules, routes):
@@ -134,15 +136,19 @@ def _step_seconds(sm: StreamingModel, prompt: list[int]) -> float:
 
 
 def _misses(sm: StreamingModel, prompt: list[int], routes: list[_Route], hit_s: float, k: int,
-            drop_every_token: list[Path] | None) -> Misses:
-    """Two miss steps: K misses in every layer, and one. Their difference is per byte, what is
-    left of the one-miss step over the hit step is per layer."""
+            drop_every_token: list[Path] | None, repeats: int = STEP_REPEATS) -> Misses:
+    """Two miss steps: K misses in each missing layer, and one. Their difference is per byte,
+    what is left of the one-miss step over the hit step is per layer. Only as many layers miss
+    as keep a token's reads under MISS_STEP_BYTES (the others hit), so a model of 40 MiB
+    experts is sampled, not read whole."""
+    per_layer = k * max(s.record_bytes for s in sm.manifest.layers)
+    missing = routes[: max(1, min(len(routes), MISS_STEP_BYTES // per_layer))]
     runs = []
     for rotate in (k, 1):
-        for route in routes:
+        for route in missing:
             route.rotate = rotate
         fastest: DecodeRun | None = None
-        for _ in range(STEP_REPEATS):
+        for _ in range(repeats):
             sm.local.reset_cache(hit_budget_bytes(sm.manifest, k))  # holds the fixed ones; a new one misses
             for route in routes:
                 route.calls = 0
@@ -154,8 +160,9 @@ def _misses(sm: StreamingModel, prompt: list[int], routes: list[_Route], hit_s: 
         runs.append((1.0 / fastest.tokens_per_s - hit_s, fastest.ssd_bytes_per_token))
     (all_s, all_bytes), (one_s, one_bytes) = runs
     per_byte = max(all_s - one_s, 1e-9) / max(all_bytes - one_bytes, 1.0) if k > 1 else all_s / all_bytes
-    layers = len(routes)
-    return Misses(1 / per_byte / 1e9, max(0.0, (one_s - one_bytes * per_byte) / layers))
+    for route in missing:
+        route.rotate = 0
+    return Misses(1 / per_byte / 1e9, max(0.0, (one_s - one_bytes * per_byte) / len(missing)))
 
 
 def _expert_seconds(dispatch: Any, sm: StreamingModel, x: mx.array, k: int) -> float:
