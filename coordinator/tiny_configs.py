@@ -103,11 +103,13 @@ def _deepseek_v3_config(d: Dims) -> dict[str, Any]:
         "routed_scaling_factor": 2.5,
         "first_k_dense_replace": 1,
         "moe_layer_freq": 1,
-        "q_lora_rank": 32,
-        "kv_lora_rank": 32,
+        # 64, not 32: MLX's CUDA backend has no non-transposed quantized_matmul (MLA's
+        # embed_q/unembed_out) for 32x32 4-bit blocks, so mlx-lm itself fails there.
+        "q_lora_rank": 64,
+        "kv_lora_rank": 64,
         "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 32,
-        "v_head_dim": 32,
+        "qk_nope_head_dim": 64,
+        "v_head_dim": 64,
         "attention_bias": False,
         "rope_scaling": None,
     }

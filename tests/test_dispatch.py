@@ -74,7 +74,8 @@ def test_a_dead_peer_leaves_the_single_machine_path_as_it_is(models, large, call
     for field in ("experts_from_cache", "experts_from_ssd", "ssd_bytes_read", "experts_prefetched",
                   "experts_prefetch_used", "prefetch_guessed", "prefetch_guessed_right", "cache_hits"):
         assert getattr(dead, field) == getattr(alone, field), field
-    assert alone.experts_prefetched > 0
+    # --prefetch runs on the CPU only (the loader turns it off elsewhere).
+    assert (alone.experts_prefetched > 0) == (mx.default_device() == mx.cpu)
     assert dead.peer_calls == dead.experts_from_peers == dead.fallbacks == 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import mlx.core as mx
 import pytest
 from conftest import (
     LONG_PROMPT,
@@ -129,6 +130,10 @@ def test_prefetch_same_tokens_as_mlx_lm(models, arch):
         result, sm = stream(models.packed(arch, True), prompt, which, prefetch=True)
         assert result.token_ids == expected, f"budget {which}"
         s = result.stats
+        if mx.default_device() != mx.cpu:
+            # Off the CPU the loader runs without --prefetch (not yet exact there, see README).
+            assert s.experts_prefetched == 0
+            continue
         # With every expert cached for good, layers compute from their resident table
         # (no host round trip) and guess nothing: the tokens are all that must hold there.
         assert which == "all" or s.prefetch_accuracy is not None
