@@ -60,6 +60,9 @@ def streaming_model(model: nn.Module) -> StreamingModel:
 
 
 def stats(model: nn.Module) -> dict[str, Any]:
+    """The model's counters so far. Call it between generations, from the thread that
+    generates: it first counts the routing of layers computed from resident tables, which
+    waits for any token still computing."""
     sm = streaming_model(model)
     sm.local.settle(everything=True)
     counters = snapshot(sm)

@@ -132,20 +132,25 @@ def generate(
     before = snapshot(sm)
     text, tokens, last = [], [], None
     finish = "length"
-    for response in stream(sm.model, sm.tokenizer, prompt_tokens, max_tokens, temp, top_p, seed):
-        sm.local.settle()
-        last = response
-        tokens.append(response.token)
-        text.append(response.text)
-        if on_text is not None and response.text:
-            on_text(response.text)
-        if on_token is not None:
-            on_token(response.token)
-        if response.finish_reason:
-            finish = response.finish_reason
-        if response.finish_reason is None and stop is not None and stop():
-            finish = "cancelled"
-            break
+    try:
+        for response in stream(sm.model, sm.tokenizer, prompt_tokens, max_tokens, temp, top_p, seed):
+            sm.local.settle()
+            last = response
+            tokens.append(response.token)
+            text.append(response.text)
+            if on_text is not None and response.text:
+                on_text(response.text)
+            if on_token is not None:
+                on_token(response.token)
+            if response.finish_reason:
+                finish = response.finish_reason
+            if response.finish_reason is None and stop is not None and stop():
+                finish = "cancelled"
+                break
+    except BaseException:
+        # A half-built token's graph may never be computed: not counted, not kept.
+        sm.local.drop_unsettled()
+        raise
     sm.local.settle(everything=True)
     run = snapshot(sm) - before
     generated = len(tokens)

@@ -47,6 +47,9 @@ class _Group:
                                                                policy, on_evict=self._evicted)
         self.bank = 0
         self.cached_in_layer: dict[int, int] = {}
+        # Bumped whenever a cached expert leaves its slot (evicted, or forgotten after a failed
+        # read): a resident table built before then may name a slot that holds another expert.
+        self.departures = 0
 
     def admit(self, key: tuple[int, int]) -> int:
         slot = self.free.pop()
@@ -57,6 +60,7 @@ class _Group:
     def _evicted(self, key, _value) -> None:
         self.free.append(self.slot_of.pop(key))
         self.cached_in_layer[key[0]] -= 1
+        self.departures += 1
 
     def copy_slot(self, src: int, dst: int) -> None:
         for a, b in zip(self.pool.views(src), self.pool.views(dst)):
@@ -136,10 +140,14 @@ class LocalExperts:
         self._num_experts = {spec.layer: spec.num_experts for spec in self.manifest.layers}
         # Groups whose cache holds every expert of all their layers: nothing there is ever evicted.
         self._keeps_all: set[int] = set()
-        self._resident: dict[int, mx.array] = {}
+        # layer -> (its expert -> slot table, the group's `departures` when it was built)
+        self._resident: dict[int, tuple[mx.array, int]] = {}
         for specs in by_layout.values():
-            share = sum(s.record_bytes * s.num_experts for s in specs) / total
-            budget = min(int(cache_bytes * share), sum(s.record_bytes * s.num_experts for s in specs))
+            group_bytes = sum(s.record_bytes * s.num_experts for s in specs)
+            share = group_bytes / total
+            # Integer arithmetic: a budget of every expert gives each group all of its own
+            # (a float share could come out a byte short, and the group would then evict).
+            budget = min(cache_bytes * group_bytes // total, group_bytes)
             if budget < specs[0].record_bytes:
                 raise CacheBudgetError(
                     f"cache budget of {cache_bytes / 2**20:.3f} MB holds no expert of layer {specs[0].layer} "
@@ -270,15 +278,22 @@ class LocalExperts:
         group's cache holds all its layers' experts, so nothing is evicted), as a device
         array: such a layer computes without the host learning which experts were routed.
         None until then."""
-        table = self._resident.get(layer)
-        if table is not None or not self.resident_tables:
-            return table if self.resident_tables else None
+        if not self.resident_tables:
+            return None
         group = self._group_of[layer]
+        built = self._resident.get(layer)
+        if built is not None and built[1] == group.departures:
+            return built[0]
         n = self._num_experts[layer]
         if id(group) not in self._keeps_all or group.cached_in_layer.get(layer, 0) < n:
             return None
+        # A slot is admitted before its read lands: wait for reads in flight (a failed one
+        # is forgotten, and that expert is no longer cached).
+        self._drain()
+        if group.cached_in_layer.get(layer, 0) < n:
+            return None
         table = mx.array(np.array([group.slot_of[(layer, e)] for e in range(n)], dtype=np.uint32))
-        self._resident[layer] = table
+        self._resident[layer] = (table, group.departures)
         return table
 
     def defer_hits(self, layer: int, indices: mx.array) -> None:
@@ -286,18 +301,32 @@ class LocalExperts:
         once computed: reading it now would wait for the layer's compute."""
         self._unsettled.append((layer, indices, self._epoch))
         if len(self._unsettled) > MAX_UNSETTLED:
-            self.settle(everything=True)
+            # Only what is surely computed: a loop (mlx-lm's) builds at most one token ahead,
+            # and a token records each layer once.
+            self._count(self._take(len(self._unsettled) - 2 * len(self._num_experts)))
 
     def settle(self, everything: bool = False) -> None:
         """Counts the deferred routing choices of the tokens already produced: those recorded
         before the previous call (a decode loop calls this once per token it receives, while
-        the next token's graph, recorded since, may still be computing), or all of them."""
+        the next token's graph, recorded since, may still be computing), or all of them
+        (which waits for any graph still computing). Call it from the generating thread."""
         if everything:
-            done, self._unsettled = self._unsettled, []
+            done = self._take(len(self._unsettled))
         else:
-            done = [u for u in self._unsettled if u[2] < self._epoch]
-            self._unsettled = [u for u in self._unsettled if u[2] >= self._epoch]
+            done = self._take(sum(1 for u in self._unsettled if u[2] < self._epoch))
         self._epoch += 1
+        self._count(done)
+
+    def drop_unsettled(self) -> None:
+        """Forgets the deferred choices (a generation that failed midway: its graph may never be computed)."""
+        self._unsettled = []
+
+    def _take(self, n: int) -> list[tuple[int, mx.array, int]]:
+        """The `n` oldest deferred choices, removed (epochs only grow along the list)."""
+        done, self._unsettled = self._unsettled[:n], self._unsettled[n:]
+        return done
+
+    def _count(self, done: list[tuple[int, mx.array, int]]) -> None:
         by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, indices, _ in done:
             chosen = np.array(indices)

@@ -5,6 +5,7 @@ the path that reads the routing on the host."""
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import PROMPT, encode, mlx_lm_tokens
 
@@ -74,15 +75,73 @@ def test_no_table_while_the_cache_can_evict(models):
     assert all(sm.local.resident_slots(spec.layer) is None for spec in sm.manifest.layers)
 
 
-def test_a_layer_becomes_resident_once_its_experts_are_all_read(models):
+def test_a_layer_becomes_resident_once_its_experts_are_all_read(models, monkeypatch):
+    """Unwarmed, a layer takes the host path until its experts are all in; then it stops
+    asking the host, and a layer still missing some keeps asking."""
     src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
     expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
-    tokens, _, _, sm = _decode(packed, prompt, read_manifest(packed).total_expert_bytes, warm=False)
-    assert tokens == expected
-    for spec in sm.manifest.layers:
-        resident = sm.local.resident_slots(spec.layer) is not None
-        assert resident == all((spec.layer, e) in sm.local for e in range(spec.num_experts))
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
+    try:
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+        complete = {spec.layer for spec in sm.manifest.layers
+                    if all((spec.layer, e) in sm.local for e in range(spec.num_experts))}
+        looked_up = set()
+        original = LocalExperts.start_slots
+
+        def counting(self, layer, experts):
+            looked_up.add(layer)
+            return original(self, layer, experts)
+
+        monkeypatch.setattr(LocalExperts, "start_slots", counting)
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+        assert complete and not looked_up & complete
+        for spec in sm.manifest.layers:
+            assert (sm.local.resident_slots(spec.layer) is not None) == (spec.layer in complete)
+    finally:
+        sm.close()
+
+
+def test_an_expert_leaving_its_slot_retires_the_table(models):
+    """A cached expert forgotten (a failed read) or evicted frees its slot for another expert:
+    the layer's table must not name that slot again until the expert is back."""
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
+    try:
+        cache_everything(sm)
+        local, layer = sm.local, sm.manifest.layers[0].layer
+        assert local.resident_slots(layer) is not None
+        group = local._group_of[layer]
+        group.cache.remove((layer, 3))
+        assert local.resident_slots(layer) is None
+        # Another expert takes the freed slot; the forgotten one comes back elsewhere.
+        group.cache.remove((layer, 5))
+        local.slots(layer, [3, 5])
+        table = local.resident_slots(layer)
+        assert table is not None
+        assert np.array(table).tolist() == [group.slot_of[(layer, e)] for e in range(len(np.array(table)))]
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+    finally:
+        sm.close()
+
+
+def test_a_failed_generation_leaves_nothing_deferred(models):
+    packed = models.packed("qwen3_moe", True)
+    src = models.src("qwen3_moe", True)
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
+    try:
+        cache_everything(sm)
+
+        def fail(_token):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            generate(sm, encode(models, src, PROMPT), max_tokens=MAX_TOKENS, on_token=fail)
+        assert sm.local._unsettled == []
+    finally:
+        sm.close()
 
 
 def test_deferred_choices_are_counted_once_computed_and_never_pile_up(models):
@@ -100,6 +159,10 @@ def test_deferred_choices_are_counted_once_computed_and_never_pile_up(models):
         assert local.stats.experts_from_cache == before + 3
         for _ in range(MAX_UNSETTLED + 1):
             local.defer_hits(0, mx.array([[1, 2]], dtype=mx.uint32))
-        assert local.stats.experts_from_cache == before + 3 + 2 * (MAX_UNSETTLED + 1)
+        # Past the cap the oldest are counted; the newest two tokens' worth (one per MoE
+        # layer each), which may still be computing, are left.
+        kept = 2 * len(sm.manifest.layers)
+        assert len(local._unsettled) == kept
+        assert local.stats.experts_from_cache == before + 3 + 2 * (MAX_UNSETTLED + 1 - kept)
     finally:
         sm.close()

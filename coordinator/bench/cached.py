@@ -8,8 +8,11 @@ import logging
 import statistics
 from typing import Any
 
+from edgemoe.node.limits import array_memory_bytes, array_memory_kind
+
 from ..streaming import StreamingModel
 from .decode import REPEATS, DecodeRun, cache_everything, fresh_cache, timed_generate
+from .report import Notes
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +20,17 @@ PER_LAYER = ("layer_us", "routing_wait_us", "dispatch_us")
 
 
 def all_cached_figures(sm: StreamingModel, prompt_tokens: list[int], tokens: int,
-                       mlx_lm_tokens_per_s: float | None, mlx_lm_token_ids: list[int] | None) -> dict[str, Any]:
-    """Loads every expert into a cache that holds them all (its budget is restored after)."""
+                       mlx_lm_tokens_per_s: float | None, mlx_lm_token_ids: list[int] | None,
+                       notes: Notes) -> dict[str, Any]:
+    """Loads every expert into a cache that holds them all (its budget is restored after),
+    if they fit in half the memory arrays live in."""
     budget = sm.local.budget_bytes
     everything = sm.manifest.total_expert_bytes
+    # The old pools stay referenced until each layer's next call: both are held at once.
+    if everything + budget + sm.dense_bytes > array_memory_bytes() // 2:
+        notes.add(f"every-expert-cached case skipped: {everything / 2**30:.1f} GiB of experts do not fit "
+                  f"in half of {array_memory_kind()}")
+        return {"all_cached_budget_bytes": everything, "all_cached_tokens_per_s": None}
     log.info("every expert cached (%.1f MiB): resident tables against host routing, %d runs each",
              everything / 2**20, REPEATS)
     runs: dict[str, list[DecodeRun]] = {"resident": [], "host_routing": []}

@@ -126,7 +126,7 @@ def run_bench(
             report["warm_eighth_same_tokens_as_cold_run"] = warm.token_ids == cold.token_ids
             report.update(_transfer_bound(report, mlx_lm))
             report.update(all_cached_figures(sm, prompt_tokens, tokens, mlx_lm.tokens_per_s if mlx_lm else None,
-                                             mlx_lm.token_ids if mlx_lm else None))
+                                             mlx_lm.token_ids if mlx_lm else None, notes))
             log.info("the performance model's inputs, and its predictions of the runs above")
             report.update(bench_predictions(sm, paths, report))
         finally:
