@@ -5,6 +5,8 @@
 - `decode`: timed decode on the streaming model, its counters at every token.
 - `reference`: plain mlx-lm on the same weights.
 - `dead_peer`: peers configured but all down, against no peers.
+- `cached`: every expert cached, resident layers against host routing.
+- `transfer`: host-to-device bandwidth, the warm case's bound.
 - `run`: `edgemoe bench`, every stage into one report.
 - `cluster`: `edgemoe bench --cluster N`, nodes on this machine against the cluster bound.
 - `predict`: the performance model's measured inputs (shared with `edgemoe plan`) and the bench's predictions.
