@@ -19,6 +19,9 @@ from edgemoe.node.limits import DISK_RESERVE_BYTES, ram_bytes
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # A token this close to its expiry is worth a warning: nodes stop joining then.
 EXPIRY_WARN_S = 7 * 86400
+# A few seconds off is harmless; minutes off moves token expiry and certificate validity.
+CLOCK_SKEW_WARN_S = 2.0
+CLOCK_SKEW_FAIL_S = 300.0
 # The dense part is read from this file and kept in array memory whole.
 DENSE_FILE = "dense.safetensors"
 
@@ -174,17 +177,36 @@ def check_nodes(peers: str, interface: str | None, cluster_dir: Path) -> list[Ch
             "--interface ADDR")
         return [Check(level, "nodes", why), Check(OK, "clock skew", "no nodes to compare with")]
     checks = []
-    for row in probe_peers(addresses, credentials):
+    rows = probe_peers(addresses, credentials)
+    for row in rows:
         if row["healthy"]:
             checks.append(Check(OK, f"node {row['address']}", f"{row['name']}, of this cluster (its certificate "
                                 f"is the cluster's), round trip {row['rtt_ms']:.1f} ms, {row['experts_held']} "
                                 "experts held"))
         else:
             checks.append(Check(FAIL, f"node {row['address']}", row["error"]))  # it says what to do
-    # NodeInfo carries no clock; the TLS handshake only fails outright past a certificate's validity.
-    checks.append(Check(WARN, "clock skew", "not measurable: nodes do not report their clock; keep every device "
-                        "on NTP (token expiry is judged by each device's own clock)"))
+    checks.append(check_clock_skew(rows))
     return checks
+
+
+def check_clock_skew(rows: list[dict]) -> Check:
+    """The largest clock difference to a node (each node's clock against the midpoint of this
+    machine's around its answer). Token expiry and certificate validity are judged by each
+    device's own clock, so a device far off refuses or is refused."""
+    skews = [(abs(r["clock_skew_s"]), r) for r in rows if r["healthy"] and r.get("clock_skew_s") is not None]
+    silent = [r["address"] for r in rows if r["healthy"] and r.get("clock_skew_s") is None]
+    if not skews:
+        return Check(WARN if silent else OK, "clock skew", f"not reported by {', '.join(silent)} (an older "
+                     "edge-node): keep every device on NTP" if silent else "no healthy node to compare with")
+    worst, row = max(skews, key=lambda s: s[0])
+    detail = (f"largest {row['clock_skew_s']:+.2f} s ({row['name']} ({row['address']}), ± "
+              f"{row['rtt_ms'] / 2000:.3f} s)")
+    if worst > CLOCK_SKEW_FAIL_S:
+        return Check(FAIL, "clock skew", f"{detail}: tokens and certificates are judged by each device's clock; "
+                     "turn on NTP (network time) on that device")
+    if worst > CLOCK_SKEW_WARN_S:
+        return Check(WARN, "clock skew", f"{detail}: turn on NTP (network time) on that device")
+    return Check(OK, "clock skew", detail)
 
 
 def run_doctor(model: Path | None, peers: str, interface: str | None, cluster_dir: Path,

@@ -76,10 +76,13 @@ def probe_peers(addresses: list[str], credentials) -> list[dict]:
     for address in addresses:
         peer = Peer(address, credentials)
         try:
-            start = time.perf_counter()
+            start, sent = time.perf_counter(), time.time()
             ok = peer.connect(fingerprint="")
             rtt_ms = (time.perf_counter() - start) * 1e3
+            received = time.time()
             info = peer.info
+            # The node's clock against the midpoint of ours around its answer (± half the round trip).
+            skew = info.unix_time - (sent + received) / 2 if ok and info and info.unix_time else None
             rows.append({
                 "address": address, "healthy": ok, "rtt_ms": round(rtt_ms, 2) if ok else None,
                 "name": info.name if info else None, "node_id": info.node_id if info else None,
@@ -87,6 +90,7 @@ def probe_peers(addresses: list[str], credentials) -> list[dict]:
                 "models": [m.fingerprint[:12] for m in info.models] if info else [],
                 "cache_used_bytes": info.cache_used_bytes if info else None,
                 "cache_free_bytes": info.cache_budget_bytes - info.cache_used_bytes if info else None,
+                "clock_skew_s": round(skew, 3) if skew is not None else None,
                 "error": None if ok else peer.last_error,
             })
         finally:

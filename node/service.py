@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -120,7 +121,7 @@ class NodeService(pb_grpc.EdgeNodeServicer):
         return pb.NodeInfo(node_id=self.identity.node_id, name=self.identity.name, version=EDGEMOE_VERSION,
                            protocol_version=PROTOCOL_VERSION, models=models,
                            cache_budget_bytes=self.identity.cache_bytes, cache_used_bytes=used,
-                           disk_free_bytes=disk_free, backend=compute_backend())
+                           disk_free_bytes=disk_free, backend=compute_backend(), unix_time=time.time())
 
     async def PushExperts(self, request_iterator: AsyncIterator[pb.PushChunk], context) -> pb.PushReply:
         """Stores pushed experts. Each chunk is checked against the registered spec (layer,

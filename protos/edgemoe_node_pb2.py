@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!edgemoe/protos/edgemoe_node.proto\x12\x0f\x65\x64gemoe.node.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"_\n\rModelHoldings\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\r\x12\x18\n\x10\x63hecksums_sha256\x18\x04 \x01(\t\"\xe4\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12.\n\x06models\x18\x05 \x03(\x0b\x32\x1e.edgemoe.node.v1.ModelHoldings\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x06 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_used_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\"J\n\tModelSpec\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\x0c\x12\x13\n\x0blayers_json\x18\x03 \x01(\x0c\"\x9b\x01\n\tPushChunk\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.edgemoe.node.v1.ModelSpec\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x14\n\x0crecord_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"3\n\tPushReply\x12\x16\n\x0e\x65xperts_stored\x18\x01 \x01(\r\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\"\x90\x01\n\x0e\x43omputeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\'\n\x06hidden\x18\x04 \x01(\x0b\x32\x17.edgemoe.node.v1.Tensor\x12\x0c\n\x04rows\x18\x05 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x06 \x03(\r\"Z\n\x0c\x43omputeReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.edgemoe.node.v1.Tensor\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xe3\x01\n\x08\x45\x64geNode\x12?\n\x04Info\x12\x1c.edgemoe.node.v1.InfoRequest\x1a\x19.edgemoe.node.v1.NodeInfo\x12G\n\x0bPushExperts\x12\x1a.edgemoe.node.v1.PushChunk\x1a\x1a.edgemoe.node.v1.PushReply(\x01\x12M\n\x07\x43ompute\x12\x1f.edgemoe.node.v1.ComputeRequest\x1a\x1d.edgemoe.node.v1.ComputeReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!edgemoe/protos/edgemoe_node.proto\x12\x0f\x65\x64gemoe.node.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"_\n\rModelHoldings\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\r\x12\x18\n\x10\x63hecksums_sha256\x18\x04 \x01(\t\"\xf7\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12.\n\x06models\x18\x05 \x03(\x0b\x32\x1e.edgemoe.node.v1.ModelHoldings\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x06 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_used_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x11\n\tunix_time\x18\n \x01(\x01\"J\n\tModelSpec\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\x0c\x12\x13\n\x0blayers_json\x18\x03 \x01(\x0c\"\x9b\x01\n\tPushChunk\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.edgemoe.node.v1.ModelSpec\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x14\n\x0crecord_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"3\n\tPushReply\x12\x16\n\x0e\x65xperts_stored\x18\x01 \x01(\r\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\"\x90\x01\n\x0e\x43omputeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\'\n\x06hidden\x18\x04 \x01(\x0b\x32\x17.edgemoe.node.v1.Tensor\x12\x0c\n\x04rows\x18\x05 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x06 \x03(\r\"Z\n\x0c\x43omputeReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.edgemoe.node.v1.Tensor\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xe3\x01\n\x08\x45\x64geNode\x12?\n\x04Info\x12\x1c.edgemoe.node.v1.InfoRequest\x1a\x19.edgemoe.node.v1.NodeInfo\x12G\n\x0bPushExperts\x12\x1a.edgemoe.node.v1.PushChunk\x1a\x1a.edgemoe.node.v1.PushReply(\x01\x12M\n\x07\x43ompute\x12\x1f.edgemoe.node.v1.ComputeRequest\x1a\x1d.edgemoe.node.v1.ComputeReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELHOLDINGS']._serialized_start=123
   _globals['_MODELHOLDINGS']._serialized_end=218
   _globals['_NODEINFO']._serialized_start=221
-  _globals['_NODEINFO']._serialized_end=449
-  _globals['_MODELSPEC']._serialized_start=451
-  _globals['_MODELSPEC']._serialized_end=525
-  _globals['_PUSHCHUNK']._serialized_start=528
-  _globals['_PUSHCHUNK']._serialized_end=683
-  _globals['_PUSHREPLY']._serialized_start=685
-  _globals['_PUSHREPLY']._serialized_end=736
-  _globals['_COMPUTEREQUEST']._serialized_start=739
-  _globals['_COMPUTEREQUEST']._serialized_end=883
-  _globals['_COMPUTEREPLY']._serialized_start=885
-  _globals['_COMPUTEREPLY']._serialized_end=975
-  _globals['_EDGENODE']._serialized_start=978
-  _globals['_EDGENODE']._serialized_end=1205
+  _globals['_NODEINFO']._serialized_end=468
+  _globals['_MODELSPEC']._serialized_start=470
+  _globals['_MODELSPEC']._serialized_end=544
+  _globals['_PUSHCHUNK']._serialized_start=547
+  _globals['_PUSHCHUNK']._serialized_end=702
+  _globals['_PUSHREPLY']._serialized_start=704
+  _globals['_PUSHREPLY']._serialized_end=755
+  _globals['_COMPUTEREQUEST']._serialized_start=758
+  _globals['_COMPUTEREQUEST']._serialized_end=902
+  _globals['_COMPUTEREPLY']._serialized_start=904
+  _globals['_COMPUTEREPLY']._serialized_end=994
+  _globals['_EDGENODE']._serialized_start=997
+  _globals['_EDGENODE']._serialized_end=1224
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ class ModelHoldings(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., checksums_sha256: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "protocol_version", "models", "cache_budget_bytes", "cache_used_bytes", "disk_free_bytes", "backend")
+    __slots__ = ("node_id", "name", "version", "protocol_version", "models", "cache_budget_bytes", "cache_used_bytes", "disk_free_bytes", "backend", "unix_time")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class NodeInfo(_message.Message):
     CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -52,7 +53,8 @@ class NodeInfo(_message.Message):
     cache_used_bytes: int
     disk_free_bytes: int
     backend: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHoldings, _Mapping]]] = ..., cache_budget_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    unix_time: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHoldings, _Mapping]]] = ..., cache_budget_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., unix_time: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("fingerprint", "config_json", "layers_json")

@@ -109,4 +109,21 @@ def test_node_of_this_cluster_passes_and_of_another_fails(tmp_path):
     assert lines_of(lines, f"node {good.address}")[0].startswith("ok")
     assert lines_of(lines, f"node {stranger.address}")[0].startswith("FAIL")
     assert "not of this cluster" in lines_of(lines, f"node {stranger.address}")[0]
-    assert "not measurable" in lines_of(lines, "clock skew")[0]
+    # The node shares this machine's clock: measured, and within the round trip of zero.
+    skew = lines_of(lines, "clock skew")[0]
+    assert skew.startswith("ok") and good.address in skew
+    assert abs(float(skew.split("largest ")[1].split(" s")[0])) < 1.0
+
+
+def test_clock_skew_judged_per_node():
+    from edgemoe.coordinator.doctor import FAIL, OK, WARN, check_clock_skew
+
+    def row(address, skew):
+        return {"address": address, "name": "n", "healthy": True, "rtt_ms": 2.0, "clock_skew_s": skew}
+
+    assert check_clock_skew([row("a:1", 0.01)]).level == OK
+    near = check_clock_skew([row("a:1", 0.01), row("b:2", -5.0)])
+    assert near.level == WARN and "-5.00 s" in near.detail and "b:2" in near.detail and "NTP" in near.detail
+    assert check_clock_skew([row("a:1", 400.0)]).level == FAIL
+    old = check_clock_skew([row("a:1", None)])
+    assert old.level == WARN and "not reported by a:1" in old.detail
