@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an idle connection is closed after this long between requests (default: 5)")
     lim.add_argument("--max-header-kb", type=float, metavar="KB",
                      help="largest request line and headers together (default: 16)")
+    lim.add_argument("--max-dashboards", type=int, metavar="N",
+                     help="dashboards (GET /) streaming at once; more get 429 (default: 8)")
     s.set_defaults(func=cmd_serve)
 
     pe = sub.add_parser("peers", help="the nodes this coordinator can use: health, round trip, experts held, cache")

@@ -182,11 +182,13 @@ def _serve_limits(args: argparse.Namespace) -> ServeLimits:
         "header_timeout_s": args.header_timeout, "keep_alive_timeout_s": args.keep_alive_timeout,
         "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
         "max_header_bytes": None if args.max_header_kb is None else int(args.max_header_kb * 2**10),
+        "max_dashboards": args.max_dashboards,
     }
     flags = {"max_tokens": "--max-tokens-limit", "max_prompt_chars": "--max-prompt-chars",
              "max_json_depth": "--max-json-depth", "max_queue": "--max-queue", "max_connections": "--max-connections",
              "header_timeout_s": "--header-timeout", "keep_alive_timeout_s": "--keep-alive-timeout",
-             "max_body_bytes": "--max-body-mb", "max_header_bytes": "--max-header-kb"}
+             "max_body_bytes": "--max-body-mb", "max_header_bytes": "--max-header-kb",
+             "max_dashboards": "--max-dashboards"}
     for name, value in given.items():
         if value is not None and not value > 0:  # NaN too
             raise EdgemoeError(f"{flags[name]} must be positive")

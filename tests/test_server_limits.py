@@ -10,6 +10,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from test_server import KEY, Server, start_server, stop_server, wait_for
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = ("--api-key", KEY, "--max-queue", "1", "--max-tokens-limit", "3000", "--max-body-mb", "1",
           "--max-prompt-chars", "2000", "--max-json-depth", "8", "--header-timeout", "1", "--keep-alive-timeout", "1",
-          "--max-header-kb", "4")
+          "--max-header-kb", "4", "--max-dashboards", "1")
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +235,28 @@ def test_an_unseeded_request_does_not_follow_a_seeded_one(server):
 
 
 # -- connections
+
+
+def test_dashboards_over_the_limit_are_429(server):
+    url = f"{server.url}/v1/dashboard/events"
+    with httpx.Client(timeout=10, headers=AUTH) as client:
+        with client.stream("GET", url) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith("data: ")  # it is streaming
+            with client.stream("GET", url) as second:  # never read whole: a 200 would stream on
+                assert second.status_code == 429
+                second.read()
+                assert second.json()["error"]["code"] == "too_many_dashboards"
+                assert "--max-dashboards" in second.json()["error"]["message"]
+    # The stream's slot is given back once the server sees the client gone (its next tick).
+    for _ in range(50):
+        with httpx.Client(timeout=10, headers=AUTH) as client, client.stream("GET", url) as again:
+            if again.status_code == 200:
+                break
+        time.sleep(0.2)
+    assert again.status_code == 200
+    still_serving(server)
 
 
 def test_half_sent_headers_are_closed_after_the_header_timeout(server):

@@ -29,7 +29,7 @@ from edgemoe.node.errors import EdgemoeError
 from . import schema
 from .body import parse_json, read_body
 from .connections import HeaderCap, protocol_class
-from .dashboard import HEADERS, MAX_STREAMS, Dashboard, page
+from .dashboard import HEADERS, Dashboard, page
 from .limits import DEFAULT_LIMITS, ServeLimits, raise_open_file_limit
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .schema import DEFAULT_MAX_TOKENS, ApiError, Chunks, Params, error_response
@@ -189,9 +189,9 @@ class Service:
 
     async def dashboard_events(self, request: Request) -> Response:
         self.check_key(request)
-        if self.dashboard.streams >= MAX_STREAMS:
-            raise ApiError(429, f"{MAX_STREAMS} dashboards are open already; close one", type="server_busy",
-                           code="too_many_dashboards")
+        if self.dashboard.streams >= self.limits.max_dashboards:
+            raise ApiError(429, f"{self.limits.max_dashboards} dashboards are open already; close one (or raise "
+                           "--max-dashboards)", type="server_busy", code="too_many_dashboards")
         return StreamingResponse(self.dashboard.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -24,7 +24,6 @@ from typing import Any
 from ..counters import snapshot
 
 TICK_S = 0.5  # ~2 updates a second
-MAX_STREAMS = 8  # open dashboards at once; one more is refused with a 429
 
 # Where an expert lives, as the page colours it: this machine's RAM cache, only the SSD, or node k (k >= 1).
 CACHE, SSD = 0, -1

@@ -36,6 +36,7 @@ class ServeLimits:
     header_timeout_s: float = 10.0  # to send a request's headers, and again its body
     keep_alive_timeout_s: int = 5  # an idle connection between two requests
     max_header_bytes: int = 16 * 2**10  # a request's line and headers together
+    max_dashboards: int = 8  # dashboards streaming at once (they share one state a tick); 429 beyond them
 
     def prompt_chars(self, context_length: int | None) -> int:
         if self.max_prompt_chars is not None:
