@@ -22,7 +22,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from edgemoe.node.errors import ManifestError
+from edgemoe.node.errors import EdgemoeError, ManifestError
 from edgemoe.node.holdings import write_durably
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import Manifest, read_manifest
@@ -191,8 +191,13 @@ def attach(local: LocalExperts) -> HotSet:
     warmed = 0
     if seeded:
         local.seed_counts(seeded)
-        warmed = local.warm()
-        log.info("learned hot set: warmed the cache with %d experts", warmed)
+        try:
+            warmed = local.warm()
+            log.info("learned hot set: warmed the cache with %d experts", warmed)
+        except EdgemoeError as exc:
+            # Warming is only a head start: a bad expert file fails the request that needs it
+            # (and /health says so), not the start.
+            log.warning("learned hot set: warming the cache stopped: %s", exc)
     hot = HotSet(local, local.routing_counts(), warmed)
     _attached[local] = hot
     return hot

@@ -168,3 +168,25 @@ def test_cli_generate_saves_and_forget_removes(tiny):
     assert not path.exists()
     r = run_cli("forget", "--model", packed)
     assert r.returncode == 0 and "no learned hot set" in r.stdout
+
+
+def test_a_damaged_expert_stops_the_warming_not_the_start(models, tiny, tmp_path, caplog):
+    """Warming is a head start: a file failing its checksum is reported by the request that
+    needs it (and serve's /health), and the model still loads."""
+    from edgemoe.node.errors import EdgemoeError
+
+    packed, prompt, _ = tiny
+    run(packed, prompt)  # saves a hot set for this fingerprint
+    damaged = models.copy_packed(tmp_path / "damaged")
+    for path in (damaged / "experts").iterdir():
+        path.write_bytes(os.urandom(path.stat().st_size))
+    manifest = read_manifest(damaged)
+    with caplog.at_level(logging.WARNING, logger="edgemoe"):
+        sm = load_streaming_model(damaged, cache_bytes=manifest.total_expert_bytes // 8, hot_set=True)
+    try:
+        assert any("warming the cache stopped" in r.getMessage() and "checksum" in r.getMessage()
+                   for r in caplog.records)
+        with pytest.raises(EdgemoeError, match="checksum"):
+            generate(sm, prompt, max_tokens=MAX_TOKENS)
+    finally:
+        sm.close()
