@@ -21,7 +21,6 @@ from edgemoe.node.errors import EdgemoeError
 if TYPE_CHECKING:
     from edgemoe.node.credentials import ClusterCredentials
 
-    from .server.limits import ServeLimits
     from .watch import NodeWatcher
 
 
@@ -153,7 +152,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     node_timeout = _node_timeout(args)
     audit = _audit_rate(args)
 
-    limits = _serve_limits(args)
+    from .server.limits import limits_from_flags
+
+    limits = limits_from_flags(args)
     with _watched_peers(args) as (peers, credentials, watcher):
 
         def load():
@@ -170,33 +171,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         serve(Path(args.model), args.host, args.port, load, api_key=args.api_key,
               default_max_tokens=args.max_tokens, limits=limits)
-
-
-def _serve_limits(args: argparse.Namespace) -> ServeLimits:
-    """`edgemoe serve`'s limits: the flags given, each checked, over ServeLimits' defaults."""
-    from .server.limits import ServeLimits
-
-    given = {
-        "max_tokens": args.max_tokens_limit, "max_prompt_chars": args.max_prompt_chars,
-        "max_json_depth": args.max_json_depth, "max_queue": args.max_queue, "max_connections": args.max_connections,
-        "header_timeout_s": args.header_timeout, "keep_alive_timeout_s": args.keep_alive_timeout,
-        "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
-        "max_header_bytes": None if args.max_header_kb is None else int(args.max_header_kb * 2**10),
-        "max_dashboards": args.max_dashboards,
-    }
-    flags = {"max_tokens": "--max-tokens-limit", "max_prompt_chars": "--max-prompt-chars",
-             "max_json_depth": "--max-json-depth", "max_queue": "--max-queue", "max_connections": "--max-connections",
-             "header_timeout_s": "--header-timeout", "keep_alive_timeout_s": "--keep-alive-timeout",
-             "max_body_bytes": "--max-body-mb", "max_header_bytes": "--max-header-kb",
-             "max_dashboards": "--max-dashboards"}
-    for name, value in given.items():
-        if value is not None and not value > 0:  # NaN too
-            raise EdgemoeError(f"{flags[name]} must be positive")
-    limits = ServeLimits(**{name: value for name, value in given.items() if value is not None})
-    if args.max_tokens > limits.max_tokens:
-        raise EdgemoeError(f"--max-tokens {args.max_tokens} is over --max-tokens-limit {limits.max_tokens}: "
-                           "lower the one or raise the other")
-    return limits
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
