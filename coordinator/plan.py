@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.node.architecture import read_config
+from edgemoe.node.compute import input_dims
 from edgemoe.node.errors import CacheBudgetError
 from edgemoe.node.limits import array_memory_bytes, array_memory_kind, compute_backend, ram_bytes
 from edgemoe.node.manifest import Manifest, read_manifest
@@ -36,9 +37,11 @@ DISK_SAMPLE_BYTES = 256 * 2**20
 CACHE_FRACTIONS = ((1, 8), (1, 4), (1, 2), (1, 1))
 
 
-def measure_nodes(addresses: list[str], credentials: Any, manifest: Manifest) -> list[dict[str, Any]]:
+def measure_nodes(addresses: list[str], credentials: Any, manifest: Manifest, hidden_size: int,
+                  k: int) -> list[dict[str, Any]]:
     """Each node's Info: usable or why not, its cache budget (its capacity for placement), what
-    it holds of this model, and the median round trip of a few Info calls on an open channel."""
+    it holds of this model, and its round trip (`node_rtts_s`: a decode-like compute call on
+    experts it holds, else Info calls)."""
     from .peers import Peer
 
     nodes = []
@@ -46,7 +49,7 @@ def measure_nodes(addresses: list[str], credentials: Any, manifest: Manifest) ->
         peer = Peer(address, credentials, manifest)
         try:
             usable = peer.connect(manifest.fingerprint)
-            rtts = node_rtts_s([peer], manifest.fingerprint) if usable else []
+            rtts = node_rtts_s([peer], manifest, hidden_size, k) if usable else []
             info = peer.info
             nodes.append({
                 "address": address, "name": peer.name, "usable": usable,
@@ -98,9 +101,10 @@ def run_plan(model_dir: Path, cache_bytes: int | None, addresses: list[str], cre
     try:
         steps = measure_steps(sm, paths)
         dense_bytes = sm.dense_bytes
+        hidden_size = input_dims(sm.dispatchers[0].kernel)
     finally:
         sm.close()
-    nodes = measure_nodes(addresses, credentials, manifest) if addresses else []
+    nodes = measure_nodes(addresses, credentials, manifest, hidden_size, k) if addresses else []
     total = manifest.total_expert_bytes
     budgets = [(f"{a}/{b}", max(manifest.expert_bytes, total * a // b)) for a, b in CACHE_FRACTIONS]
     budgets.append(("--cache-mb" if cache_bytes is not None else "default", budget))

@@ -27,8 +27,11 @@ import mlx.core as mx
 import numpy as np
 
 from edgemoe.node.architecture import routed_experts_per_token
+from edgemoe.node.compute import input_dims
 from edgemoe.node.errors import EdgemoeError
 from edgemoe.node.manifest import Manifest
+from edgemoe.node.wire import tensor_from_array
+from edgemoe.protos import edgemoe_node_pb2 as pb
 
 from ..cluster import Key, keep_local, place_experts
 from ..generate import build_prompt, generate
@@ -42,6 +45,8 @@ KERNEL_REPEATS = 20
 # A miss step's reads per token, at most (whole layers: at least one).
 MISS_STEP_BYTES = 256 * 2**20
 RTT_SAMPLES = 5
+# A probe compute call: far above a LAN round trip, and a node that takes longer is not one to plan with.
+PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -221,17 +226,34 @@ def layer_shares(manifest: Manifest, local: set[Key], plan: list[list[Key]], rtt
     return shares
 
 
-def node_rtts_s(peers: list[Any], fingerprint: str) -> list[float]:
-    """Each peer's median round trip of a few Info calls on its open channel, in seconds."""
+def node_rtts_s(peers: list[Any], manifest: Manifest, hidden_size: int, k: int) -> list[float]:
+    """Each peer's median round trip, in seconds, of a few calls like decode's: one token's
+    row sent to K experts of one layer that the node holds (a compute call adds the node's
+    own work and the wire format to an Info round trip: 2.6 against ~1 ms on loopback);
+    a node holding nothing of the model is timed by Info calls. Reads and writes nothing."""
     rtts = []
     for peer in peers:
         times = []
+        probe = _probe_request(peer.held, manifest.fingerprint, hidden_size, k)
         for _ in range(RTT_SAMPLES):
             start = time.perf_counter()
-            peer.refresh(fingerprint)
+            if probe is None:
+                peer.refresh(manifest.fingerprint)
+            else:
+                peer.compute(probe).result(timeout=PROBE_TIMEOUT_S)
             times.append(time.perf_counter() - start)
         rtts.append(statistics.median(times))
     return rtts
+
+
+def _probe_request(held: set[Key], fingerprint: str, hidden_size: int, k: int) -> pb.ComputeRequest | None:
+    if not held:
+        return None
+    layer = min(layer for layer, _ in held)
+    experts = sorted(e for at, e in held if at == layer)[:k]
+    hidden = tensor_from_array(mx.zeros((1, hidden_size), dtype=mx.float32))
+    return pb.ComputeRequest(fingerprint=fingerprint, layer=layer, hidden=hidden, rows=[0] * len(experts),
+                             experts=experts)
 
 
 def cluster_prediction(sm: StreamingModel, steps: Steps) -> float:
@@ -244,8 +266,9 @@ def cluster_prediction(sm: StreamingModel, steps: Steps) -> float:
             usable.append(p)
             nodes.append({"usable": True, "capacity_bytes": p.info.cache_budget_bytes, "held": sorted(p.held)})
     local, plan = placement(sm.manifest, sm.local.budget_bytes, nodes)
-    shares = layer_shares(sm.manifest, local, plan, node_rtts_s(usable, sm.manifest.fingerprint))
     k = experts_per_token(sm.config)
+    hidden_size = input_dims(sm.dispatchers[0].kernel)
+    shares = layer_shares(sm.manifest, local, plan, node_rtts_s(usable, sm.manifest, hidden_size, k))
     return predict(machine(sm.manifest, k, steps, steps.page_cache), shares).tokens_per_s
 
 
