@@ -169,3 +169,35 @@ def test_model_terms():
     far = predict(m, [LayerShares(0.5, 0.5, 0.05)] * 4)
     assert near.tokens_per_s > alone.tokens_per_s > far.tokens_per_s
     assert far.seconds_per_token > 4 * (1 - 0.5**2) * 0.05  # a layer calling a node waits its round trip
+
+
+def test_a_node_holding_experts_is_timed_by_decode_like_compute_calls(models):
+    """A compute call costs a node's own work and the wire format on top of an Info round
+    trip: a node holding experts of the model is timed by calls like decode's (one row, K
+    experts of one layer it holds); one holding nothing, by Info."""
+    from concurrent.futures import Future
+
+    from edgemoe.coordinator.bench.predict import RTT_SAMPLES, node_rtts_s
+
+    manifest = read_manifest(models.packed("qwen3_moe", True))
+
+    class FakePeer:
+        def __init__(self, held):
+            self.held, self.requests, self.refreshes = held, [], 0
+
+        def compute(self, request):
+            self.requests.append(request)
+            done: Future = Future()
+            done.set_result((None, 0.0))
+            return done
+
+        def refresh(self, fingerprint):
+            self.refreshes += 1
+
+    holder, empty = FakePeer({(2, 5), (1, 7), (1, 3), (1, 9)}), FakePeer(set())
+    assert len(node_rtts_s([holder, empty], manifest, hidden_size=16, k=2)) == 2
+    assert len(holder.requests) == RTT_SAMPLES and holder.refreshes == 0
+    request = holder.requests[0]
+    assert (request.layer, list(request.experts), list(request.rows)) == (1, [3, 7], [0, 0])
+    assert list(request.hidden.shape) == [1, 16] and request.fingerprint == manifest.fingerprint
+    assert empty.refreshes == RTT_SAMPLES and empty.requests == []
