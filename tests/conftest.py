@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from edgemoe.coordinator.hotset import HOT_SET_DIR
 from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.tiny_models import SUPPORTED_ARCHS, write_tiny_model, write_tokenizer
 
@@ -295,3 +296,10 @@ def edgemoe_home(tmp_path_factory):
         os.environ.pop("EDGEMOE_HOME", None)
     else:
         os.environ["EDGEMOE_HOME"] = saved
+
+
+@pytest.fixture(autouse=True)
+def no_hot_sets_from_other_tests():
+    """Each test starts with no learned hot set: a run's hot set (the CLI and `edgemoe.load`
+    keep one) would otherwise warm a later test's cache, changing its reads and its output."""
+    shutil.rmtree(Path(os.environ["EDGEMOE_HOME"]) / HOT_SET_DIR, ignore_errors=True)
