@@ -19,7 +19,6 @@ from edgemoe.node.local import LocalExperts
 from .cluster import Cluster
 from .counters import snapshot
 from .discovery import resolve_peers
-from .hotset import attached
 from .loader import load_streaming_model
 from .streaming import StreamingExperts, StreamingModel
 
@@ -41,6 +40,9 @@ def load(
     cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
     sm = load_streaming_model(Path(path).expanduser(), cache_bytes=cache_bytes, peers=addresses,
                               credentials=credentials, hot_set=hot_set, **options)
+    # Kept on the model (a plain attribute: mlx's Module registers only arrays and containers),
+    # so `stats` and `close` find the cluster and the hot set with it.
+    sm.model.edgemoe_streaming_model = sm
     return sm.model, sm.tokenizer
 
 
@@ -54,9 +56,13 @@ def _parts(model: nn.Module) -> tuple[LocalExperts, Cluster | None]:
 
 
 def streaming_model(model: nn.Module) -> StreamingModel:
-    """The `StreamingModel` view of a model from `load` (what the CLI works with)."""
+    """The `StreamingModel` a model from `load` came from (what the CLI works with); for a
+    model of `load_streaming_model`, a view of its experts and cluster."""
+    loaded = model.__dict__.get("edgemoe_streaming_model")
+    if isinstance(loaded, StreamingModel):
+        return loaded
     local, cluster = _parts(model)
-    return StreamingModel(model, None, {}, local.manifest, local, 0, cluster, attached(local))
+    return StreamingModel(model, None, {}, local.manifest, local, 0, cluster)
 
 
 def stats(model: nn.Module) -> dict[str, Any]:

@@ -174,14 +174,8 @@ class HotSet:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        local = self._local()
-        if local is not None:
-            _attached.pop(local, None)
         if save:
             self.save()
-
-
-_attached: weakref.WeakKeyDictionary[LocalExperts, HotSet] = weakref.WeakKeyDictionary()
 
 
 def attach(local: LocalExperts) -> HotSet:
@@ -198,11 +192,4 @@ def attach(local: LocalExperts) -> HotSet:
             # Warming is only a head start: a bad expert file fails the request that needs it
             # (and /health says so), not the start.
             log.warning("learned hot set: warming the cache stopped: %s", exc)
-    hot = HotSet(local, local.routing_counts(), warmed)
-    _attached[local] = hot
-    return hot
-
-
-def attached(local: LocalExperts) -> HotSet | None:
-    """The HotSet `attach` gave these experts, until it is closed."""
-    return _attached.get(local)
+    return HotSet(local, local.routing_counts(), warmed)
