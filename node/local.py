@@ -50,6 +50,7 @@ class _Group:
         # Bumped whenever a cached expert leaves its slot (evicted, or forgotten after a failed
         # read): a resident table built before then may name a slot that holds another expert.
         self.departures = 0
+        self.keeps_all = False
 
     def admit(self, key: tuple[int, int]) -> int:
         slot = self.free.pop()
@@ -138,8 +139,6 @@ class LocalExperts:
         self._groups: list[_Group] = []
         self._group_of: dict[int, _Group] = {}
         self._num_experts = {spec.layer: spec.num_experts for spec in self.manifest.layers}
-        # Groups whose cache holds every expert of all their layers: nothing there is ever evicted.
-        self._keeps_all: set[int] = set()
         # layer -> (its expert -> slot table, the group's `departures` when it was built)
         self._resident: dict[int, tuple[mx.array, int]] = {}
         for specs in by_layout.values():
@@ -156,8 +155,8 @@ class LocalExperts:
                 )
             group = _Group(specs[0], budget, self.scratch_slots, self.prefetch_slots, self.policy)
             self._groups.append(group)
-            if group.cache_slots >= sum(s.num_experts for s in specs):
-                self._keeps_all.add(id(group))
+            # A cache that holds every expert of its layers never evicts.
+            group.keeps_all = group.cache_slots >= sum(s.num_experts for s in specs)
             for spec in specs:
                 self._group_of[spec.layer] = group
         self.budget_bytes = cache_bytes
@@ -285,7 +284,7 @@ class LocalExperts:
         if built is not None and built[1] == group.departures:
             return built[0]
         n = self._num_experts[layer]
-        if id(group) not in self._keeps_all or group.cached_in_layer.get(layer, 0) < n:
+        if not group.keeps_all or group.cached_in_layer.get(layer, 0) < n:
             return None
         # A slot is admitted before its read lands: wait for reads in flight (a failed one
         # is forgotten, and that expert is no longer cached).
