@@ -19,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from edgemoe.node.compute import ExpertKernel, compute_pairs
-from edgemoe.node.local import LocalExperts, Misses
+from edgemoe.node.local import LocalExperts
+from edgemoe.node.misses import Misses
 
 
 class RemoteCall(Protocol):

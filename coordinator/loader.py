@@ -26,6 +26,7 @@ from edgemoe.node.errors import ClusterConfigError, ManifestError
 from edgemoe.node.limits import DEFAULT_CACHE_FRACTION, MAX_INFLIGHT_EXPERTS, array_memory_bytes
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
+from edgemoe.node.staging import open_dma
 from edgemoe.node.store import ExpertStore
 
 from .cluster import DEFAULT_AUDIT_RATE, REPLY_DEADLINE_S, Cluster
@@ -119,7 +120,7 @@ def load_streaming_model(
         # Misses computed as they land run in other batch shapes than mlx-lm's one call per
         # layer: the same bits on the CPU, not on a GPU (measured on CUDA), so only there.
         local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k,
-                             compute_as_read=on_cpu)
+                             compute_as_read=on_cpu, dma=open_dma())
     except BaseException:
         store.close()
         raise

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .cache import CacheStats, ExpertCache
+from .cache import CacheStats
 from .errors import CacheBudgetError, EdgemoeError
 from .manifest import Manifest
-from .pool import SlotPool, layout_key
-from .store import ExpertStore, PendingReads
+from .misses import Misses
+from .pool import SlotGroup, layout_key
+from .staging import Dma, stage
+from .store import ExpertStore
 
 
 @dataclass
@@ -28,92 +30,17 @@ class FetchStats:
 MAX_UNSETTLED = 4096
 
 
-class _Group:
-    """Layers sharing one tensor layout, and their pool's slots:
-    [0, cache) the cache's, then `scratch` slots for misses the cache does not
-    admit, then two banks of `prefetch` slots used alternately (a bank being
-    filled for the next layer is never one the current layer computes from)."""
-
-    def __init__(self, spec, budget_bytes: int, scratch_slots: int, prefetch_slots: int, policy: str):
-        self.record_bytes = spec.record_bytes
-        self.cache_slots = budget_bytes // spec.record_bytes
-        self.scratch_start = self.cache_slots
-        self.prefetch_start = self.cache_slots + scratch_slots
-        self.prefetch_slots = prefetch_slots
-        self.pool = SlotPool(spec, self.cache_slots + scratch_slots + 2 * prefetch_slots)
-        self.slot_of: dict[tuple[int, int], int] = {}
-        self.free = list(range(self.cache_slots - 1, -1, -1))
-        self.cache: ExpertCache[tuple[int, int]] = ExpertCache(self.cache_slots * spec.record_bytes, spec.record_bytes,
-                                                               policy, on_evict=self._evicted)
-        self.bank = 0
-        self.cached_in_layer: dict[int, int] = {}
-        # Bumped whenever a cached expert leaves its slot (evicted, or forgotten after a failed
-        # read): a resident table built before then may name a slot that holds another expert.
-        self.departures = 0
-        self.keeps_all = False
-
-    def admit(self, key: tuple[int, int]) -> int:
-        slot = self.free.pop()
-        self.slot_of[key] = slot
-        self.cached_in_layer[key[0]] = self.cached_in_layer.get(key[0], 0) + 1
-        return slot
-
-    def _evicted(self, key, _value) -> None:
-        self.free.append(self.slot_of.pop(key))
-        self.cached_in_layer[key[0]] -= 1
-        self.departures += 1
-
-    def copy_slot(self, src: int, dst: int) -> None:
-        for a, b in zip(self.pool.views(src), self.pool.views(dst)):
-            b[:] = a
-
-
-class Misses:
-    """A layer's misses being read into their slots (see `LocalExperts.start_slots`)."""
-
-    def __init__(self, local: LocalExperts, group: _Group, layer: int, experts: list[int]):
-        self.local = local
-        self.group = group
-        self.layer = layer
-        self.pending: PendingReads | None = None
-        self._experts = experts
-
-    @property
-    def experts(self) -> list[int]:
-        """The misses still to wait for, in read order."""
-        return self.pending.experts if self.pending is not None else []
-
-    def wait(self, expert: int) -> None:
-        assert self.pending is not None  # set by start_slots before it hands the misses out
-        try:
-            self.pending.wait(expert)
-        except EdgemoeError:
-            self.forget()
-            raise
-
-    def wait_all(self) -> None:
-        assert self.pending is not None  # set by start_slots before it hands the misses out
-        try:
-            self.pending.wait_all()
-        except EdgemoeError:
-            self.forget()
-            raise
-
-    def forget(self) -> None:
-        """Slots of a failed read hold bad bytes: they must never serve a hit."""
-        for e in self._experts:
-            if (self.layer, e) in self.group.slot_of:
-                self.group.cache.remove((self.layer, e))
-
-
 class LocalExperts:
     """Finds each requested expert a slot: a cache hit, a prefetched expert, or a miss
     read from SSD into a free (or evicted) cache slot, or into a scratch slot when
     the cache does not admit it."""
 
     def __init__(self, store: ExpertStore, cache_bytes: int, policy: str = "lfu", scratch_slots: int = 32,
-                 prefetch_slots: int = 0, compute_as_read: bool = True):
+                 prefetch_slots: int = 0, compute_as_read: bool = True, dma: Dma | None = None):
         self.store = store
+        self.dma = dma
+        # Off, misses are read into their slots directly even with a `dma` (the bench's A/B).
+        self.staged_reads = True
         self.compute_as_read = compute_as_read
         self.manifest: Manifest = store.manifest
         self.stats = FetchStats()
@@ -124,6 +51,7 @@ class LocalExperts:
         self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
         self._misses: Misses | None = None
+        self._groups: list[SlotGroup] = []
         # Routing choices of layers computed from a resident table, counted once computed (`settle`).
         self._unsettled: list[tuple[int, mx.array, int]] = []
         self._epoch = 0
@@ -132,12 +60,13 @@ class LocalExperts:
         self._build(cache_bytes)
 
     def _build(self, cache_bytes: int) -> None:
+        self._close_staging()
         by_layout: dict[tuple, list] = {}
         for spec in self.manifest.layers:
             by_layout.setdefault(layout_key(spec), []).append(spec)
         total = self.manifest.total_expert_bytes
-        self._groups: list[_Group] = []
-        self._group_of: dict[int, _Group] = {}
+        self._groups = []
+        self._group_of: dict[int, SlotGroup] = {}
         self._num_experts = {spec.layer: spec.num_experts for spec in self.manifest.layers}
         # layer -> (its expert -> slot table, the group's `departures` when it was built)
         self._resident: dict[int, tuple[mx.array, int]] = {}
@@ -153,7 +82,9 @@ class LocalExperts:
                     f"(one expert is {specs[0].record_bytes / 2**20:.3f} MB); raise --cache-mb to at least "
                     f"{(specs[0].record_bytes / share + 2**20 - 1) // 2**20:.0f}"
                 )
-            group = _Group(specs[0], budget, self.scratch_slots, self.prefetch_slots, self.policy)
+            group = SlotGroup(specs[0], budget, self.scratch_slots, self.prefetch_slots, self.policy)
+            if self.dma is not None:
+                group.staging = stage(specs[0], self.scratch_slots, group.pool, self.dma)
             self._groups.append(group)
             # A cache that holds every expert of its layers never evicts.
             group.keeps_all = group.cache_slots >= sum(s.num_experts for s in specs)
@@ -232,6 +163,8 @@ class LocalExperts:
         protect = {(layer, e) for e in experts}
         slots = np.empty(len(experts), dtype=np.uint32)
         targets: dict[int, list[memoryview]] = {}
+        staging = group.staging if self.staged_reads else None
+        staged: dict[int, tuple[int, int]] = {}
         used_prefetch = 0
         scratch = group.scratch_start
         for i, e in enumerate(experts):
@@ -252,20 +185,25 @@ class LocalExperts:
             else:
                 if not admitted:
                     slot, scratch = scratch, scratch + 1
-                targets[e] = group.pool.views(slot)
+                if staging is not None:
+                    staged[e] = (len(targets), slot)
+                    targets[e] = staging.views(len(targets))
+                else:
+                    targets[e] = group.pool.views(slot)
             slots[i] = slot
         self.stats.experts_from_cache += len(experts) - len(targets) - used_prefetch
         self.stats.prefetch_used += used_prefetch
         if not targets:
             return slots, None
         self.stats.experts_from_ssd += len(targets)
-        misses = Misses(self, group, layer, list(targets))
+        misses = Misses(group, layer, list(targets), staged)
         try:
             misses.pending = self.store.start_reads(layer, targets)
         except EdgemoeError:
             misses.forget()
             raise
         self._misses = misses
+        misses.land_done()
         if not self.store.direct or not self.compute_as_read:
             # Through the page cache most reads are memory copies: computing the misses one
             # by one as they land would cost more than it overlaps (measured: 7% slower).
@@ -374,7 +312,14 @@ class LocalExperts:
         self.settle(everything=True)
         self._drain()
         self._prefetcher.shutdown(wait=True)
+        self._close_staging()
         self.store.close()
+
+    def _close_staging(self) -> None:
+        for group in self._groups:
+            if group.staging is not None:
+                group.staging.close()
+                group.staging = None
 
     def seed_counts(self, counts: dict[tuple[int, int], int]) -> None:
         """Starts the routing counts from a saved history (the learned hot set); pairs of

@@ -1,15 +1,21 @@
 """Slot pools: one preallocated `[slots, ...]` array per expert tensor, shared by
 every MoE layer with the same tensor layout.
 
-Experts are read straight into a slot's memory and computed by slot index, so
-nothing is copied or stacked per token.
+Experts are read straight into a slot's memory (on CUDA, into pinned memory and then
+copied there by DMA: staging.py) and computed by slot index, so nothing is stacked per token.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import mlx.core as mx
 
+from .cache import ExpertCache
 from .manifest import LayerSpec
+
+if TYPE_CHECKING:
+    from .staging import Staging
 
 
 def layout_key(spec: LayerSpec) -> tuple:
@@ -31,6 +37,52 @@ class SlotPool:
         self._bytes = {name: memoryview(arr).cast("B")  # type: ignore[arg-type]
                        for name, arr in self.arrays.items()}
 
+    def byte_views(self) -> dict[str, memoryview]:
+        """Each tensor's whole array, as writable bytes."""
+        return dict(self._bytes)
+
     def views(self, slot: int) -> list[memoryview]:
         """One writable view per tensor of the slot, in the layer spec's tensor order."""
         return [self._bytes[t.name][slot * t.nbytes : (slot + 1) * t.nbytes] for t in self.spec.tensors]
+
+
+class SlotGroup:
+    """Layers sharing one tensor layout, and their pool's slots:
+    [0, cache) the cache's, then `scratch` slots for misses the cache does not
+    admit, then two banks of `prefetch` slots used alternately (a bank being
+    filled for the next layer is never one the current layer computes from)."""
+
+    def __init__(self, spec, budget_bytes: int, scratch_slots: int, prefetch_slots: int, policy: str):
+        self.record_bytes = spec.record_bytes
+        self.cache_slots = budget_bytes // spec.record_bytes
+        self.scratch_start = self.cache_slots
+        self.prefetch_start = self.cache_slots + scratch_slots
+        self.prefetch_slots = prefetch_slots
+        self.pool = SlotPool(spec, self.cache_slots + scratch_slots + 2 * prefetch_slots)
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.free = list(range(self.cache_slots - 1, -1, -1))
+        self.cache: ExpertCache[tuple[int, int]] = ExpertCache(self.cache_slots * spec.record_bytes, spec.record_bytes,
+                                                               policy, on_evict=self._evicted)
+        self.bank = 0
+        self.cached_in_layer: dict[int, int] = {}
+        # Bumped whenever a cached expert leaves its slot (evicted, or forgotten after a failed
+        # read): a resident table built before then may name a slot that holds another expert.
+        self.departures = 0
+        self.keeps_all = False
+        # Where misses are read before they are copied into their slots (CUDA only: staging.py).
+        self.staging: Staging | None = None
+
+    def admit(self, key: tuple[int, int]) -> int:
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.cached_in_layer[key[0]] = self.cached_in_layer.get(key[0], 0) + 1
+        return slot
+
+    def _evicted(self, key, _value) -> None:
+        self.free.append(self.slot_of.pop(key))
+        self.cached_in_layer[key[0]] -= 1
+        self.departures += 1
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        for a, b in zip(self.pool.views(src), self.pool.views(dst)):
+            b[:] = a

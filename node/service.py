@@ -28,6 +28,7 @@ from .limits import MAX_INFLIGHT_EXPERTS, compute_backend
 from .local import LocalExperts
 from .manifest import Manifest
 from .pool import layout_key
+from .staging import open_dma
 from .store import ExpertStore
 from .version import EDGEMOE_VERSION, PROTOCOL_VERSION
 from .wire import MAX_ROWS, WireError, array_from_tensor, tensor_from_array
@@ -81,7 +82,7 @@ class _ComputeModel:
         manifest = holdings.manifest
         cache_bytes, self.inflight, self.ram_bytes = ram_plan(manifest, budget_bytes)
         store = ExpertStore(holdings.root, manifest, io_mode="buffered")
-        self.local = LocalExperts(store, cache_bytes, scratch_slots=self.inflight)
+        self.local = LocalExperts(store, cache_bytes, scratch_slots=self.inflight, dma=open_dma())
         modules = dict(routed_expert_modules(build_model(holdings.config)))
         self.kernels = {
             spec.layer: ExpertKernel(modules[spec.module_path], spec, self.local.arrays(spec.layer))

@@ -30,6 +30,8 @@ ENGINE = {
     "edgemoe.node.store",
     "edgemoe.node.cache",
     "edgemoe.node.local",
+    "edgemoe.node.misses",
+    "edgemoe.node.staging",
     "edgemoe.node.compute",
     "edgemoe.node.manifest",
     "edgemoe.node.architecture",

@@ -1,0 +1,65 @@
+"""A layer's misses being read into their slots (`LocalExperts.start_slots`): waited for
+one by one as they land, or all at once; staged ones are copied into their slots then."""
+
+from __future__ import annotations
+
+from .errors import EdgemoeError
+from .pool import SlotGroup
+from .store import PendingReads
+
+
+class Misses:
+    """A layer's misses being read into their slots (see `LocalExperts.start_slots`)."""
+
+    def __init__(self, group: SlotGroup, layer: int, experts: list[int], staged: dict[int, tuple[int, int]]):
+        self.group = group
+        self.layer = layer
+        self.pending: PendingReads | None = None
+        self._experts = experts
+        # expert -> (its staging record, its slot), until copied there
+        self._staged = staged
+
+    @property
+    def experts(self) -> list[int]:
+        """The misses still to wait for, in read order."""
+        return self.pending.experts if self.pending is not None else []
+
+    def wait(self, expert: int) -> None:
+        assert self.pending is not None  # set by start_slots before it hands the misses out
+        try:
+            self.pending.wait(expert)
+        except EdgemoeError:
+            self.forget()
+            raise
+        self._land([expert])
+
+    def wait_all(self) -> None:
+        assert self.pending is not None  # set by start_slots before it hands the misses out
+        try:
+            self.pending.wait_all()
+        except EdgemoeError:
+            self.forget()
+            raise
+        self._land(list(self._staged))
+
+    def land_done(self) -> None:
+        """Copies the staged experts already read (a small batch is read before `start_reads`
+        returns): no `wait` would see them."""
+        assert self.pending is not None  # set by start_slots before it calls this
+        self._land([e for e in self._staged if e not in self.pending.experts])
+
+    def _land(self, experts: list[int]) -> None:
+        """Copies staged experts into their slots, and returns once they are there."""
+        staging = self.group.staging
+        landing = [self._staged.pop(e) for e in experts if e in self._staged]
+        if staging is None or not landing:
+            return
+        for record, slot in landing:
+            staging.copy(record, slot)
+        staging.dma.sync()
+
+    def forget(self) -> None:
+        """Slots of a failed read hold bad bytes: they must never serve a hit."""
+        for e in self._experts:
+            if (self.layer, e) in self.group.slot_of:
+                self.group.cache.remove((self.layer, e))

@@ -1,0 +1,142 @@
+"""Staged misses (node/staging.py): on CUDA a miss is read into pinned host memory and
+copied into its slot by DMA. Here a host fake stands in for the DMA engine; it performs
+its copies only at `sync`, so a miss used before its copy is waited for shows up as wrong
+bytes. The real engine runs in `.ci/gpu-check`'s same-answer suite on the GPU."""
+
+from __future__ import annotations
+
+import ctypes
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import MAX_TOKENS, PROMPT, encode, mlx_lm_tokens
+
+from edgemoe.coordinator import loader
+from edgemoe.coordinator.generate import generate
+from edgemoe.node.local import LocalExperts
+from edgemoe.node.manifest import read_manifest
+from edgemoe.node.staging import CudaDmaError, open_dma
+from edgemoe.node.store import ExpertStore
+
+
+class HostDma:
+    def __init__(self, perform: bool = True, refuse_pinning: bool = False):
+        self.perform = perform
+        self.refuse_pinning = refuse_pinning
+        self.registered: dict[int, int] = {}
+        self.queued: list[tuple[int, int, int]] = []
+        self.copies = 0
+        self.copied_bytes = 0
+
+    def register(self, address: int, nbytes: int) -> None:
+        if self.refuse_pinning:
+            raise CudaDmaError("cuMemHostRegister failed with CUDA error 2")
+        self.registered[address] = nbytes
+
+    def unregister(self, address: int) -> None:
+        del self.registered[address]
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        self.queued.append((dst, src, nbytes))
+        self.copies += 1
+        self.copied_bytes += nbytes
+
+    def sync(self) -> None:
+        queued, self.queued = self.queued, []
+        if self.perform:
+            for dst, src, nbytes in queued:
+                ctypes.memmove(dst, src, nbytes)
+
+
+def _tensor_bytes(record: np.ndarray, spec) -> list[bytes]:
+    return [record[t.offset : t.offset + t.nbytes].tobytes() for t in spec.tensors]
+
+
+@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
+def test_staged_misses_land_in_their_slots_through_the_dma(models, io_mode):
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    dma = HostDma()
+    local = LocalExperts(ExpertStore(packed, manifest, io_mode=io_mode), 2 * manifest.total_expert_bytes // 8,
+                         scratch_slots=8, dma=dma)
+    try:
+        experts = [0, 3, 5, 7]
+        slots = local.slots(spec.layer, experts)
+        assert dma.copies == len(experts) * len(spec.tensors) and dma.queued == []
+        reference = ExpertStore(packed, manifest, io_mode="buffered")
+        for e, slot in zip(experts, slots.tolist()):
+            views = local._group_of[spec.layer].pool.views(slot)
+            assert [bytes(v) for v in views] == _tensor_bytes(reference.read(spec.layer, e), spec)
+        reference.close()
+        # Hits are not copied again.
+        local.slots(spec.layer, experts)
+        assert dma.copies == len(experts) * len(spec.tensors)
+    finally:
+        local.close()
+    assert dma.registered == {}  # every pinned buffer released
+
+
+def test_reads_go_to_staging_not_to_the_slot(models):
+    """With a DMA that never copies, a miss's slot keeps its old (zero) bytes: the read
+    itself never writes into slot memory, which on CUDA is what costs a page migration."""
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    local = LocalExperts(ExpertStore(packed, manifest), manifest.total_expert_bytes, dma=HostDma(perform=False))
+    try:
+        slots = local.slots(spec.layer, [1, 2])
+        for slot in slots.tolist():
+            assert all(not any(bytes(v)) for v in local._group_of[spec.layer].pool.views(slot))
+    finally:
+        local.close()
+
+
+@pytest.mark.parametrize("arch,quantized,io_mode", [("qwen3_moe", True, "direct"), ("mixtral", False, "buffered"),
+                                                    ("gpt_oss", True, "buffered")])
+def test_staged_generation_same_tokens_as_mlx_lm(models, monkeypatch, arch, quantized, io_mode):
+    src, packed = models.src(arch, quantized), models.packed(arch, quantized)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    manifest = read_manifest(packed)
+    dma = HostDma()
+    monkeypatch.setattr(loader, "open_dma", lambda: dma)
+    # A quarter of the experts: misses into cache slots, evictions, and scratch slots.
+    sm = loader.load_streaming_model(packed, cache_bytes=manifest.total_expert_bytes // 4, io_mode=io_mode)
+    try:
+        result = generate(sm, prompt, max_tokens=MAX_TOKENS)
+        ssd = sm.local.stats.experts_from_ssd
+        tensors = len(manifest.layers[0].tensors)
+        assert result.token_ids == expected
+        assert ssd > 0 and dma.copies == ssd * tensors
+
+        # The bench's A/B switch: straight into the slots, no copies, same tokens.
+        sm.local.staged_reads = False
+        sm.local.reset_cache(manifest.total_expert_bytes // 4)
+        before = dma.copies
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+        assert dma.copies == before
+    finally:
+        sm.close()
+    assert dma.registered == {}
+
+
+def test_refused_pinning_reads_into_the_slots_and_says_so(models, monkeypatch, caplog):
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    dma = HostDma(refuse_pinning=True)
+    monkeypatch.setattr(loader, "open_dma", lambda: dma)
+    sm = loader.load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes // 4)
+    try:
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+    finally:
+        sm.close()
+    assert dma.copies == 0
+    assert "reading into slots directly" in caplog.text
+
+
+def test_dma_only_on_a_cuda_gpu():
+    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    assert (open_dma() is not None) == on_cuda
