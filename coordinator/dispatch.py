@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 import numpy as np
 
-from edgemoe.node.compute import ExpertKernel, compute_pairs
+from edgemoe.node.compute import SORT_MIN_PAIRS, ExpertKernel, compute_pairs
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.misses import Misses
 
@@ -141,7 +141,8 @@ class LayerDispatch:
         slot_of = dict(zip(needed, slots.tolist()))
         if misses is not None and misses.experts:
             k = chosen.shape[-1]
-            out = self._as_read(x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, slot_of, misses)
+            out = self._as_read(x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, slot_of, misses,
+                                flat.size >= SORT_MIN_PAIRS)
             out = out.reshape(*chosen.shape, -1)
         else:
             # The whole layer in one call, in mlx-lm's own batch shape.
@@ -156,12 +157,13 @@ class LayerDispatch:
         flat = chosen.reshape(-1)
         rows = np.arange(flat.size) // k
         hidden = x.reshape(-1, x.shape[-1])
+        sort = flat.size >= SORT_MIN_PAIRS  # as mlx-lm's one call would
         remote_experts = [e for experts in by_node.values() for e in experts]
         calls = remote.send(self.layer, hidden, rows, flat, by_node)
         parts: list[tuple[np.ndarray, mx.array]] = []
         local_pairs = np.flatnonzero(~np.isin(flat, remote_experts))
         if local_pairs.size:
-            parts.append((local_pairs, self._pairs(hidden, rows[local_pairs], flat[local_pairs])))
+            parts.append((local_pairs, self._pairs(hidden, rows[local_pairs], flat[local_pairs], sort)))
         self._prefetch_next(x, chosen)
         for call, y in remote.collect(calls, hidden, self._output_dtype(hidden)):
             audit = y is not None and remote.should_audit()
@@ -169,7 +171,7 @@ class LayerDispatch:
                 # The fallback's reads may reuse scratch or evicted slots that the work
                 # queued so far still reads: finish that work first.
                 mx.eval([part for _, part in parts])
-                here = self._pairs(hidden, rows[call.pairs], flat[call.pairs])
+                here = self._pairs(hidden, rows[call.pairs], flat[call.pairs], sort)
                 if audit:
                     assert y is not None
                     remote.audited(self.layer, call, _same_bits(y, here))
@@ -187,17 +189,18 @@ class LayerDispatch:
         Read off the lazy graph of a one-row call, which is never evaluated."""
         return self.kernel(hidden[:1], np.zeros((1, 1), dtype=np.uint32)).dtype
 
-    def _pairs(self, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
-        """Output i is expert `experts[i]` applied to `hidden[rows[i]]`, computed here."""
+    def _pairs(self, hidden: mx.array, rows: np.ndarray, experts: np.ndarray, sort: bool) -> mx.array:
+        """Output i is expert `experts[i]` applied to `hidden[rows[i]]`, computed here; `sort`:
+        as on mlx-lm's sorted path (`ExpertKernel.__call__`)."""
         needed = sorted(set(experts.tolist()))
         if len(needed) > self.max_inflight:
             return compute_pairs(self.kernel, lambda group: self.local.slots(self.layer, group), hidden, rows,
-                                 experts, self.max_inflight)
+                                 experts, self.max_inflight, sort)
         slots, misses = self.local.start_slots(self.layer, needed)
-        return self._as_read(hidden, rows, experts, dict(zip(needed, slots.tolist())), misses)
+        return self._as_read(hidden, rows, experts, dict(zip(needed, slots.tolist())), misses, sort)
 
     def _as_read(self, hidden: mx.array, rows: np.ndarray, experts: np.ndarray, slot_of: dict[int, int],
-                 misses: Misses | None) -> mx.array:
+                 misses: Misses | None, sort: bool) -> mx.array:
         """Computes the experts at hand at once, then each miss as soon as its read is in,
         so compute overlaps the reads still in flight. Every (row, expert) pair is the
         same arithmetic as in one call (as in `compute_pairs`), so the output is too."""
@@ -211,7 +214,7 @@ class LayerDispatch:
                 misses.wait(read)
             picked = np.flatnonzero(np.isin(experts, group))
             slots = np.array([slot_of[e] for e in experts[picked].tolist()], dtype=np.uint32)
-            y = self.kernel(hidden[mx.array(rows[picked])], slots[:, None]).reshape(len(picked), -1)
+            y = self.kernel(hidden[mx.array(rows[picked])], slots[:, None], sort).reshape(len(picked), -1)
             mx.async_eval(y)
             parts.append(y)
             order.append(picked)
@@ -225,7 +228,8 @@ class LayerDispatch:
         k = chosen.shape[-1]
         flat = chosen.reshape(-1)
         out = compute_pairs(self.kernel, lambda group: self.local.slots(self.layer, group),
-                            x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, self.max_inflight)
+                            x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, self.max_inflight,
+                            flat.size >= SORT_MIN_PAIRS)
         return out.reshape(*chosen.shape, -1)
 
     def _prefetch_next(self, x: mx.array, chosen: np.ndarray) -> None:

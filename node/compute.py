@@ -18,6 +18,9 @@ import numpy as np
 from .dtypes import array_from_bytes
 from .manifest import LayerSpec
 
+# mlx-lm's switch layers sort the (token, expert) pairs of a call from this many on.
+SORT_MIN_PAIRS = 64
+
 ExpertWeights = dict[str, mx.array]
 
 
@@ -52,10 +55,34 @@ class ExpertKernel:
             for part in owner_path.split(".") if owner_path else []:
                 owner = owner[part]
             owner[attr] = pool_arrays[t.name]
+        self.num_slots = next(iter(pool_arrays.values())).shape[0]
 
-    def __call__(self, x: mx.array, slots: np.ndarray | mx.array) -> mx.array:
-        """`slots` has the shape of mlx-lm's `indices` (`x.shape[:-1] + (k,)`), holding slot ids."""
+    def __call__(self, x: mx.array, slots: np.ndarray | mx.array, sort: bool = False) -> mx.array:
+        """`slots` has the shape of mlx-lm's `indices` (`x.shape[:-1] + (k,)`), holding slot ids.
+
+        `sort`: these are some of the pairs of a call that mlx-lm sorts (it sorts from
+        SORT_MIN_PAIRS pairs on), computed on its sorted path even if they are fewer. CUDA's
+        unsorted float32 kernel rounds differently from the sorted one (measured on an H200).
+        """
+        if sort and isinstance(slots, np.ndarray) and 0 < slots.size < SORT_MIN_PAIRS and slots.ndim == 2:
+            padded = _padded_to_sort(x, slots, self.num_slots)
+            if padded is not None:
+                return self.template(padded[0], mx.array(padded[1]))[: slots.shape[0]]
         return self.template(x, slots if isinstance(slots, mx.array) else mx.array(slots))
+
+
+def _padded_to_sort(x: mx.array, slots: np.ndarray, num_slots: int) -> tuple[mx.array, np.ndarray] | None:
+    """Rows `[n, hidden]` and slots `[n, k]` padded with rows of a slot they do not use (its
+    output is dropped) to SORT_MIN_PAIRS pairs: mlx-lm then sorts, and the pairs' own
+    experts see the same rows as before. None if every slot is in use."""
+    used = set(slots.reshape(-1).tolist())
+    spare = next(i for i in range(len(used) + 1) if i not in used)
+    k = slots.shape[1]
+    rows = -(-(SORT_MIN_PAIRS - slots.size) // k)
+    if spare >= num_slots or x.ndim != 2:
+        return None
+    padded_x = mx.concatenate([x, mx.broadcast_to(x[:1], (rows, x.shape[1]))])
+    return padded_x, np.concatenate([slots, np.full((rows, k), spare, dtype=slots.dtype)])
 
 
 def input_dims(kernel: ExpertKernel) -> int:
@@ -71,8 +98,10 @@ def compute_pairs(
     rows: np.ndarray,
     experts: np.ndarray,
     max_inflight: int,
+    sort: bool = False,
 ) -> mx.array:
     """Output row i is expert `experts[i]` applied to `x[rows[i]]`; `[len(rows), hidden]`.
+    `sort`: the pairs are (part of) a call mlx-lm sorts (`ExpertKernel.__call__`).
 
     Experts are brought into slots `max_inflight` at a time (`slots_for` returns the
     slot of each expert it is given), each group computed before the next is fetched,
@@ -85,7 +114,7 @@ def compute_pairs(
         picked = np.flatnonzero(np.isin(experts, group))
         slot_of = dict(zip(group, slots_for(group).tolist()))
         slots = np.array([slot_of[e] for e in experts[picked].tolist()], dtype=np.uint32)
-        y = kernel(x[mx.array(rows[picked])], slots[:, None]).reshape(len(picked), -1)
+        y = kernel(x[mx.array(rows[picked])], slots[:, None], sort).reshape(len(picked), -1)
         if out is None:
             out = mx.zeros((len(rows), y.shape[-1]), dtype=y.dtype)
         out[mx.array(picked)] = y

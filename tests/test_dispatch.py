@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import PROMPT, encode, mlx_lm_tokens
 from nodes import NodeProcess, coordinator, wait_for_placement
@@ -129,3 +130,36 @@ def test_every_reply_of_an_honest_node_audited_is_bit_for_bit_this_machines(mode
     assert peer.distrusted == "" and stats.fallbacks == 0
     assert stats.audits == stats.peer_calls > 0 and stats.audit_failures == 0
     assert (snap["audits"], snap["audit_failures"]) == (stats.audits, 0)
+
+
+def test_a_few_pairs_of_a_call_mlx_lm_sorts_are_computed_on_its_sorted_path(models, monkeypatch):
+    """Padded with a spare slot's rows to mlx-lm's sort threshold, a part of a sorted call
+    sorts too, and gives the bits of those pairs in the whole call."""
+    from mlx_lm.models import switch_layers
+
+    from edgemoe.coordinator.bench.decode import cache_everything
+    from edgemoe.coordinator.loader import load_streaming_model
+    from edgemoe.node.compute import SORT_MIN_PAIRS, input_dims
+    from edgemoe.node.manifest import read_manifest
+
+    sorts = []
+    original = switch_layers._gather_sort
+    monkeypatch.setattr(switch_layers, "_gather_sort", lambda x, i: sorts.append(i.size) or original(x, i))
+    packed = models.packed("qwen3_moe", False)
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
+    try:
+        cache_everything(sm)
+        dispatch = sm.dispatchers[0]
+        table = np.array(sm.local.resident_slots(dispatch.layer))
+        n = SORT_MIN_PAIRS + 16
+        x = mx.random.normal((n, input_dims(dispatch.kernel)), key=mx.random.key(0))
+        slots = table[np.arange(n) % table.size][:, None].astype(np.uint32)
+        whole = dispatch.kernel(x, slots)
+        part = dispatch.kernel(x[:10], slots[:10], sort=True)
+        assert sorts == [n, SORT_MIN_PAIRS]
+        assert part.shape == (10, *whole.shape[1:])
+        assert np.array_equal(np.array(part), np.array(whole[:10]))
+        dispatch.kernel(x[:10], slots[:10])
+        assert len(sorts) == 2  # unasked, a small call does not sort (mlx-lm's own rule)
+    finally:
+        sm.close()

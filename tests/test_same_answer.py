@@ -242,9 +242,9 @@ def test_long_prompt_takes_mlx_lms_sorted_gather_path(models, arch, quantized, m
         for inflight in (None, 5):
             calls["n"] = 0
             result, _ = stream(packed, prompt, "middle", experts_per_token=k, max_tokens=8, max_inflight=inflight)
-            if inflight is None or k is None:
-                # (a group of 5 of 16 experts at K=1 gets fewer than 64 rows: no sort there)
-                assert calls["n"] > 0, "the streaming model did not take the sorted path"
+            # A group of 5 of 16 experts at K=1 gets fewer than 64 rows, and is padded to sort as
+            # the whole call would (CUDA's unsorted float32 kernel rounds differently).
+            assert calls["n"] > 0, "the streaming model did not take the sorted path"
             assert result.token_ids == expected, f"K={k}, max inflight {inflight}"
 
 
