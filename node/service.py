@@ -74,6 +74,13 @@ def min_ram(manifest: Manifest) -> int:
     return per_slot + cache + len(groups)  # + rounding of each group's float share
 
 
+def activation_dtype(config: dict) -> mx.Dtype:
+    """The dtype hidden states arrive in: the checkpoint's (config's `torch_dtype`), float32 if unnamed."""
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    dtype = getattr(mx, str(name), None)
+    return dtype if isinstance(dtype, mx.Dtype) else mx.float32
+
+
 class _ComputeModel:
     """One held model, ready to compute: its experts' cache and a kernel per MoE layer."""
 
@@ -88,6 +95,14 @@ class _ComputeModel:
             spec.layer: ExpertKernel(modules[spec.module_path], spec, self.local.arrays(spec.layer))
             for spec in manifest.layers
         }
+        self._warm_kernels(activation_dtype(holdings.config))
+
+    def _warm_kernels(self, dtype: mx.Dtype) -> None:
+        """One row per layer on whatever slot 0 holds, the output dropped: a backend compiles
+        a kernel on first use (seconds on CUDA), which a coordinator's first call would
+        otherwise wait for past its deadline."""
+        for kernel in self.kernels.values():
+            mx.eval(kernel(mx.zeros((1, input_dims(kernel)), dtype=dtype), np.zeros((1, 1), dtype=np.uint32)))
 
     def compute(self, layer: int, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
         kernel = self.kernels[layer]
@@ -169,6 +184,13 @@ class NodeService(pb_grpc.EdgeNodeServicer):
                 stale = self._models.pop(model.fingerprint, None)
             if stale is not None:
                 self._compute.submit(stale.local.close)
+            if stored:
+                # Built (and its kernels compiled) before the reply: the coordinator's first call
+                # after placement then meets a node ready to compute.
+                try:
+                    await asyncio.get_running_loop().run_in_executor(self._compute, self._model, model.fingerprint)
+                except (EdgemoeError, WireError) as exc:
+                    log.warning("model %s could not be made ready after its push: %s", model.fingerprint[:12], exc)
         return pb.PushReply(experts_stored=stored, errors=errors)
 
     async def _register(self, spec: pb.ModelSpec, context) -> ModelHoldings:

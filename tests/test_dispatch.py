@@ -35,9 +35,9 @@ def calls(monkeypatch):
         monkeypatch.setattr(LayerDispatch, name, counting)
     original_pairs = LayerDispatch._pairs
 
-    def split_local(self, hidden, rows, experts):
+    def split_local(self, hidden, rows, experts, sort):
         seen["splits"].append(len(rows))
-        return original_pairs(self, hidden, rows, experts)
+        return original_pairs(self, hidden, rows, experts, sort)
 
     monkeypatch.setattr(LayerDispatch, "_pairs", split_local)
     return seen

@@ -8,6 +8,7 @@ import json
 import os
 
 import grpc
+import mlx.core as mx
 import pytest
 from conftest import MAX_TOKENS, PROMPT, encode, mlx_lm_tokens
 from nodes import NodeProcess, coordinator, wait_for_placement
@@ -246,3 +247,26 @@ def test_the_disk_quota_counts_sparse_files_at_full_size_and_free_space_is_kept(
     with pytest.raises(NodeFullError, match="disk is full"):
         _store_first(model, packed)
     assert model.snapshot() == []
+
+
+def test_a_models_kernels_are_run_once_when_it_is_built(models, tmp_path, monkeypatch):
+    """The first use of a kernel compiles it (seconds on CUDA): it happens when the node
+    builds the model (right after a push), not in a coordinator's first call."""
+    from edgemoe.node.compute import ExpertKernel
+    from edgemoe.node.service import activation_dtype
+
+    calls = []
+    original = ExpertKernel.__call__
+    monkeypatch.setattr(ExpertKernel, "__call__",
+                        lambda self, x, slots, sort=False: calls.append(x.dtype) or original(self, x, slots, sort))
+    holdings = NodeHoldings(tmp_path / "node")
+    model = _register(holdings, models.packed("qwen3_moe", True))
+    service = NodeService(NodeIdentity("n", "n", 2**20), holdings)
+    try:
+        service._model(model.fingerprint)
+        assert calls == [mx.float32] * len(model.manifest.layers)
+    finally:
+        service.close()
+    assert activation_dtype({"torch_dtype": "bfloat16"}) == mx.bfloat16
+    assert activation_dtype({"dtype": "float16"}) == mx.float16
+    assert activation_dtype({}) == mx.float32 and activation_dtype({"torch_dtype": "nonsense"}) == mx.float32
