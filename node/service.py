@@ -21,7 +21,7 @@ from edgemoe.protos import edgemoe_node_pb2 as pb
 from edgemoe.protos import edgemoe_node_pb2_grpc as pb_grpc
 
 from .architecture import build_model, routed_expert_modules
-from .compute import ExpertKernel, compute_pairs, input_dims
+from .compute import SORT_MIN_PAIRS, ExpertKernel, compute_pairs, input_dims
 from .errors import ChecksumError, EdgemoeError
 from .holdings import ModelHoldings, NodeFullError, NodeHoldings, PushError, held_checksums_sha256
 from .limits import MAX_INFLIGHT_EXPERTS, compute_backend
@@ -98,11 +98,13 @@ class _ComputeModel:
         self._warm_kernels(activation_dtype(holdings.config))
 
     def _warm_kernels(self, dtype: mx.Dtype) -> None:
-        """One row per layer on whatever slot 0 holds, the output dropped: a backend compiles
-        a kernel on first use (seconds on CUDA), which a coordinator's first call would
-        otherwise wait for past its deadline."""
+        """Each layer's decode and sorted (prefill) paths once, on whatever slot 0 holds, the
+        outputs dropped: a backend compiles a kernel on first use (seconds on CUDA), which a
+        coordinator's first call would otherwise wait for past its deadline."""
         for kernel in self.kernels.values():
-            mx.eval(kernel(mx.zeros((1, input_dims(kernel)), dtype=dtype), np.zeros((1, 1), dtype=np.uint32)))
+            for rows in (1, SORT_MIN_PAIRS):
+                hidden = mx.zeros((rows, input_dims(kernel)), dtype=dtype)
+                mx.eval(kernel(hidden, np.zeros((rows, 1), dtype=np.uint32)))
 
     def compute(self, layer: int, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
         kernel = self.kernels[layer]
