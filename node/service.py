@@ -98,13 +98,16 @@ class _ComputeModel:
         self._warm_kernels(activation_dtype(holdings.config))
 
     def _warm_kernels(self, dtype: mx.Dtype) -> None:
-        """Each layer's decode and sorted (prefill) paths once, on whatever slot 0 holds, the
-        outputs dropped: a backend compiles a kernel on first use (seconds on CUDA), which a
-        coordinator's first call would otherwise wait for past its deadline."""
+        """Each layer's request path once, for a decode row and for a batch mlx-lm sorts, on
+        whatever slot 0 holds, the outputs dropped: a backend compiles a kernel on first use
+        (seconds on CUDA), which a coordinator's first call would otherwise wait for past its
+        deadline."""
         for kernel in self.kernels.values():
             for rows in (1, SORT_MIN_PAIRS):
                 hidden = mx.zeros((rows, input_dims(kernel)), dtype=dtype)
-                mx.eval(kernel(hidden, np.zeros((rows, 1), dtype=np.uint32)))
+                out = compute_pairs(kernel, lambda group: np.zeros(len(group), dtype=np.uint32), hidden,
+                                    np.arange(rows), np.zeros(rows, dtype=np.int64), self.inflight)
+                tensor_from_array(out)
 
     def compute(self, layer: int, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
         kernel = self.kernels[layer]

@@ -140,3 +140,14 @@ def test_refused_pinning_reads_into_the_slots_and_says_so(models, monkeypatch, c
 def test_dma_only_on_a_cuda_gpu():
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     assert (open_dma() is not None) == on_cuda
+
+
+def test_the_benchs_host_to_device_figure_takes_the_dma_when_misses_are_staged():
+    from edgemoe.coordinator.bench.transfer import COPY_BYTES, host_to_device_gbps
+
+    dma = HostDma()
+    nbytes = 3 * COPY_BYTES + 4096
+    assert host_to_device_gbps(dma, nbytes=nbytes, repeats=2) > 0
+    # Expert-sized pieces, every byte each time, the pinned buffer released.
+    assert dma.copies == 2 * 4 and dma.copied_bytes == 2 * nbytes and dma.queued == [] and dma.registered == {}
+    assert host_to_device_gbps(None, nbytes=2**20, repeats=1) > 0

@@ -124,7 +124,7 @@ def run_bench(
             report["warm_eighth_relative_to_mlx_lm"] = (_ratio(warm.tokens_per_s, mlx_lm.tokens_per_s)
                                                         if mlx_lm else None)
             report["warm_eighth_same_tokens_as_cold_run"] = warm.token_ids == cold.token_ids
-            report.update(_transfer_bound(report, mlx_lm))
+            report.update(_transfer_bound(sm, report, mlx_lm))
             report.update(all_cached_figures(sm, prompt_tokens, tokens, mlx_lm.tokens_per_s if mlx_lm else None,
                                              mlx_lm.token_ids if mlx_lm else None, notes))
             log.info("the performance model's inputs, and its predictions of the runs above")
@@ -270,9 +270,9 @@ def _mlx_lm_figures(cold: DecodeRun, mlx_lm: MlxLmRun | None) -> dict[str, Any]:
     }
 
 
-def _transfer_bound(report: dict[str, Any], mlx_lm: MlxLmRun | None) -> dict[str, Any]:
+def _transfer_bound(sm: StreamingModel, report: dict[str, Any], mlx_lm: MlxLmRun | None) -> dict[str, Any]:
     """The warm case's bound: min(mlx-lm, host-to-device bytes/s / missed bytes per token)."""
-    gbps = host_to_device_gbps()
+    gbps = host_to_device_gbps(sm.local.dma if sm.local.staged_reads else None)
     missed = report["warm_eighth_ssd_bytes_per_token"]
     transfer = gbps * 1e9 / missed if missed else None
     candidates = [v for v in (transfer, mlx_lm.tokens_per_s if mlx_lm else None) if v]
