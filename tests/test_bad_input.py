@@ -133,9 +133,9 @@ def assert_corrupted_expert_never_computed(packed: Path, prompt: list[int], monk
     computed_layers = []
     real = ExpertKernel.__call__
 
-    def spying(self, x, slots):
+    def spying(self, x, slots, *args):
         computed_layers.append(self.spec.layer)
-        return real(self, x, slots)
+        return real(self, x, slots, *args)
 
     monkeypatch.setattr(ExpertKernel, "__call__", spying)
     tokens = []

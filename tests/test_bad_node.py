@@ -465,10 +465,10 @@ def test_a_failed_node_is_computed_here_without_waiting_for_the_others(qwen, tok
     b_waiting, release = threading.Event(), threading.Event()
     original = LayerDispatch._pairs
 
-    def pairs(self, hidden, rows, experts):
+    def pairs(self, hidden, rows, experts, sort):
         if self.remote is not None and self.remote.stats.fallbacks and b_waiting.is_set():
             release.set()
-        return original(self, hidden, rows, experts)
+        return original(self, hidden, rows, experts, sort)
 
     monkeypatch.setattr(LayerDispatch, "_pairs", pairs)
 
@@ -515,7 +515,7 @@ def computing(packed, wrong):
         hidden = array_from_tensor(request.hidden, max_rows=MAX_ROWS_SEEN)
         experts, scale = wrong(np.array(request.experts, dtype=np.int64))
         with lock:
-            y = layers[request.layer]._pairs(hidden, np.array(request.rows, dtype=np.int64), experts)
+            y = layers[request.layer]._pairs(hidden, np.array(request.rows, dtype=np.int64), experts, False)
             y = (y * scale).astype(y.dtype) if scale != 1 else y
             mx.eval(y)
         return pb.ComputeReply(request_id=request.request_id, output=tensor_from_array(y))
