@@ -211,13 +211,13 @@ class Cluster(Members):
         return by_node
 
     def send(self, layer: int, hidden: mx.array, rows: np.ndarray, flat: np.ndarray,
-             by_node: dict[Peer, list[int]]) -> list[Call]:
-        """Starts the compute requests: one per node, or several when its pairs (a long
-        prefill's) exceed a request's row or byte limit; a request carries only the rows it uses."""
+             by_node: dict[Peer, list[int]], sort: bool = False) -> list[Call]:
+        """Starts the compute requests: one per node, or several when its pairs (a long prefill's)
+        exceed a request's row or byte limit; a request carries only the rows it uses. `sort`:
+        the layer's call is one mlx-lm sorts, so the nodes compute on the sorted path too."""
         row_bytes = hidden.nbytes // hidden.shape[0]
         per_request = max(1, min(MAX_ROWS, MAX_REQUEST_HIDDEN_BYTES // row_bytes))
-        whole = None
-        calls = []
+        whole, calls = None, []
         for peer, experts in by_node.items():
             pairs = np.flatnonzero(np.isin(flat, experts))
             for turn, start in enumerate(range(0, len(pairs), per_request), 1):
@@ -230,7 +230,7 @@ class Cluster(Members):
                 else:
                     wire_hidden, wire_rows = tensor_from_array(hidden[mx.array(used)]), remapped
                 request = pb.ComputeRequest(fingerprint=self.manifest.fingerprint, layer=layer, hidden=wire_hidden,
-                                            rows=wire_rows.tolist(), experts=flat[part].tolist())
+                                            rows=wire_rows.tolist(), experts=flat[part].tolist(), sort=sort)
                 calls.append(Call(peer, part, flat[part], peer.compute(request), turn))
                 self.stats.peer_calls += 1
         return calls

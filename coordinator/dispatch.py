@@ -35,7 +35,7 @@ class Remote(Protocol):
     def is_remote(self, layer: int, expert: int) -> bool: ...
 
     def send(self, layer: int, hidden: mx.array, rows: np.ndarray, flat: np.ndarray,
-             by_node: dict[Any, list[int]]) -> Sequence[RemoteCall]: ...
+             by_node: dict[Any, list[int]], sort: bool) -> Sequence[RemoteCall]: ...
 
     def collect(self, calls: Any, hidden: mx.array, dtype: mx.Dtype) -> Iterable[tuple[Any, mx.array | None]]: ...
 
@@ -159,7 +159,7 @@ class LayerDispatch:
         hidden = x.reshape(-1, x.shape[-1])
         sort = flat.size >= SORT_MIN_PAIRS  # as mlx-lm's one call would
         remote_experts = [e for experts in by_node.values() for e in experts]
-        calls = remote.send(self.layer, hidden, rows, flat, by_node)
+        calls = remote.send(self.layer, hidden, rows, flat, by_node, sort)
         parts: list[tuple[np.ndarray, mx.array]] = []
         local_pairs = np.flatnonzero(~np.isin(flat, remote_experts))
         if local_pairs.size:

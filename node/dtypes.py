@@ -48,3 +48,25 @@ def array_from_bytes(buffer: bytes | memoryview | np.ndarray, name: str, shape: 
     count = int(np.prod(shape)) if shape else 1
     arr = mx.array(np.frombuffer(buffer, dtype=storage, count=count, offset=offset).reshape(shape))
     return arr.view(mx.bfloat16) if name == "bfloat16" else arr
+
+
+def address_of(view: memoryview) -> int:
+    """Where a buffer's first byte is in memory (for alignment checks and DMA)."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: mx.Dtype, alignment: int) -> mx.array:
+    """Zeros whose memory starts on an `alignment` boundary (MLX's own allocations on the
+    CPU start 24 bytes past a page): a view into a larger buffer, which MLX's slicing
+    shares. If it ever copied instead, the unaligned array is returned."""
+    nbytes = int(np.prod(shape)) * dtype.size
+    raw = mx.zeros((nbytes + alignment,), dtype=mx.uint8)
+    mx.eval(raw)
+    base = address_of(memoryview(raw).cast("B"))  # type: ignore[arg-type]  # mlx's stubs omit the buffer protocol
+    pad = -base % alignment
+    arr = raw[pad : pad + nbytes].view(dtype).reshape(shape)
+    mx.eval(arr)
+    if address_of(memoryview(arr).cast("B")) != base + pad:  # type: ignore[arg-type]
+        arr = mx.zeros(shape, dtype=dtype)
+        mx.eval(arr)
+    return arr

@@ -38,6 +38,7 @@ class LocalExperts:
     def __init__(self, store: ExpertStore, cache_bytes: int, policy: str = "lfu", scratch_slots: int = 32,
                  prefetch_slots: int = 0, compute_as_read: bool = True, dma: Dma | None = None):
         self.store = store
+        # Copies staged misses into their slots on CUDA (staging.py); closed with this object.
         self.dma = dma
         # Off, misses are read into their slots directly even with a `dma` (the bench's A/B).
         self.staged_reads = True
@@ -313,6 +314,8 @@ class LocalExperts:
         self._drain()
         self._prefetcher.shutdown(wait=True)
         self._close_staging()
+        if self.dma is not None:
+            self.dma.close()
         self.store.close()
 
     def _close_staging(self) -> None:

@@ -54,9 +54,14 @@ class Misses:
         landing = [self._staged.pop(e) for e in experts if e in self._staged]
         if staging is None or not landing:
             return
-        for record, slot in landing:
-            staging.copy(record, slot)
-        staging.dma.sync()
+        try:
+            for record, slot in landing:
+                staging.copy(record, slot)
+            staging.dma.sync()
+        except BaseException:
+            # A slot whose copy did not land holds another expert's bytes.
+            self.forget()
+            raise
 
     def forget(self) -> None:
         """Slots of a failed read hold bad bytes: they must never serve a hit."""

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from .cache import ExpertCache
+from .dtypes import aligned_zeros
+from .limits import DIRECT_ALIGNMENT
 from .manifest import LayerSpec
 
 if TYPE_CHECKING:
@@ -29,9 +31,8 @@ class SlotPool:
         self.num_slots = num_slots
         self.arrays: dict[str, mx.array] = {}
         for t in spec.tensors:
-            arr = mx.zeros((num_slots, *t.shape), dtype=getattr(mx, t.dtype))
-            mx.eval(arr)
-            self.arrays[t.name] = arr
+            # Page-aligned, so that direct I/O can read a slot's tensor in place (store.py).
+            self.arrays[t.name] = aligned_zeros((num_slots, *t.shape), getattr(mx, t.dtype), DIRECT_ALIGNMENT)
         # Writable byte views of the arrays' own memory: reads land in place. (The ignore:
         # mlx's stubs leave out the buffer protocol that mx.array implements.)
         self._bytes = {name: memoryview(arr).cast("B")  # type: ignore[arg-type]

@@ -78,7 +78,7 @@ def activation_dtype(config: dict) -> mx.Dtype:
     """The dtype hidden states arrive in: the checkpoint's (config's `torch_dtype`), float32 if unnamed."""
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     dtype = getattr(mx, str(name), None)
-    return dtype if isinstance(dtype, mx.Dtype) else mx.float32
+    return dtype if isinstance(dtype, mx.Dtype) and mx.issubdtype(dtype, mx.floating) else mx.float32
 
 
 class _ComputeModel:
@@ -90,12 +90,16 @@ class _ComputeModel:
         cache_bytes, self.inflight, self.ram_bytes = ram_plan(manifest, budget_bytes)
         store = ExpertStore(holdings.root, manifest, io_mode="buffered")
         self.local = LocalExperts(store, cache_bytes, scratch_slots=self.inflight, dma=open_dma())
-        modules = dict(routed_expert_modules(build_model(holdings.config)))
-        self.kernels = {
-            spec.layer: ExpertKernel(modules[spec.module_path], spec, self.local.arrays(spec.layer))
-            for spec in manifest.layers
-        }
-        self._warm_kernels(activation_dtype(holdings.config))
+        try:
+            modules = dict(routed_expert_modules(build_model(holdings.config)))
+            self.kernels = {
+                spec.layer: ExpertKernel(modules[spec.module_path], spec, self.local.arrays(spec.layer))
+                for spec in manifest.layers
+            }
+            self._warm_kernels(activation_dtype(holdings.config))
+        except BaseException:
+            self.local.close()
+            raise
 
     def _warm_kernels(self, dtype: mx.Dtype) -> None:
         """Each layer's request path once, for a decode row and for a batch mlx-lm sorts, on
@@ -109,10 +113,11 @@ class _ComputeModel:
                                     np.arange(rows), np.zeros(rows, dtype=np.int64), self.inflight)
                 tensor_from_array(out)
 
-    def compute(self, layer: int, hidden: mx.array, rows: np.ndarray, experts: np.ndarray) -> mx.array:
+    def compute(self, layer: int, hidden: mx.array, rows: np.ndarray, experts: np.ndarray,
+                sort: bool = False) -> mx.array:
         kernel = self.kernels[layer]
         return compute_pairs(kernel, lambda group: self.local.slots(layer, group), hidden, rows, experts,
-                             self.inflight)
+                             self.inflight, sort)
 
 
 class NodeService(pb_grpc.EdgeNodeServicer):
@@ -189,14 +194,22 @@ class NodeService(pb_grpc.EdgeNodeServicer):
                 stale = self._models.pop(model.fingerprint, None)
             if stale is not None:
                 self._compute.submit(stale.local.close)
-            if stored:
-                # Built (and its kernels compiled) before the reply: the coordinator's first call
-                # after placement then meets a node ready to compute.
+            stale = None  # its pools are freed before the new ones are allocated
+            if stored and self._builds_alone(model):
+                # Built (and its kernels compiled) before the reply, so the coordinator's first call
+                # after placement meets a node ready to compute. A head start only: if it fails,
+                # the first compute builds it (and reports the error).
                 try:
                     await asyncio.get_running_loop().run_in_executor(self._compute, self._model, model.fingerprint)
-                except (EdgemoeError, WireError) as exc:
+                except Exception as exc:
                     log.warning("model %s could not be made ready after its push: %s", model.fingerprint[:12], exc)
         return pb.PushReply(experts_stored=stored, errors=errors)
+
+    def _builds_alone(self, model: ModelHoldings) -> bool:
+        """Whether building `model` now would evict no other model's compute state (which a
+        push of a second model would otherwise do for every batch)."""
+        with self._models_lock:
+            return not self._models
 
     async def _register(self, spec: pb.ModelSpec, context) -> ModelHoldings:
         """The model a push is for, registered if new; aborts the push with a clear status otherwise."""
@@ -270,7 +283,7 @@ class NodeService(pb_grpc.EdgeNodeServicer):
         if missing:
             raise WireError(f"layer {layer} experts {sorted(missing)[:8]} are not held here")
         try:
-            out = model.compute(layer, hidden, rows, experts)
+            out = model.compute(layer, hidden, rows, experts, request.sort)
         except ChecksumError:
             self._drop_model(request.fingerprint)
             bad = model.holdings.drop_corrupted(layer, set(experts.tolist()))

@@ -13,11 +13,13 @@ import ctypes
 import logging
 import mmap
 import threading
+import weakref
 from typing import Protocol
 
 import mlx.core as mx
-import numpy as np
 
+from .dtypes import address_of
+from .errors import EdgemoeError
 from .manifest import LayerSpec
 from .pool import SlotPool
 
@@ -35,8 +37,10 @@ class Dma(Protocol):
 
     def sync(self) -> None: ...
 
+    def close(self) -> None: ...
 
-class CudaDmaError(RuntimeError):
+
+class CudaDmaError(EdgemoeError):
     pass
 
 
@@ -51,11 +55,13 @@ class CudaDma:
         lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
         lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
         lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
-        handle = ctypes.c_int()
+        lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
+        self._device = ctypes.c_int()
         self._context = ctypes.c_void_p()
         self._check("cuInit", lib.cuInit(0))
-        self._check("cuDeviceGet", lib.cuDeviceGet(ctypes.byref(handle), device))
-        self._check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(ctypes.byref(self._context), handle))
+        self._check("cuDeviceGet", lib.cuDeviceGet(ctypes.byref(self._device), device))
+        self._check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(ctypes.byref(self._context),
+                                                                             self._device))
         self._current = threading.local()
         self._make_current()
         self._stream = ctypes.c_void_p()
@@ -88,6 +94,14 @@ class CudaDma:
         self._make_current()
         self._check("cuStreamSynchronize", self._lib.cuStreamSynchronize(self._stream))
 
+    def close(self) -> None:
+        """Destroys the stream and releases the context (each `LocalExperts` opens its own)."""
+        if self._stream.value:
+            self._make_current()
+            self._lib.cuStreamDestroy_v2(self._stream)
+            self._lib.cuDevicePrimaryCtxRelease_v2(self._device)
+            self._stream = ctypes.c_void_p()
+
 
 def open_dma() -> Dma | None:
     """A DMA engine when MLX computes on a CUDA GPU, else None (nothing to stage)."""
@@ -111,10 +125,6 @@ def stage(spec: LayerSpec, records: int, pool: SlotPool, dma: Dma) -> Staging | 
         return None
 
 
-def address_of(view: memoryview) -> int:
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
-
-
 class Staging:
     """`records` pinned host records of one layout: a miss is read into one, then copied
     tensor by tensor into its slot."""
@@ -122,10 +132,13 @@ class Staging:
     def __init__(self, spec: LayerSpec, records: int, pool: SlotPool, dma: Dma):
         self.spec = spec
         self.dma = dma
-        self._buffer = mmap.mmap(-1, records * spec.record_bytes)  # page-aligned, as O_DIRECT wants
+        # Page-aligned: direct I/O reads a record in place where its tensors are aligned (store.py).
+        self._buffer = mmap.mmap(-1, records * spec.record_bytes)
         self._view = memoryview(self._buffer)
         self._base = address_of(self._view)
         dma.register(self._base, len(self._buffer))
+        # Unpinned when closed, or when dropped unclosed (a failed build, a model never closed).
+        self._unpin = weakref.finalize(self, _unregister_quietly, dma, self._base)
         self._slot_bases = {name: address_of(view) for name, view in pool.byte_views().items()}
 
     def views(self, record: int) -> list[memoryview]:
@@ -139,4 +152,11 @@ class Staging:
             self.dma.copy(self._slot_bases[t.name] + slot * t.nbytes, start + t.offset, t.nbytes)
 
     def close(self) -> None:
-        self.dma.unregister(self._base)
+        self._unpin()
+
+
+def _unregister_quietly(dma: Dma, address: int) -> None:
+    try:
+        dma.unregister(address)
+    except CudaDmaError as exc:
+        log.warning("unpinning a staging buffer failed: %s", exc)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dtypes import address_of
 from .errors import ChecksumError, ExpertFileError
 from .limits import DIRECT_ALIGNMENT, ram_bytes
 from .manifest import Manifest, resolve_file
@@ -227,8 +228,13 @@ class ExpertStore:
             )
 
     def _read_direct(self, fd: int, iov: list[memoryview], offset: int, length: int) -> int:
-        """O_DIRECT wants block-aligned offsets, lengths and buffers: read the aligned
-        window into this thread's page-aligned bounce buffer, then copy out."""
+        """O_DIRECT wants block-aligned offsets, lengths and buffers: where the chunk and its
+        destinations are (page-aligned slots and staging, packed tensors), it is read in
+        place; otherwise the aligned window goes into this thread's page-aligned bounce
+        buffer, then is copied out."""
+        if offset % DIRECT_ALIGNMENT == 0 and length % DIRECT_ALIGNMENT == 0 and all(
+                len(p) % DIRECT_ALIGNMENT == 0 and address_of(p) % DIRECT_ALIGNMENT == 0 for p in iov):
+            return os.preadv(fd, iov, offset)
         start = offset - offset % DIRECT_ALIGNMENT
         end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
         bounce = getattr(self._bounce, "buf", None)

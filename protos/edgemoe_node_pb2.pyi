@@ -93,20 +93,22 @@ class PushReply(_message.Message):
     def __init__(self, experts_stored: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("request_id", "fingerprint", "layer", "hidden", "rows", "experts")
+    __slots__ = ("request_id", "fingerprint", "layer", "hidden", "rows", "experts", "sort")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    SORT_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     fingerprint: str
     layer: int
     hidden: Tensor
     rows: _containers.RepeatedScalarFieldContainer[int]
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[int] = ..., fingerprint: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    sort: bool
+    def __init__(self, request_id: _Optional[int] = ..., fingerprint: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., sort: _Optional[bool] = ...) -> None: ...
 
 class ComputeReply(_message.Message):
     __slots__ = ("request_id", "output", "error")

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from conftest import encode, mlx_lm_tokens
+from conftest import LONG_PROMPT, encode, mlx_lm_tokens
 
 from edgemoe.coordinator import peers as peers_module
 from edgemoe.coordinator.dispatch import LayerDispatch
@@ -515,7 +515,7 @@ def computing(packed, wrong):
         hidden = array_from_tensor(request.hidden, max_rows=MAX_ROWS_SEEN)
         experts, scale = wrong(np.array(request.experts, dtype=np.int64))
         with lock:
-            y = layers[request.layer]._pairs(hidden, np.array(request.rows, dtype=np.int64), experts, False)
+            y = layers[request.layer]._pairs(hidden, np.array(request.rows, dtype=np.int64), experts, request.sort)
             y = (y * scale).astype(y.dtype) if scale != 1 else y
             mx.eval(y)
         return pb.ComputeReply(request_id=request.request_id, output=tensor_from_array(y))
@@ -524,6 +524,29 @@ def computing(packed, wrong):
 
 
 MAX_ROWS_SEEN = 1 << 16
+
+
+def test_a_node_is_told_when_the_layers_call_is_one_mlx_lm_sorts(models, token, serve_fake):
+    """A long prompt's layers have 64 pairs or more, which mlx-lm computes on its sorted path:
+    the requests say so (a node then sorts its fewer pairs too); a decoded token's do not."""
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, LONG_PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=4, models=models)
+    behaviour, honest = computing(packed, LIES["honest"])
+    seen: list[tuple[int, bool]] = []
+
+    def recording(request):
+        seen.append((request.hidden.shape[0], request.sort))
+        return behaviour(request)
+
+    try:
+        tokens, cluster, _ = generate_bounded(packed, token, serve_fake(FakeNode("sorts", [all_experts(packed)],
+                                                                                  recording)), prompt, max_tokens=4)
+    finally:
+        honest.close()
+    assert tokens == expected and cluster.stats.experts_from_peers > 0 and cluster.stats.fallbacks == 0
+    assert any(sort for _, sort in seen)
+    assert all(not sort for rows, sort in seen if rows == 1)
 LIES = {
     "honest": lambda experts: (experts, 1),
     "scaled by 1.01": lambda experts: (experts, 1.01),

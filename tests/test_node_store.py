@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap as mmap_module
 import os
 
 import grpc
@@ -17,6 +18,7 @@ from edgemoe.coordinator.generate import generate
 from edgemoe.node import holdings as holdings_module
 from edgemoe.node.credentials import CHANNEL_OPTIONS, ClusterCredentials, channel_credentials, format_token, new_secret
 from edgemoe.node.holdings import ModelHoldings, NodeFullError, NodeHoldings, layer_specs_to_json
+from edgemoe.node.limits import DIRECT_ALIGNMENT
 from edgemoe.node.manifest import RECORD_ALIGNMENT, align, read_manifest
 from edgemoe.node.service import NodeIdentity, NodeService
 from edgemoe.node.store import ExpertStore
@@ -270,3 +272,38 @@ def test_a_models_kernels_are_run_once_when_it_is_built(models, tmp_path, monkey
     assert activation_dtype({"torch_dtype": "bfloat16"}) == mx.bfloat16
     assert activation_dtype({"dtype": "float16"}) == mx.float16
     assert activation_dtype({}) == mx.float32 and activation_dtype({"torch_dtype": "nonsense"}) == mx.float32
+
+
+def test_direct_reads_land_in_place_in_page_aligned_slots(large, monkeypatch):
+    """Slot arrays start on a page, so an O_DIRECT read of an aligned tensor goes straight
+    into its slot: no bounce buffer, and the slot holds the expert's bytes."""
+    from edgemoe.node import store as store_module
+    from edgemoe.node.dtypes import address_of
+    from edgemoe.node.local import LocalExperts
+    from edgemoe.node.store import ExpertStore
+
+    _, packed = large
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    bounces, real_mmap = [], mmap_module.mmap
+    # (the store's probe of O_DIRECT support maps one block; a bounce buffer holds a read chunk)
+    def mapping(fd, size):
+        if size >= store_module.READ_CHUNK_BYTES:
+            bounces.append(size)
+        return real_mmap(fd, size)
+
+    monkeypatch.setattr(store_module.mmap, "mmap", mapping)
+    local = LocalExperts(ExpertStore(packed, manifest, io_mode="direct"), manifest.total_expert_bytes)
+    try:
+        assert local.store.direct
+        views = local._group_of[spec.layer].pool.byte_views()
+        assert all(address_of(v) % DIRECT_ALIGNMENT == 0 for v in views.values())
+        slots = local.slots(spec.layer, [0, 1, 2])
+        assert bounces == []
+        reference = ExpertStore(packed, manifest, io_mode="buffered")
+        record = reference.read(spec.layer, 2)
+        reference.close()
+        in_slot = [bytes(v) for v in local._group_of[spec.layer].pool.views(int(slots[2]))]
+        assert in_slot == [record[t.offset : t.offset + t.nbytes].tobytes() for t in spec.tensors]
+    finally:
+        local.close()

@@ -28,6 +28,8 @@ class HostDma:
         self.queued: list[tuple[int, int, int]] = []
         self.copies = 0
         self.copied_bytes = 0
+        self.fail_copies = False
+        self.closed = False
 
     def register(self, address: int, nbytes: int) -> None:
         if self.refuse_pinning:
@@ -43,10 +45,15 @@ class HostDma:
         self.copied_bytes += nbytes
 
     def sync(self) -> None:
+        if self.fail_copies:
+            raise CudaDmaError("cuStreamSynchronize failed with CUDA error 700")
         queued, self.queued = self.queued, []
         if self.perform:
             for dst, src, nbytes in queued:
                 ctypes.memmove(dst, src, nbytes)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def _tensor_bytes(record: np.ndarray, spec) -> list[bytes]:
@@ -75,7 +82,7 @@ def test_staged_misses_land_in_their_slots_through_the_dma(models, io_mode):
         assert dma.copies == len(experts) * len(spec.tensors)
     finally:
         local.close()
-    assert dma.registered == {}  # every pinned buffer released
+    assert dma.registered == {} and dma.closed  # every pinned buffer released, and the engine
 
 
 def test_reads_go_to_staging_not_to_the_slot(models):
@@ -151,3 +158,43 @@ def test_the_benchs_host_to_device_figure_takes_the_dma_when_misses_are_staged()
     # Expert-sized pieces, every byte each time, the pinned buffer released.
     assert dma.copies == 2 * 4 and dma.copied_bytes == 2 * nbytes and dma.queued == [] and dma.registered == {}
     assert host_to_device_gbps(None, nbytes=2**20, repeats=1) > 0
+
+
+def test_a_copy_that_fails_leaves_no_cached_expert_behind(models):
+    """A slot whose copy never landed holds another expert's bytes: it must not serve a hit."""
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    layer = manifest.layers[0].layer
+    dma = HostDma()
+    local = LocalExperts(ExpertStore(packed, manifest), manifest.total_expert_bytes, dma=dma)
+    try:
+        dma.fail_copies = True
+        with pytest.raises(CudaDmaError):
+            local.slots(layer, [1, 2])
+        assert (layer, 1) not in local and (layer, 2) not in local
+        dma.fail_copies = False
+        slots = local.slots(layer, [1, 2])
+        reference = ExpertStore(packed, manifest)
+        views = local._group_of[layer].pool.views(int(slots[0]))
+        assert [bytes(v) for v in views] == _tensor_bytes(reference.read(layer, 1), manifest.layers[0])
+        reference.close()
+    finally:
+        local.close()
+
+
+def test_staged_misses_landing_one_by_one_as_they_are_read(models, large, monkeypatch):
+    """Large experts are read by the I/O threads, not inline: with compute-as-read each miss is
+    copied into its slot when it is waited for."""
+    src, packed = large
+    manifest = read_manifest(packed)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=8)
+    dma = HostDma()
+    monkeypatch.setattr(loader, "open_dma", lambda: dma)
+    sm = loader.load_streaming_model(packed, cache_bytes=manifest.total_expert_bytes // 8, io_mode="direct")
+    try:
+        assert sm.local.compute_as_read and sm.local.store.direct
+        assert generate(sm, prompt, max_tokens=8).token_ids == expected
+        assert dma.copies == sm.local.stats.experts_from_ssd * len(manifest.layers[0].tensors) > 0
+    finally:
+        sm.close()

@@ -14,7 +14,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from edgemoe.node.staging import Dma, address_of
+from edgemoe.node.dtypes import address_of
+from edgemoe.node.staging import Dma
 
 TRANSFER_BYTES = 256 * 2**20
 # Copied in pieces the size of a large expert, as misses are.
