@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,11 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .addresses import format_address, parse_address
 from .credentials import SERVER_OPTIONS, ClusterCredentials, parse_token, server_credentials, token_expiry
 from .errors import EdgemoeError
-from .holdings import NodeHoldings, write_durably
 from .interfaces import resolve_interface
-from .limits import default_node_cache_mb
-from .service import NodeIdentity, NodeService, add_to_server
+from .limits import default_node_cache_mb, mlx_backend_missing
 from .version import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from .holdings import NodeHoldings
+    from .service import NodeIdentity
 
 log = logging.getLogger("edge-node")
 
@@ -37,6 +40,8 @@ class ListenError(EdgemoeError):
 
 def node_id(data_dir: Path) -> str:
     """A random id, made once and kept in the data dir, so a restarted node is the same node."""
+    from .holdings import write_durably
+
     path = data_dir / "node_id"
     if path.exists():
         return path.read_text().strip()
@@ -55,6 +60,10 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # Imported here: they load MLX, whose missing backend `main` reports in one line.
+    from .holdings import NodeHoldings
+    from .service import NodeIdentity, NodeService, add_to_server
+
     secret = parse_token(args.join)
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the join token `edgemoe cluster init` printed (default: $EDGEMOE_JOIN_TOKEN, which keeps "
                    "it out of the process list)")
     p.add_argument("--listen", default="0.0.0.0:7070", metavar="HOST:PORT")
-    p.add_argument("--cache-mb", type=float, default=default_node_cache_mb(),
+    p.add_argument("--cache-mb", type=float, default=None,
                    help="budget for the experts of every model this node computes, together, in MiB (default: a "
                    "quarter of the memory its arrays live in: GPU memory on CUDA, RAM on the CPU)")
     p.add_argument("--disk-mb", type=float, default=DEFAULT_DISK_MB,
@@ -142,10 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with `--cache-mb`'s default filled in (it asks MLX for the array memory)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.cache_mb is None:
+        args.cache_mb = default_node_cache_mb()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        args = parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
         if not args.join:
             raise EdgemoeError("no join token: pass --join TOKEN or set EDGEMOE_JOIN_TOKEN "
                                "(the last line of `edgemoe cluster init` on the coordinator)")
@@ -156,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(args))
     except EdgemoeError as exc:
         print(f"edge-node: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if (problem := mlx_backend_missing(exc)) is None:
+            raise
+        print(f"edge-node: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

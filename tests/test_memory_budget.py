@@ -83,9 +83,9 @@ def test_default_cache_is_a_quarter_of_array_memory(fake):
 
 def test_edge_node_cache_default_is_a_quarter_of_array_memory(fake):
     fake(mx.gpu, CUDA_INFO)
-    assert daemon.build_parser().parse_args([]).cache_mb == 141 * 1024 / 4
+    assert daemon.parse_args([]).cache_mb == 141 * 1024 / 4
     fake(mx.cpu, CUDA_INFO)
-    assert daemon.build_parser().parse_args([]).cache_mb == RAM / 2**20 / 4
+    assert daemon.parse_args([]).cache_mb == RAM / 2**20 / 4
 
 
 def test_backend_missing_names_the_extra():
@@ -102,17 +102,23 @@ class NoBackend:
         if name == "mlx.core":
             raise ImportError("libmlx.so: cannot open shared object file: No such file or directory")
 sys.meta_path.insert(0, NoBackend())
-from edgemoe.coordinator.cli import main
-sys.exit(main(sys.argv[1:]))
+if sys.argv[1] == "edge-node":
+    from edgemoe.node.daemon import main
+else:
+    from edgemoe.coordinator.cli import main
+sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_cli_without_an_mlx_backend_says_which_extra_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-c", NO_BACKEND, "demo-model", str(tmp_path / "m")],
+@pytest.mark.parametrize("command", ["edgemoe", "edge-node"])
+def test_without_an_mlx_backend_each_command_says_which_extra_in_one_line(tmp_path, command):
+    args = (["demo-model", str(tmp_path / "m")] if command == "edgemoe" else
+            ["--join", "x" * 8, "--data-dir", str(tmp_path / "node"), "--listen", "127.0.0.1:0", "--no-advertise"])
+    out = subprocess.run([sys.executable, "-c", NO_BACKEND, command, *args],
                          capture_output=True, text=True, env=cli_env(), timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
-    assert "pip install 'edgemoe[cpu]'" in out.stderr
+    assert out.stderr.startswith(f"{command}: error:") and "pip install 'edgemoe[cpu]'" in out.stderr
 
 
 @pytest.fixture(scope="module")
