@@ -56,17 +56,24 @@ def address_of(view: memoryview) -> int:
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype: mx.Dtype, alignment: int) -> mx.array:
-    """Zeros whose memory starts on an `alignment` boundary (MLX's own allocations on the
-    CPU start 24 bytes past a page): a view into a larger buffer, which MLX's slicing
-    shares. If it ever copied instead, the unaligned array is returned."""
-    nbytes = int(np.prod(shape)) * dtype.size
-    raw = mx.zeros((nbytes + alignment,), dtype=mx.uint8)
+    """Zeros whose memory starts on an `alignment` boundary (MLX's own CPU allocations do
+    not): a strided view into a slightly larger buffer, which MLX shares. The buffer is
+    2-D so that no dimension passes MLX's int32 limit (a pool tensor can pass 2 GiB). If
+    MLX ever copied instead, a plain array is returned."""
+    count = int(np.prod(shape))
+    columns = alignment // dtype.size
+    raw = mx.zeros((-(-(count + columns) // columns), columns), dtype=dtype)
     mx.eval(raw)
     base = address_of(memoryview(raw).cast("B"))  # type: ignore[arg-type]  # mlx's stubs omit the buffer protocol
     pad = -base % alignment
-    arr = raw[pad : pad + nbytes].view(dtype).reshape(shape)
-    mx.eval(arr)
-    if address_of(memoryview(arr).cast("B")) != base + pad:  # type: ignore[arg-type]
-        arr = mx.zeros(shape, dtype=dtype)
+    if pad % dtype.size == 0:
+        strides = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
+        arr = mx.as_strided(raw, shape, strides, offset=pad // dtype.size)
         mx.eval(arr)
+        if address_of(memoryview(arr).cast("B")) == base + pad:  # type: ignore[arg-type]
+            return arr
+        del arr
+    del raw
+    arr = mx.zeros(shape, dtype=dtype)
+    mx.eval(arr)
     return arr

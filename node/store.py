@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mmap
@@ -217,10 +218,14 @@ class ExpertStore:
         return out
 
     def _read_chunk(self, layer: int, expert: int, file: int, iov: list[memoryview], offset: int, length: int) -> None:
-        if self._direct_fds[file] and _O_DIRECT:
-            got = self._read_direct(self._fds[file], iov, offset, length)
-        else:
-            got = os.preadv(self._fds[file], iov, offset)
+        try:
+            if self._direct_fds[file] and _O_DIRECT:
+                got = self._read_direct(self._fds[file], iov, offset, length)
+            else:
+                got = os.preadv(self._fds[file], iov, offset)
+        except OSError as exc:
+            raise ExpertFileError(f"reading layer {layer} expert {expert} from {self._paths[file]} failed "
+                                  f"({exc.strerror or exc}); check the disk, or repack the model") from None
         if got != length:
             raise ExpertFileError(
                 f"expert file {self._paths[file]} ended early reading layer {layer} expert {expert}; "
@@ -232,9 +237,15 @@ class ExpertStore:
         destinations are (page-aligned slots and staging, packed tensors), it is read in
         place; otherwise the aligned window goes into this thread's page-aligned bounce
         buffer, then is copied out."""
-        if offset % DIRECT_ALIGNMENT == 0 and length % DIRECT_ALIGNMENT == 0 and all(
+        if offset % DIRECT_ALIGNMENT == 0 and all(
                 len(p) % DIRECT_ALIGNMENT == 0 and address_of(p) % DIRECT_ALIGNMENT == 0 for p in iov):
-            return os.preadv(fd, iov, offset)
+            try:
+                return os.preadv(fd, iov, offset)
+            except OSError as exc:
+                # Memory the kernel cannot read into directly (EFAULT, e.g. CUDA managed
+                # memory on some drivers): through the bounce buffer instead.
+                if exc.errno not in (errno.EFAULT, errno.EINVAL):
+                    raise
         start = offset - offset % DIRECT_ALIGNMENT
         end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
         bounce = getattr(self._bounce, "buf", None)

@@ -10,6 +10,7 @@ import os
 
 import grpc
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import MAX_TOKENS, PROMPT, encode, mlx_lm_tokens
 from nodes import NodeProcess, coordinator, wait_for_placement
@@ -306,4 +307,61 @@ def test_direct_reads_land_in_place_in_page_aligned_slots(large, monkeypatch):
         in_slot = [bytes(v) for v in local._group_of[spec.layer].pool.views(int(slots[2]))]
         assert in_slot == [record[t.offset : t.offset + t.nbytes].tobytes() for t in spec.tensors]
     finally:
+        local.close()
+
+
+def test_aligned_pool_arrays_past_2_gib():
+    """A pool tensor's array can pass 2 GiB (one layout's share of a large cache): no MLX
+    dimension may reach 2**31, as a flat byte buffer of that size would."""
+    from edgemoe.node.dtypes import address_of, aligned_zeros
+
+    arr = aligned_zeros((2, 2**28 + 512), mx.float32, DIRECT_ALIGNMENT)
+    view = memoryview(arr).cast("B")
+    assert arr.nbytes > 2**31 and address_of(view) % DIRECT_ALIGNMENT == 0
+    view[-4:] = np.array([3.0], dtype=np.float32).tobytes()
+    assert arr[1, -1].item() == 3.0 and arr.sum().item() == 3.0
+    del view, arr
+
+
+@pytest.mark.parametrize("errno_name", ["EFAULT", "EIO"])
+def test_a_direct_read_the_kernel_refuses(large, monkeypatch, errno_name):
+    """EFAULT (memory the kernel cannot read into directly) takes the bounce buffer and still
+    reads the expert; any other error is one line, and the expert is not cached."""
+    import errno
+
+    from edgemoe.node import store as store_module
+    from edgemoe.node.errors import ExpertFileError
+    from edgemoe.node.local import LocalExperts
+    from edgemoe.node.store import ExpertStore
+
+    _, packed = large
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    from edgemoe.node.dtypes import address_of
+
+    real = store_module.os.preadv
+    local = LocalExperts(ExpertStore(packed, manifest, io_mode="direct"), manifest.total_expert_bytes)
+    pools = [(address_of(v), address_of(v) + len(v)) for v in local._group_of[spec.layer].pool.byte_views().values()]
+
+    def refusing(fd, buffers, offset, *flags):
+        if any(lo <= address_of(b) < hi for b in buffers for lo, hi in pools):  # straight into a slot
+            raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+        return real(fd, buffers, offset, *flags)
+
+    try:
+        monkeypatch.setattr(store_module.os, "preadv", refusing)
+        if errno_name == "EIO":
+            with pytest.raises(ExpertFileError, match="failed") as caught:
+                local.slots(spec.layer, [3])
+            assert "\n" not in str(caught.value) and (spec.layer, 3) not in local
+            return
+        slot = int(local.slots(spec.layer, [3])[0])
+        monkeypatch.setattr(store_module.os, "preadv", real)
+        reference = ExpertStore(packed, manifest, io_mode="buffered")
+        record = reference.read(spec.layer, 3)
+        reference.close()
+        in_slot = [bytes(v) for v in local._group_of[spec.layer].pool.views(slot)]
+        assert in_slot == [record[t.offset : t.offset + t.nbytes].tobytes() for t in spec.tensors]
+    finally:
+        monkeypatch.setattr(store_module.os, "preadv", real)
         local.close()
