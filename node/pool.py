@@ -37,6 +37,7 @@ class SlotPool:
         # mlx's stubs leave out the buffer protocol that mx.array implements.)
         self._bytes = {name: memoryview(arr).cast("B")  # type: ignore[arg-type]
                        for name, arr in self.arrays.items()}
+        self._views: dict[int, list[memoryview]] = {}
 
     def byte_views(self) -> dict[str, memoryview]:
         """Each tensor's whole array, as writable bytes."""
@@ -44,7 +45,11 @@ class SlotPool:
 
     def views(self, slot: int) -> list[memoryview]:
         """One writable view per tensor of the slot, in the layer spec's tensor order."""
-        return [self._bytes[t.name][slot * t.nbytes : (slot + 1) * t.nbytes] for t in self.spec.tensors]
+        views = self._views.get(slot)
+        if views is None:  # made once per slot: a miss asks for them every time
+            views = [self._bytes[t.name][slot * t.nbytes : (slot + 1) * t.nbytes] for t in self.spec.tensors]
+            self._views[slot] = views
+        return views
 
 
 class SlotGroup:

@@ -209,8 +209,12 @@ class ExpertStore:
         return pending
 
     def _chunks(self, spec, expert: int, pieces) -> list[tuple[int, list[memoryview], int, int]]:
+        segments = spec.experts[expert].segments
+        if len(segments) == 1 and segments[0].length == spec.record_bytes <= READ_CHUNK_BYTES:
+            # The whole record in one read (small experts, the common miss): no slicing.
+            return [(segments[0].file, [piece for _, piece in pieces], segments[0].offset, segments[0].length)]
         out = []
-        for seg in spec.experts[expert].segments:
+        for seg in segments:
             end = seg.record_offset + seg.length
             for lo in range(seg.record_offset, end, READ_CHUNK_BYTES):
                 hi = min(lo + READ_CHUNK_BYTES, end)
@@ -316,17 +320,19 @@ class PendingReads:
     def wait(self, expert: int) -> None:
         if expert in self._done:
             return
-        chunks = self.chunks.get(expert, [])
-        wait(chunks)
-        if any(f.exception() is not None for f in chunks):
-            self.wait_all()
+        chunks = self.chunks.get(expert)
+        if chunks:  # none for a batch read inline
+            wait(chunks)
+            if any(f.exception() is not None for f in chunks):
+                self.wait_all()
         if (self.layer, expert) not in self.store._verified:
             self.store._verify(self.layer, expert, self.pieces[expert])
         self._done.add(expert)
 
     def wait_all(self) -> None:
         every = [f for chunks in self.chunks.values() for f in chunks]
-        wait(every)
+        if every:
+            wait(every)
         for f in every:
             f.result()
         for e in self.experts:
