@@ -195,7 +195,7 @@ class NodeService(pb_grpc.EdgeNodeServicer):
             if stale is not None:
                 self._compute.submit(stale.local.close)
             stale = None  # its pools are freed before the new ones are allocated
-            if stored and self._builds_alone(model):
+            if stored and self._builds_alone():
                 # Built (and its kernels compiled) before the reply, so the coordinator's first call
                 # after placement meets a node ready to compute. A head start only: if it fails,
                 # the first compute builds it (and reports the error).
@@ -205,8 +205,8 @@ class NodeService(pb_grpc.EdgeNodeServicer):
                     log.warning("model %s could not be made ready after its push: %s", model.fingerprint[:12], exc)
         return pb.PushReply(experts_stored=stored, errors=errors)
 
-    def _builds_alone(self, model: ModelHoldings) -> bool:
-        """Whether building `model` now would evict no other model's compute state (which a
+    def _builds_alone(self) -> bool:
+        """Whether building a model now would evict no other model's compute state (which a
         push of a second model would otherwise do for every batch)."""
         with self._models_lock:
             return not self._models
