@@ -9,6 +9,8 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -145,6 +147,17 @@ def large(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Models:
     return Models(tmp_path_factory.mktemp("models"))
+
+
+@contextmanager
+def computing_on(device: mx.Device) -> Iterator[None]:
+    """Runs a block, reference included, on another MLX device (the CPU on the GPU machine)."""
+    before = mx.default_device()
+    mx.set_default_device(device)
+    try:
+        yield
+    finally:
+        mx.set_default_device(before)
 
 
 def mlx_lm_tokens(

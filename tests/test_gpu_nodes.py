@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import mlx.core as mx
 import pytest
-from conftest import encode, mlx_lm_tokens
+from conftest import computing_on, encode, mlx_lm_tokens
 from nodes import NodeProcess, coordinator, wait_for_placement
 
 from edgemoe.coordinator.generate import generate
@@ -24,16 +23,6 @@ from edgemoe.node.manifest import read_manifest
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 MAX_TOKENS = 12
-
-
-@contextmanager
-def computing_on(device: mx.Device) -> Iterator[None]:
-    before = mx.default_device()
-    mx.set_default_device(device)
-    try:
-        yield
-    finally:
-        mx.set_default_device(before)
 
 
 @pytest.fixture(scope="module")

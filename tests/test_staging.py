@@ -10,7 +10,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import MAX_TOKENS, PROMPT, encode, mlx_lm_tokens
+from conftest import MAX_TOKENS, PROMPT, computing_on, encode, mlx_lm_tokens
 
 from edgemoe.coordinator import loader
 from edgemoe.coordinator.generate import generate
@@ -184,17 +184,19 @@ def test_a_copy_that_fails_leaves_no_cached_expert_behind(models):
 
 def test_staged_misses_landing_one_by_one_as_they_are_read(models, large, monkeypatch):
     """Large experts are read by the I/O threads, not inline: with compute-as-read each miss is
-    copied into its slot when it is waited for."""
+    copied into its slot when it is waited for. Compute-as-read is on only on the CPU, so on
+    the GPU machine this runs there too (reference included)."""
     src, packed = large
     manifest = read_manifest(packed)
     prompt = encode(models, src, PROMPT)
-    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=8)
     dma = HostDma()
     monkeypatch.setattr(loader, "open_dma", lambda: dma)
-    sm = loader.load_streaming_model(packed, cache_bytes=manifest.total_expert_bytes // 8, io_mode="direct")
-    try:
-        assert sm.local.compute_as_read and sm.local.store.direct
-        assert generate(sm, prompt, max_tokens=8).token_ids == expected
-        assert dma.copies == sm.local.stats.experts_from_ssd * len(manifest.layers[0].tensors) > 0
-    finally:
-        sm.close()
+    with computing_on(mx.cpu):
+        expected, _ = mlx_lm_tokens(src, prompt, max_tokens=8)
+        sm = loader.load_streaming_model(packed, cache_bytes=manifest.total_expert_bytes // 8, io_mode="direct")
+        try:
+            assert sm.local.compute_as_read and sm.local.store.direct
+            assert generate(sm, prompt, max_tokens=8).token_ids == expected
+            assert dma.copies == sm.local.stats.experts_from_ssd * len(manifest.layers[0].tensors) > 0
+        finally:
+            sm.close()
