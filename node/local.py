@@ -279,10 +279,10 @@ class LocalExperts:
         by_layer: dict[int, list[tuple[int, int]]] = {}
         start = 0
         for layer, indices, _ in done:
-            chosen = flat[start : start + indices.size].reshape(indices.shape)
+            chosen = flat[start : start + indices.size]
             start += indices.size
             # One row (a decoded token) names distinct experts; more rows may repeat them.
-            experts = chosen.reshape(-1) if chosen.size == chosen.shape[-1] else np.unique(chosen)
+            experts = chosen if indices.size == indices.shape[-1] else np.unique(chosen)
             by_layer.setdefault(layer, []).extend((layer, e) for e in experts.tolist())
         for layer, keys in by_layer.items():
             self._group_of[layer].cache.get_many(keys)
