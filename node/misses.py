@@ -55,8 +55,7 @@ class Misses:
         if staging is None or not landing:
             return
         try:
-            for record, slot in landing:
-                staging.copy(record, slot)
+            staging.copy(landing)
             staging.dma.sync()
         except BaseException:
             # A slot whose copy did not land holds another expert's bytes.

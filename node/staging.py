@@ -126,33 +126,52 @@ def stage(spec: LayerSpec, records: int, pool: SlotPool, dma: Dma) -> Staging | 
 
 
 class Staging:
-    """`records` pinned host records of one layout: a miss is read into one, then copied
-    tensor by tensor into its slot."""
+    """`records` pinned host records of one layout, stored tensor by tensor (all the
+    records' first tensor, then their second...): a miss is read into one record, then
+    copied into its slot. Misses in consecutive records bound for consecutive slots (the
+    scratch slots, a fresh cache's free slots) go in one copy per tensor: each copy is a
+    driver call of ~9 us, and a layer of small experts missed 9 tensors x 7 experts."""
 
     def __init__(self, spec: LayerSpec, records: int, pool: SlotPool, dma: Dma):
         self.spec = spec
         self.dma = dma
-        # Page-aligned: direct I/O reads a record in place where its tensors are aligned (store.py).
+        # Page-aligned: direct I/O reads a tensor in place where its size keeps it aligned (store.py).
         self._buffer = mmap.mmap(-1, records * spec.record_bytes)
         self._view = memoryview(self._buffer)
         self._base = address_of(self._view)
         dma.register(self._base, len(self._buffer))
         # Unpinned when closed, or when dropped unclosed (a failed build, a model never closed).
         self._unpin = weakref.finalize(self, _unregister_quietly, dma, self._base)
-        self._slot_bases = {name: address_of(view) for name, view in pool.byte_views().items()}
+        self._tensor_starts = []
+        start = 0
+        for t in spec.tensors:
+            self._tensor_starts.append(start)
+            start += records * t.nbytes
+        self._slot_bases = [address_of(pool.byte_views()[t.name]) for t in spec.tensors]
 
     def views(self, record: int) -> list[memoryview]:
-        start = record * self.spec.record_bytes
-        return [self._view[start + t.offset : start + t.offset + t.nbytes] for t in self.spec.tensors]
+        return [self._view[start + record * t.nbytes : start + (record + 1) * t.nbytes]
+                for start, t in zip(self._tensor_starts, self.spec.tensors)]
 
-    def copy(self, record: int, slot: int) -> None:
-        """Queues the record's copy into `slot`; `dma.sync()` waits for it."""
-        start = self._base + record * self.spec.record_bytes
-        for t in self.spec.tensors:
-            self.dma.copy(self._slot_bases[t.name] + slot * t.nbytes, start + t.offset, t.nbytes)
+    def copy(self, landing: list[tuple[int, int]]) -> None:
+        """Queues the copies of (record, slot) pairs into their slots; `dma.sync()` waits for them."""
+        for record, slot, run in _runs(landing):
+            for start, slot_base, t in zip(self._tensor_starts, self._slot_bases, self.spec.tensors):
+                self.dma.copy(slot_base + slot * t.nbytes, self._base + start + record * t.nbytes, run * t.nbytes)
 
     def close(self) -> None:
         self._unpin()
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(record, slot) pairs as (first record, first slot, length) runs in which both go up by one."""
+    runs: list[tuple[int, int, int]] = []
+    for record, slot in sorted(pairs):
+        if runs and record == runs[-1][0] + runs[-1][2] and slot == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((record, slot, 1))
+    return runs
 
 
 def _unregister_quietly(dma: Dma, address: int) -> None:
