@@ -191,11 +191,20 @@ class LocalExperts:
                 if not admitted:
                     slot, scratch = scratch, scratch + 1
                 if staging is not None:
-                    staged[e] = (len(targets), slot)
-                    targets[e] = staging.views(len(targets))
+                    staged[e] = (-1 if admitted else slot - group.scratch_start, slot)
+                    targets[e] = []  # the record's views, once its record is known (below)
                 else:
                     targets[e] = group.pool.views(slot)
             slots[i] = slot
+        if staging is not None and staged:
+            # A scratch slot's record is its own index, and cache slots take the records after
+            # them in order: misses whose slots run on then run on in both, and land in one
+            # copy per tensor (staging.py).
+            record = scratch - group.scratch_start
+            for e, (r, slot) in staged.items():
+                if r < 0:
+                    staged[e], record = (record, slot), record + 1
+                targets[e] = staging.views(staged[e][0])
         self.stats.experts_from_cache += len(experts) - len(targets) - used_prefetch
         self.stats.prefetch_used += used_prefetch
         if not targets:

@@ -213,3 +213,31 @@ def test_copies_coalesce_only_where_records_and_slots_both_run_on():
     assert _runs([(2, 8), (0, 5), (1, 7), (3, 9), (5, 10)]) == [(0, 5, 1), (1, 7, 3), (5, 10, 1)]
     assert _runs([(0, 3), (1, 2)]) == [(0, 3, 1), (1, 2, 1)]
     assert _runs([]) == []
+
+
+def test_scratch_and_cache_misses_each_land_in_one_copy_per_tensor(models):
+    """A cache miss between scratch misses does not break the scratch misses' run."""
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    layer = spec.layer
+    dma = HostDma()
+    local = LocalExperts(ExpertStore(packed, manifest), 2 * spec.record_bytes, scratch_slots=8, dma=dma)
+    try:
+        group = local._group_of[layer]
+        for _ in range(3):  # two cached experts, counted three times
+            local.slots(layer, [7, 8])
+        local.seed_counts({(layer, 4): 10})
+        before = dma.copies
+        experts = [1, 2, 3, 4, 5, 6]
+        slots = local.slots(layer, experts).tolist()
+        # 4 is counted more than the cached ones and takes a cache slot; the rest are scratch.
+        assert slots[3] < group.scratch_start
+        assert [slots[i] for i in (0, 1, 2, 4, 5)] == [group.scratch_start + i for i in range(5)]
+        assert dma.copies - before == 2 * len(spec.tensors)
+        reference = ExpertStore(packed, manifest)
+        for e, slot in zip(experts, slots):
+            assert [bytes(v) for v in group.pool.views(slot)] == _tensor_bytes(reference.read(layer, e), spec)
+        reference.close()
+    finally:
+        local.close()
