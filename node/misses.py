@@ -35,12 +35,43 @@ class Misses:
 
     def wait_all(self) -> None:
         assert self.pending is not None  # set by start_slots before it hands the misses out
+        if self.group.staging is not None and self._staged:
+            self._land_as_read()
+            return
         try:
             self.pending.wait_all()
         except EdgemoeError:
             self.forget()
             raise
-        self._land(list(self._staged))
+
+    def _land_as_read(self) -> None:
+        """Waits for the reads in order, queuing each expert's copy as soon as its read is in
+        (with any later ones already in: one copy per run, staging.py), so the copies overlap
+        the reads still in flight; returns once every copy is done."""
+        assert self.pending is not None and self.group.staging is not None
+        staging = self.group.staging
+        pending = self.pending.experts
+        try:
+            i = 0
+            while i < len(pending):
+                batch = [pending[i]]
+                i += 1
+                while i < len(pending) and self.pending.ready(pending[i]):
+                    batch.append(pending[i])
+                    i += 1
+                for e in batch:
+                    self.pending.wait(e)
+                staging.copy([self._staged.pop(e) for e in batch if e in self._staged])
+            staging.dma.sync()
+        except BaseException:
+            # Copies already queued still read the staging records: let them finish first.
+            # A slot whose read or copy did not land holds another expert's bytes.
+            try:
+                staging.dma.sync()
+            except EdgemoeError:
+                pass
+            self.forget()
+            raise
 
     def land_done(self) -> None:
         """Copies the staged experts already read (a small batch is read before `start_reads`

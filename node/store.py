@@ -317,6 +317,10 @@ class PendingReads:
         """Called once, when the last chunk is read, under the store's lock."""
         self.store.stats.read_seconds += at - self._start
 
+    def ready(self, expert: int) -> bool:
+        """Whether `wait(expert)` would return without waiting for a read."""
+        return expert in self._done or all(f.done() for f in self.chunks.get(expert, ()))
+
     def wait(self, expert: int) -> None:
         if expert in self._done:
             return

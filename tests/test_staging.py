@@ -241,3 +241,42 @@ def test_scratch_and_cache_misses_each_land_in_one_copy_per_tensor(models):
         reference.close()
     finally:
         local.close()
+
+
+def test_a_staged_miss_is_copied_while_later_reads_are_in_flight(large, monkeypatch):
+    """The last expert's read is held until some copy is queued: it is let through only if
+    the copies of the experts read before it start while it is still in flight."""
+    import threading
+
+    _, packed = large
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    copied = threading.Event()
+
+    class SignallingDma(HostDma):
+        def copy(self, dst: int, src: int, nbytes: int) -> None:
+            super().copy(dst, src, nbytes)
+            copied.set()
+
+    store = ExpertStore(packed, manifest)
+    local = LocalExperts(store, manifest.total_expert_bytes, scratch_slots=8, compute_as_read=False,
+                         dma=SignallingDma())
+    read_chunk = store._read_chunk
+    released_by_copy = []
+
+    def held_read(layer, expert, *job):
+        if expert == 3:
+            released_by_copy.append(copied.wait(timeout=10))
+        read_chunk(layer, expert, *job)
+
+    monkeypatch.setattr(store, "_read_chunk", held_read)
+    try:
+        slots = local.slots(spec.layer, [0, 1, 2, 3])
+        assert released_by_copy and all(released_by_copy)
+        reference = ExpertStore(packed, manifest)
+        for e, slot in zip([0, 1, 2, 3], slots.tolist()):
+            views = local._group_of[spec.layer].pool.views(slot)
+            assert [bytes(v) for v in views] == _tensor_bytes(reference.read(spec.layer, e), spec)
+        reference.close()
+    finally:
+        local.close()
