@@ -30,8 +30,11 @@ class FetchStats:
 MAX_UNSETTLED = 4096
 # Tokens whose deferred choices `settle` lets gather before it reads them back in one
 # transfer. On CUDA each read-back waits for the graph in flight (the next token's): counting
-# every token cost 0.80 -> 0.94 of mlx-lm's tok/s on an H200 (.ci/gpu-profile-resident.py).
-SETTLE_EVERY = 32
+# every token cost 0.80 -> 0.94 of mlx-lm's tok/s on an H200, every 32 tokens still 0.87 ->
+# 1.00 (.ci/gpu-profile-resident.py, 64-token runs). Counts then lag by up to this many
+# tokens; only the learned hot set and the stats read them, and `settle(everything=True)`
+# brings them up to date.
+SETTLE_EVERY = 128
 
 
 class LocalExperts:
@@ -285,17 +288,22 @@ class LocalExperts:
             return
         # One read-back for them all (each read-back waits for whatever is computing).
         flat = np.array(mx.concatenate([indices.reshape(-1) for _, indices, _ in done]))
-        by_layer: dict[int, list[tuple[int, int]]] = {}
+        by_layer: dict[int, list[np.ndarray]] = {}
         start = 0
         for layer, indices, _ in done:
             chosen = flat[start : start + indices.size]
             start += indices.size
             # One row (a decoded token) names distinct experts; more rows may repeat them.
-            experts = chosen if indices.size == indices.shape[-1] else np.unique(chosen)
-            by_layer.setdefault(layer, []).extend((layer, e) for e in experts.tolist())
-        for layer, keys in by_layer.items():
-            self._group_of[layer].cache.get_many(keys)
-            self.stats.experts_from_cache += len(keys)
+            by_layer.setdefault(layer, []).append(chosen if indices.size == indices.shape[-1] else np.unique(chosen))
+        by_group: dict[int, tuple[SlotGroup, dict[tuple[int, int], int]]] = {}
+        for layer, parts in by_layer.items():
+            experts, counts = np.unique(np.concatenate(parts), return_counts=True)
+            group = self._group_of[layer]
+            keys = by_group.setdefault(id(group), (group, {}))[1]
+            keys.update({(layer, e): c for e, c in zip(experts.tolist(), counts.tolist())})
+            self.stats.experts_from_cache += int(counts.sum())
+        for group, keys in by_group.values():
+            group.cache.count_many(keys)
 
     def note_routed(self, layer: int, experts: list[int]) -> None:
         """Counts experts the router chose that were computed elsewhere (on a node)."""

@@ -229,3 +229,24 @@ def test_concurrent_use_keeps_budget_and_counts(policy):
     assert errors == []
     assert cache.stats.hits + cache.stats.misses == 4 * per_thread
     assert cache.bytes_used == item * len(cache) <= budget
+
+
+@pytest.mark.parametrize("aging_interval", [None, 5])
+def test_count_many_counts_and_ages_as_that_many_gets(aging_interval):
+    """A resident layer's deferred choices are counted in bulk: same counts, hits and
+    misses as one `get` per access, and the LFU order follows them."""
+    accesses = {"a": 4, "b": 1, "c": 2, "gone": 3}
+    bulk, one_by_one = (ExpertCache(3, 1, "lfu", aging_interval=aging_interval) for _ in range(2))
+    for cache in (bulk, one_by_one):
+        for key in "abc":
+            cache.put(key, key, 1)
+    bulk.count_many(accesses)
+    for key, count in accesses.items():
+        for _ in range(count):
+            one_by_one.get(key)
+    assert bulk.routing_counts() == one_by_one.routing_counts()
+    assert (bulk.stats.hits, bulk.stats.misses) == (one_by_one.stats.hits, one_by_one.stats.misses) == (7, 3)
+    if aging_interval is None:
+        # The least counted cached key is the one a newcomer (counted often enough) replaces.
+        bulk.count_many({"new": 9})
+        assert bulk.put("new", "new", 1) and "b" not in bulk and {"a", "c"} <= set(bulk._items)
