@@ -28,6 +28,7 @@ READ_CHUNK_BYTES = 1 << 20
 # auto: bypass the page cache when it could not hold the experts anyway.
 IO_MODES = ("auto", "direct", "buffered")
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def _bypass_page_cache(fd: int, path: Path) -> tuple[int, bool]:
@@ -80,6 +81,8 @@ class ExpertStore:
         self._lock = threading.Lock()
         self._verified: set[tuple[int, int]] = set()
         self._bounce = threading.local()
+        # Small buffered reads try the page cache first (`_read_inline`); the A/B switch.
+        self._nowait = bool(_RWF_NOWAIT)
         self._paths = [resolve_file(self.model_dir, name) for name in manifest.files]
         self._fds: list[int] = []
         self._direct_fds: list[bool] = []
@@ -172,8 +175,8 @@ class ExpertStore:
 
         Large records are split so that even one or two misses keep several reads
         in flight; small batches are read inline, before this returns, where a
-        thread hand-off would cost more than the read. `read_seconds` counts wall
-        time from the start to the last chunk read.
+        thread hand-off would cost more than the read (`_read_inline`). `read_seconds`
+        counts wall time from the start to the last chunk read.
         """
         start = time.perf_counter()
         spec = self.manifest.layer(layer)
@@ -182,21 +185,25 @@ class ExpertStore:
             self.stats.reads += len(targets)
             self.stats.bytes_read += spec.record_bytes * len(targets)
         pending = PendingReads(self, layer, pieces, start)
-        if spec.record_bytes * len(targets) <= INLINE_READ_BYTES:
-            try:
-                for e in targets:
-                    for job in self._chunks(spec, e, pieces[e]):
-                        self._read_chunk(layer, e, *job)
-            finally:
-                with self._lock:
-                    pending.finished(time.perf_counter())
-            pending.wait_all()
-            return pending
-        for e in targets:
-            pending.chunks[e] = [self._pool.submit(self._read_chunk, layer, e, *job)
-                                 for job in self._chunks(spec, e, pieces[e])]
+        inline = spec.record_bytes * len(targets) <= INLINE_READ_BYTES
+        read_here = []
+        try:
+            for e in targets:
+                jobs = self._chunks(spec, e, pieces[e])
+                if inline and self._read_inline(layer, e, jobs):
+                    read_here.append(e)
+                else:
+                    pending.chunks[e] = [self._pool.submit(self._read_chunk, layer, e, *job) for job in jobs]
+        except BaseException:
+            wait([f for chunks in pending.chunks.values() for f in chunks])  # they write into the caller's buffers
+            with self._lock:
+                pending.finished(time.perf_counter())
+            raise
         last = [f for chunks in pending.chunks.values() for f in chunks]
         remaining = [len(last)]
+        if not last:
+            with self._lock:
+                pending.finished(time.perf_counter())
 
         def done(_future: Future) -> None:
             with self._lock:
@@ -206,7 +213,34 @@ class ExpertStore:
 
         for f in last:
             f.add_done_callback(done)
+        try:
+            for e in read_here:
+                pending.wait(e)  # verifies a first read
+        except BaseException:
+            wait(last)  # the reads still in flight write into the caller's buffers
+            raise
         return pending
+
+    def _read_inline(self, layer: int, expert: int, jobs: list) -> bool:
+        """Reads a small record on this thread, where that is a memory copy; returns whether
+        it did. On buffered files RWF_NOWAIT (Linux) reads only what the page cache holds:
+        a record on the disk goes to the I/O threads, in parallel with the others, instead
+        of waiting its own disk latency here. Direct I/O, or no RWF_NOWAIT: read here."""
+        for file, iov, offset, length in jobs:
+            if self._nowait and not self._direct_fds[file]:
+                try:
+                    if os.preadv(self._fds[file], iov, offset, _RWF_NOWAIT) == length:
+                        continue
+                    return False  # partly cached: read again, whole, on an I/O thread
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        return False  # the I/O thread's read reports it
+                    self._nowait = False
+                    log.info("%s: no RWF_NOWAIT reads; small records are read inline", self._paths[file])
+            self._read_chunk(layer, expert, file, iov, offset, length)
+        return True
 
     def _chunks(self, spec, expert: int, pieces) -> list[tuple[int, list[memoryview], int, int]]:
         segments = spec.experts[expert].segments

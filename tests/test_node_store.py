@@ -365,3 +365,49 @@ def test_a_direct_read_the_kernel_refuses(large, monkeypatch, errno_name):
     finally:
         monkeypatch.setattr(store_module.os, "preadv", real)
         local.close()
+
+
+@pytest.mark.parametrize("answer", ["on disk", "partly cached", "unsupported"])
+def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeypatch, answer):
+    """A small batch is read inline with RWF_NOWAIT: a record the page cache does not hold
+    (wholly or in part) is read on an I/O thread instead, in parallel with the rest; a
+    file system without RWF_NOWAIT gets every small record read inline."""
+    import errno
+
+    from edgemoe.node import store as store_module
+
+    if not store_module._RWF_NOWAIT:
+        pytest.skip("this OS has no RWF_NOWAIT: small records are always read inline")
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    on_disk = spec.experts[1].segments[0].offset
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        if flags & store_module._RWF_NOWAIT and offset == on_disk:
+            if answer == "on disk":
+                raise BlockingIOError(errno.EAGAIN, "would block")
+            if answer == "partly cached":
+                return real_preadv(fd, buffers, offset) - 1
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_preadv(fd, buffers, offset, flags) if flags else real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(store_module.os, "preadv", preadv)
+    store = ExpertStore(packed, manifest, io_mode="buffered")
+    reference = ExpertStore(packed, manifest, io_mode="buffered")
+    reference._nowait = False
+    try:
+        records = {e: np.zeros(spec.record_bytes, dtype=np.uint8) for e in (0, 1, 2)}
+        targets = {e: [r.data[t.offset : t.offset + t.nbytes] for t in spec.tensors] for e, r in records.items()}
+        pending = store.start_reads(spec.layer, targets)
+        if answer == "unsupported":
+            assert pending.chunks == {} and not store._nowait
+        else:
+            assert set(pending.chunks) == {1} and store._nowait
+        pending.wait_all()
+        for e, record in records.items():
+            assert record.tobytes() == reference.read(spec.layer, e).tobytes()
+    finally:
+        store.close()
+        reference.close()
