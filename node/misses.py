@@ -4,8 +4,8 @@ one by one as they land, or all at once; staged ones are copied into their slots
 from __future__ import annotations
 
 from .errors import EdgemoeError
+from .pending import PendingReads
 from .pool import SlotGroup
-from .store import PendingReads
 
 
 class Misses:
@@ -64,8 +64,10 @@ class Misses:
                 staging.copy([self._staged.pop(e) for e in batch if e in self._staged])
             staging.dma.sync()
         except BaseException:
-            # Copies already queued still read the staging records: let them finish first.
-            # A slot whose read or copy did not land holds another expert's bytes.
+            # Reads still in flight write into the staging records, and queued copies read
+            # them: both finish before the records can be handed out again. A slot whose
+            # read or copy did not land holds another expert's bytes.
+            self.pending.settle()
             try:
                 staging.dma.sync()
             except EdgemoeError:

@@ -19,6 +19,7 @@ from .dtypes import address_of
 from .errors import ChecksumError, ExpertFileError
 from .limits import DIRECT_ALIGNMENT, ram_bytes
 from .manifest import Manifest, resolve_file
+from .pending import PendingReads
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,10 @@ class ExpertStore:
             pos += len(piece)
         return length
 
-    def _verify(self, layer: int, expert: int, pieces) -> None:
+    def verify_first_read(self, layer: int, expert: int, pieces) -> None:
+        """Checks a record's checksum, unless it was verified before (then the disk is trusted)."""
+        if (layer, expert) in self._verified:
+            return
         entry = self.manifest.layer(layer).experts[expert]
         digest = hashlib.sha256()
         for _, piece in pieces:
@@ -327,54 +331,6 @@ class ExpertStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class PendingReads:
-    """Expert reads in flight: `wait(e)` returns once expert e's bytes are in place and,
-    on its first read, verified. On an error every chunk is waited for first (they
-    write into the caller's buffers), then the error is raised."""
-
-    def __init__(self, store: ExpertStore, layer: int, pieces: dict, start: float):
-        self.store = store
-        self.layer = layer
-        self.pieces = pieces
-        self.chunks: dict[int, list[Future]] = {}
-        self._start = start
-        self._done: set[int] = set()
-
-    @property
-    def experts(self) -> list[int]:
-        """The experts still to wait for, in read order."""
-        return [e for e in self.pieces if e not in self._done]
-
-    def finished(self, at: float) -> None:
-        """Called once, when the last chunk is read, under the store's lock."""
-        self.store.stats.read_seconds += at - self._start
-
-    def ready(self, expert: int) -> bool:
-        """Whether `wait(expert)` would return without waiting for a read."""
-        return expert in self._done or all(f.done() for f in self.chunks.get(expert, ()))
-
-    def wait(self, expert: int) -> None:
-        if expert in self._done:
-            return
-        chunks = self.chunks.get(expert)
-        if chunks:  # none for a batch read inline
-            wait(chunks)
-            if any(f.exception() is not None for f in chunks):
-                self.wait_all()
-        if (self.layer, expert) not in self.store._verified:
-            self.store._verify(self.layer, expert, self.pieces[expert])
-        self._done.add(expert)
-
-    def wait_all(self) -> None:
-        every = [f for chunks in self.chunks.values() for f in chunks]
-        if every:
-            wait(every)
-        for f in every:
-            f.result()
-        for e in self.experts:
-            self.wait(e)
 
 
 def _record_pieces(spec, views: list[memoryview]) -> list[tuple[int, memoryview]]:

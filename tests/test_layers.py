@@ -28,6 +28,7 @@ ENGINE = {
     "edgemoe.coordinator.counters",
     "edgemoe.coordinator.generate",
     "edgemoe.node.store",
+    "edgemoe.node.pending",
     "edgemoe.node.cache",
     "edgemoe.node.local",
     "edgemoe.node.misses",

@@ -280,3 +280,52 @@ def test_a_staged_miss_is_copied_while_later_reads_are_in_flight(large, monkeypa
         reference.close()
     finally:
         local.close()
+
+
+def test_a_failed_checksum_returns_only_once_no_read_is_in_flight(large, monkeypatch):
+    """Expert 0 fails its checksum while expert 3's read is still running. The failing call
+    must not return before that read lands: the next call reads into the same staging
+    records, and a late write would give expert 7 (verified earlier, so never rechecked)
+    expert 3's bytes in a cached slot."""
+    import threading
+    import time
+
+    from edgemoe.node.errors import ChecksumError
+
+    _, packed = large
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    store = ExpertStore(packed, manifest)
+    local = LocalExperts(store, manifest.total_expert_bytes, scratch_slots=8, compute_as_read=False,
+                         dma=HostDma())
+    read_chunk, verify = store._read_chunk, store.verify_first_read
+    seventh_read = threading.Event()
+
+    def read(layer, expert, *job):
+        if expert == 3:
+            seventh_read.wait(timeout=2)  # past the next call's read of 7, unless we are waited for
+        if expert == 4:
+            time.sleep(0.3)  # the next call's copies come well after 3's late write
+        read_chunk(layer, expert, *job)
+        if expert == 7:
+            seventh_read.set()
+
+    def checked(layer, expert, pieces):
+        if expert == 0:
+            raise ChecksumError("layer 0 expert 0 fails its checksum")
+        verify(layer, expert, pieces)
+
+    monkeypatch.setattr(store, "_read_chunk", read)
+    monkeypatch.setattr(store, "verify_first_read", checked)
+    store._verified.add((spec.layer, 7))
+    try:
+        with pytest.raises(ChecksumError):
+            local.slots(spec.layer, [0, 1, 2, 3])
+        slots = local.slots(spec.layer, [4, 5, 6, 7])
+        reference = ExpertStore(packed, manifest)
+        for e, slot in zip([4, 5, 6, 7], slots.tolist()):
+            views = local._group_of[spec.layer].pool.views(slot)
+            assert [bytes(v) for v in views] == _tensor_bytes(reference.read(spec.layer, e), spec), e
+        reference.close()
+    finally:
+        local.close()

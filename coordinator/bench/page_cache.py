@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.node.manifest import Manifest, resolve_file
-from edgemoe.node.store import ExpertStore, PendingReads
+from edgemoe.node.pending import PendingReads
+from edgemoe.node.store import ExpertStore
 
 WARM_BLOCK_BYTES = 8 * 2**20
 
