@@ -81,27 +81,28 @@ class ExpertCache(Generic[K]):
             return self._get(key)
 
     def count_many(self, counts: dict[K, int]) -> None:
-        """`counts[key]` accesses of each key, key after key, counted as that many `get`s
-        would count them (a resident layer's deferred choices, thousands at a time), with
-        the eviction order rebuilt once instead of once per access."""
+        """`counts[key]` accesses of each key at once (a resident layer's deferred choices,
+        thousands at a time), counted as `get` counts them. Under LFU the counts are halved
+        first, as often as the batch's accesses reach an aging point: every key of the
+        batch is aged alike (counted key after key, the keys first in line would lose
+        their share to a halving the others escape). The eviction order is rebuilt once."""
         with self._lock:
             for key, count in counts.items():
-                cached = key in self._items
-                if cached and self.policy == "lru":
-                    self._items.move_to_end(key)
-                while count:
-                    # Up to the next aging, where the counts are halved as `_count_access` does.
-                    step = min(count, self._aging_interval - self._tick % self._aging_interval)
-                    count -= step
-                    self._tick += step
-                    self._counts[key] = self._counts.get(key, 0) + step
-                    self._last[key] = self._tick
-                    if cached:
-                        self.stats.hits += step
-                    else:
-                        self.stats.misses += step
-                    if self._tick % self._aging_interval == 0:
-                        self._counts = {k: c // 2 for k, c in self._counts.items() if c // 2 or k in self._items}
+                if key in self._items:
+                    self.stats.hits += count
+                    if self.policy == "lru":  # as `_get`: a hit is recency, not a count
+                        self._items.move_to_end(key)
+                else:
+                    self.stats.misses += count
+            counted = {k: c for k, c in counts.items() if self.policy == "lfu" or k not in self._items}
+            total = sum(counted.values())
+            interval = self._aging_interval
+            for _ in range((self._tick + total) // interval - self._tick // interval):
+                self._counts = {k: c // 2 for k, c in self._counts.items() if c // 2 or k in self._items}
+            for key, count in counted.items():
+                self._tick += count
+                self._counts[key] = self._counts.get(key, 0) + count
+                self._last[key] = self._tick
             if self.policy == "lfu":
                 self._heap = [(self._counts.get(k, 0), self._last.get(k, 0), k) for k in self._items]
                 heapq.heapify(self._heap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from .misses import Misses
 from .pool import SlotGroup, layout_key
 from .staging import Dma, stage
 from .store import ExpertStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -254,7 +257,7 @@ class LocalExperts:
         """Records a resident layer's routing choice, counted as cache hits by `settle`
         once computed: reading it now would wait for the layer's compute."""
         self._unsettled.append((layer, indices, self._epoch))
-        if len(self._unsettled) > MAX_UNSETTLED:
+        if len(self._unsettled) > max(MAX_UNSETTLED, (SETTLE_EVERY + 2) * len(self._num_experts)):
             # Only what is surely computed: a loop (mlx-lm's) builds at most one token ahead,
             # and a token records each layer once.
             self._count(self._take(len(self._unsettled) - 2 * len(self._num_experts)))
@@ -275,8 +278,14 @@ class LocalExperts:
         self._count(done)
 
     def drop_unsettled(self) -> None:
-        """Forgets the deferred choices (a generation that failed midway: its graph may never be computed)."""
+        """A generation that failed midway: the deferred choices of the tokens it produced
+        (computed) are counted, the rest forgotten (their graph may never be computed)."""
+        done = self._take(sum(1 for u in self._unsettled if u[2] < self._epoch))
         self._unsettled = []
+        try:
+            self._count(done)
+        except Exception as exc:  # the failure may be the device's own: counts are not worth a second error
+            log.warning("routing counts of the failed generation were not kept: %s", exc)
 
     def _take(self, n: int) -> list[tuple[int, mx.array, int]]:
         """The `n` oldest deferred choices, removed (epochs only grow along the list)."""

@@ -133,6 +133,7 @@ def test_a_failed_generation_leaves_nothing_deferred(models):
     sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
     try:
         cache_everything(sm)
+        before = sm.local.stats.experts_from_cache
 
         def fail(_token):
             raise KeyboardInterrupt
@@ -140,6 +141,8 @@ def test_a_failed_generation_leaves_nothing_deferred(models):
         with pytest.raises(KeyboardInterrupt):
             generate(sm, encode(models, src, PROMPT), max_tokens=MAX_TOKENS, on_token=fail)
         assert sm.local._unsettled == []
+        # The choices of the graphs already started (the prompt's, the next token's) are counted.
+        assert sm.local.stats.experts_from_cache > before
     finally:
         sm.close()
 
