@@ -171,3 +171,23 @@ def test_deferred_choices_are_counted_once_computed_and_never_pile_up(models):
         assert local.stats.experts_from_cache == before + 3 + 2 * (MAX_UNSETTLED + 1 - kept)
     finally:
         sm.close()
+
+
+def test_the_cap_on_deferred_choices_leaves_room_for_a_deep_models_batch(models, monkeypatch):
+    """With many resident layers, SETTLE_EVERY tokens of choices exceed MAX_UNSETTLED: the
+    cap must not count them early (each early count waits for the graph in flight)."""
+    packed = models.packed("qwen3_moe", True)
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
+    try:
+        cache_everything(sm)
+        local = sm.local
+        layers = MAX_UNSETTLED // SETTLE_EVERY + 8  # more layers than the plain cap has room for
+        monkeypatch.setattr(local, "_num_experts", {i: 8 for i in range(layers)})
+        before = local.stats.experts_from_cache
+        choice = mx.array([[1, 2]], dtype=mx.uint32)
+        for _ in range(MAX_UNSETTLED + 1):
+            local.defer_hits(0, choice)
+        assert len(local._unsettled) == MAX_UNSETTLED + 1 and local.stats.experts_from_cache == before
+    finally:
+        local.drop_unsettled()
+        sm.close()
