@@ -9,7 +9,7 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,32 +193,34 @@ class ExpertStore:
                 jobs = self._chunks(spec, e, pieces[e])
                 if inline and self._read_inline(layer, e, jobs):
                     read_here.append(e)
-                else:
-                    pending.chunks[e] = [self._pool.submit(self._read_chunk, layer, e, *job) for job in jobs]
+                    continue
+                chunks = pending.chunks[e] = []  # kept as they start: an interruption waits for them
+                for job in jobs:
+                    chunks.append(self._pool.submit(self._read_chunk, layer, e, *job))
         except BaseException:
-            wait([f for chunks in pending.chunks.values() for f in chunks])  # they write into the caller's buffers
+            pending.settle()  # they write into the caller's buffers
             with self._lock:
                 pending.finished(time.perf_counter())
             raise
-        last = [f for chunks in pending.chunks.values() for f in chunks]
-        remaining = [len(last)]
-        if not last:
-            with self._lock:
-                pending.finished(time.perf_counter())
-
-        def done(_future: Future) -> None:
-            with self._lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
+        try:
+            last = [f for chunks in pending.chunks.values() for f in chunks]
+            remaining = [len(last)]
+            if not last:
+                with self._lock:
                     pending.finished(time.perf_counter())
 
-        for f in last:
-            f.add_done_callback(done)
-        try:
+            def done(_future: Future) -> None:
+                with self._lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        pending.finished(time.perf_counter())
+
+            for f in last:
+                f.add_done_callback(done)
             for e in read_here:
                 pending.wait(e)  # verifies a first read
         except BaseException:
-            wait(last)  # the reads still in flight write into the caller's buffers
+            pending.settle()  # the reads still in flight write into the caller's buffers
             raise
         return pending
 
@@ -235,8 +237,8 @@ class ExpertStore:
                     return False  # partly cached: read again, whole, on an I/O thread
                 except BlockingIOError:
                     return False
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                except (OSError, NotImplementedError) as exc:  # NotImplementedError: a Python without preadv2
+                    if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                         return False  # the I/O thread's read reports it
                     self._nowait = False
                     log.info("%s: no RWF_NOWAIT reads; small records are read inline", self._paths[file])

@@ -367,7 +367,7 @@ def test_a_direct_read_the_kernel_refuses(large, monkeypatch, errno_name):
         local.close()
 
 
-@pytest.mark.parametrize("answer", ["on disk", "partly cached", "unsupported"])
+@pytest.mark.parametrize("answer", ["on disk", "partly cached", "unsupported", "no preadv2"])
 def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeypatch, answer):
     """A small batch is read inline with RWF_NOWAIT: a record the page cache does not hold
     (wholly or in part) is read on an I/O thread instead, in parallel with the rest; a
@@ -390,6 +390,8 @@ def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeyp
                 raise BlockingIOError(errno.EAGAIN, "would block")
             if answer == "partly cached":
                 return real_preadv(fd, buffers, offset) - 1
+            if answer == "no preadv2":
+                raise NotImplementedError("preadv2 is not available")
             raise OSError(errno.EOPNOTSUPP, "not supported")
         return real_preadv(fd, buffers, offset, flags) if flags else real_preadv(fd, buffers, offset)
 
@@ -401,7 +403,7 @@ def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeyp
         records = {e: np.zeros(spec.record_bytes, dtype=np.uint8) for e in (0, 1, 2)}
         targets = {e: [r.data[t.offset : t.offset + t.nbytes] for t in spec.tensors] for e, r in records.items()}
         pending = store.start_reads(spec.layer, targets)
-        if answer == "unsupported":
+        if answer in ("unsupported", "no preadv2"):
             assert pending.chunks == {} and not store._nowait
         else:
             assert set(pending.chunks) == {1} and store._nowait
@@ -411,3 +413,74 @@ def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeyp
     finally:
         store.close()
         reference.close()
+
+
+def _held_read(store, expert: int, seconds: float, landed: list):
+    """Makes `expert`'s reads take `seconds` and record when each one ends."""
+    import time
+
+    read_chunk = store._read_chunk
+
+    def read(layer, e, *job):
+        if e == expert:
+            time.sleep(seconds)
+        read_chunk(layer, e, *job)
+        if e == expert:
+            landed.append(True)
+
+    return read
+
+
+def test_an_interrupted_start_of_reads_returns_only_once_its_reads_are_in(large, monkeypatch):
+    """A Ctrl-C (or a closing pool) between two chunks' submissions: the chunk already
+    started writes into the caller's buffer, so start_reads raises only once it is in."""
+    _, packed = large
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    store = ExpertStore(packed, manifest)
+    landed: list = []
+    monkeypatch.setattr(store, "_read_chunk", _held_read(store, 0, 0.3, landed))
+    submit, calls = store._pool.submit, []
+
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return submit(*args)
+
+    monkeypatch.setattr(store._pool, "submit", interrupted)
+    try:
+        buffers = [np.zeros(t.nbytes, dtype=np.uint8) for t in spec.tensors]
+        with pytest.raises(KeyboardInterrupt):
+            store.start_reads(spec.layer, {0: [b.data for b in buffers]})
+        assert landed == [True]
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
+def test_a_failed_checksum_is_reported_once_the_batchs_other_reads_are_in(large, monkeypatch):
+    from edgemoe.node.errors import ChecksumError
+
+    _, packed = large
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    store = ExpertStore(packed, manifest)
+    landed: list = []
+    monkeypatch.setattr(store, "_read_chunk", _held_read(store, 3, 0.3, landed))
+    verify = store.verify_first_read
+
+    def checked(layer, expert, pieces):
+        if expert == 0:
+            raise ChecksumError("layer 0 expert 0 fails its checksum")
+        verify(layer, expert, pieces)
+
+    monkeypatch.setattr(store, "verify_first_read", checked)
+    try:
+        targets = {e: [np.zeros(t.nbytes, dtype=np.uint8).data for t in spec.tensors] for e in (0, 3)}
+        pending = store.start_reads(spec.layer, targets)
+        with pytest.raises(ChecksumError):
+            pending.wait(0)
+        assert len(landed) == len(pending.chunks[3])  # every chunk of expert 3 is in
+    finally:
+        store.close()
