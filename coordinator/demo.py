@@ -36,7 +36,8 @@ DEMO_TOKENS = 40
 PUSH_TIMEOUT_S = 120.0
 MAX_NODES = 8
 # what may be in the demo's directory: its own model and pack, and `make bench`'s
-DEMO_DIR_ENTRIES = {"src", "packed", "bench-src", "bench-packed"}
+# The demo's own, and the benchmark models the README keeps beside them (`make bench`, the large demo model).
+DEMO_DIR_ENTRIES = {"src", "packed", "bench-src", "bench-packed", "large-src", "large-packed"}
 
 
 @dataclass

@@ -119,3 +119,12 @@ def test_the_demo_never_replaces_other_files(tmp_path):
     a_file = tmp_path / "notes.txt"
     r = run_cli("demo", "--dir", a_file)
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_demo_runs_beside_the_readmes_benchmark_models(tmp_path):
+    """`make bench` and the README's large demo model live in .demo too: `make demo` after them still runs."""
+    from edgemoe.coordinator.demo import _check_demo_dir
+
+    for name in ("bench-src", "bench-packed", "large-src", "large-packed"):
+        (tmp_path / name).mkdir()
+    _check_demo_dir(tmp_path)
