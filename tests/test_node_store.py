@@ -415,31 +415,32 @@ def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeyp
         reference.close()
 
 
-def _held_read(store, expert: int, seconds: float, landed: list):
-    """Makes `expert`'s reads take `seconds` and record when each one ends."""
+def _store_with_a_slow_expert(large, monkeypatch, expert: int):
+    """A store of the large-experts pack whose reads of `expert` take 0.3 s; returns its
+    first layer's spec, the store, and a list that gets an entry as each of those reads ends."""
     import time
 
+    _, packed = large
+    manifest = read_manifest(packed)
+    store = ExpertStore(packed, manifest)
+    landed: list = []
     read_chunk = store._read_chunk
 
     def read(layer, e, *job):
         if e == expert:
-            time.sleep(seconds)
+            time.sleep(0.3)
         read_chunk(layer, e, *job)
         if e == expert:
             landed.append(True)
 
-    return read
+    monkeypatch.setattr(store, "_read_chunk", read)
+    return manifest.layers[0], store, landed
 
 
 def test_an_interrupted_start_of_reads_returns_only_once_its_reads_are_in(large, monkeypatch):
     """A Ctrl-C (or a closing pool) between two chunks' submissions: the chunk already
     started writes into the caller's buffer, so start_reads raises only once it is in."""
-    _, packed = large
-    manifest = read_manifest(packed)
-    spec = manifest.layers[0]
-    store = ExpertStore(packed, manifest)
-    landed: list = []
-    monkeypatch.setattr(store, "_read_chunk", _held_read(store, 0, 0.3, landed))
+    spec, store, landed = _store_with_a_slow_expert(large, monkeypatch, 0)
     submit, calls = store._pool.submit, []
 
     def interrupted(*args):
@@ -462,12 +463,7 @@ def test_an_interrupted_start_of_reads_returns_only_once_its_reads_are_in(large,
 def test_a_failed_checksum_is_reported_once_the_batchs_other_reads_are_in(large, monkeypatch):
     from edgemoe.node.errors import ChecksumError
 
-    _, packed = large
-    manifest = read_manifest(packed)
-    spec = manifest.layers[0]
-    store = ExpertStore(packed, manifest)
-    landed: list = []
-    monkeypatch.setattr(store, "_read_chunk", _held_read(store, 3, 0.3, landed))
+    spec, store, landed = _store_with_a_slow_expert(large, monkeypatch, 3)
     verify = store.verify_first_read
 
     def checked(layer, expert, pieces):
