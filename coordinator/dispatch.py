@@ -119,12 +119,27 @@ class LayerDispatch:
             if self._overlap:
                 mx.async_eval(out)
             return out, no_wait
-        # The host round trip: which experts the router chose.
+        # The host round trip: which experts the router chose, and with it the guess of the
+        # next layer's, so that its reads start before this layer's compute is queued (read
+        # back after it, the guess waited for that compute).
+        ahead = self._guess_next(x, indices)
+        if ahead is not None:
+            mx.eval(indices, ahead)
         chosen = np.array(indices)
         read_back = time.perf_counter()
-        return self._route(x, chosen), read_back
+        return self._route(x, chosen, None if ahead is None else np.array(ahead).tolist()), read_back
 
-    def _route(self, x: mx.array, chosen: np.ndarray) -> mx.array:
+    def _guess_next(self, x: mx.array, indices: mx.array) -> mx.array | None:
+        """In decode (one token), the next layer's likely experts: its router's top k for this
+        layer's input. None where there is no guess to make."""
+        k = indices.shape[-1]
+        if self.prefetch is None or indices.size != k:
+            return None
+        width = min(self.local.prefetch_slots, self.prefetch.next_layer.kernel.spec.num_experts)
+        logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1]).astype(mx.float32)
+        return mx.argpartition(-logits, width - 1)[:width]
+
+    def _route(self, x: mx.array, chosen: np.ndarray, guess: list[int] | None) -> mx.array:
         flat = chosen.reshape(-1)
         needed = sorted(set(flat.tolist()))
         if self.guess is not None:
@@ -134,7 +149,7 @@ class LayerDispatch:
         remote = self.remote
         by_node = remote.route(self.layer, needed) if remote is not None else {}
         if remote is not None and by_node:
-            return self._split(remote, x, chosen, by_node)
+            return self._split(remote, x, chosen, by_node, guess)
         if len(needed) > self.max_inflight:
             return self._chunked(x, chosen)
         slots, misses = self.local.start_slots(self.layer, needed)
@@ -149,10 +164,11 @@ class LayerDispatch:
             out = self.kernel(x, np.array([slot_of[e] for e in flat.tolist()], dtype=np.uint32).reshape(chosen.shape))
         # Start computing now, while Python builds the next layer's graph.
         mx.async_eval(out)
-        self._prefetch_next(x, chosen)
+        self._prefetch_next(guess)
         return out
 
-    def _split(self, remote: Remote, x: mx.array, chosen: np.ndarray, by_node: dict) -> mx.array:
+    def _split(self, remote: Remote, x: mx.array, chosen: np.ndarray, by_node: dict,
+               guess: list[int] | None) -> mx.array:
         k = chosen.shape[-1]
         flat = chosen.reshape(-1)
         rows = np.arange(flat.size) // k
@@ -164,7 +180,7 @@ class LayerDispatch:
         local_pairs = np.flatnonzero(~np.isin(flat, remote_experts))
         if local_pairs.size:
             parts.append((local_pairs, self._pairs(hidden, rows[local_pairs], flat[local_pairs], sort)))
-        self._prefetch_next(x, chosen)
+        self._prefetch_next(guess)
         for call, y in remote.collect(calls, hidden, self._output_dtype(hidden)):
             audit = y is not None and remote.should_audit()
             if y is None or audit:
@@ -232,15 +248,12 @@ class LayerDispatch:
                             flat.size >= SORT_MIN_PAIRS)
         return out.reshape(*chosen.shape, -1)
 
-    def _prefetch_next(self, x: mx.array, chosen: np.ndarray) -> None:
-        """In decode (one token), starts reading the next layer's likely experts, except
-        those a node will compute: their reads would only cost disk time."""
-        k = chosen.shape[-1]
-        if self.prefetch is None or chosen.size != k:
+    def _prefetch_next(self, guess: list[int] | None) -> None:
+        """Starts reading the next layer's guessed experts, except those a node will
+        compute: their reads would only cost disk time."""
+        if self.prefetch is None or guess is None:
             return
         following = self.prefetch.next_layer
-        logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1])
-        guess = np.argpartition(-np.array(logits.astype(mx.float32)), k - 1)[:k].tolist()
         following.guess = set(guess)
         if self.remote is not None:
             guess = [e for e in guess if not self.remote.is_remote(following.layer, e)]

@@ -163,3 +163,42 @@ def test_a_few_pairs_of_a_call_mlx_lm_sorts_are_computed_on_its_sorted_path(mode
         assert len(sorts) == 2  # unasked, a small call does not sort (mlx-lm's own rule)
     finally:
         sm.close()
+
+
+def test_the_prefetch_guess_is_the_next_routers_top_k_of_this_layers_input(models, monkeypatch):
+    """Each decode layer starts reading the next layer's experts that its router ranks
+    highest on this layer's input, read back with this layer's routing (so the reads
+    start before this layer's compute is queued)."""
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    budget = 2 * read_manifest(packed).expert_bytes
+    calls, inputs = [], {}
+    original_call, original_prefetch = LayerDispatch.__call__, LayerDispatch._prefetch_next
+
+    def recording_call(self, x, indices):
+        inputs[self.layer] = x
+        return original_call(self, x, indices)
+
+    def recording_prefetch(self, guess):
+        if guess is not None:
+            calls.append((self.layer, self.prefetch.next_layer.layer, sorted(guess), inputs[self.layer]))
+        return original_prefetch(self, guess)
+
+    monkeypatch.setattr(LayerDispatch, "__call__", recording_call)
+    monkeypatch.setattr(LayerDispatch, "_prefetch_next", recording_prefetch)
+    sm = load_streaming_model(packed, cache_bytes=budget, io_mode="buffered", prefetch=True)
+    try:
+        calls.clear()  # the loader's warm-up decodes too
+        generate(sm, prompt, max_tokens=4)
+        layers = sm.model.model.layers
+        k = sm.config["num_experts_per_tok"]
+        if mx.default_device() != mx.cpu:  # --prefetch is off there (the loader)
+            assert calls == []
+            return
+        # Decode steps only (one row), each guessing into every layer but the first.
+        assert calls and len(calls) % (len(layers) - 1) == 0
+        for layer, following, guess, x in calls:
+            logits = np.array(layers[following].mlp.gate(x.reshape(-1, x.shape[-1])[-1]).astype(mx.float32))
+            assert guess == sorted(np.argsort(-logits)[:k].tolist()), (layer, following)
+    finally:
+        sm.close()
