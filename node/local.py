@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -13,6 +12,7 @@ from .cache import CacheStats
 from .errors import CacheBudgetError, EdgemoeError
 from .manifest import Manifest
 from .misses import Misses
+from .pending import PendingReads
 from .pool import SlotGroup, layout_key
 from .staging import Dma, stage
 from .store import ExpertStore
@@ -58,9 +58,8 @@ class LocalExperts:
         self.policy = policy
         self.scratch_slots = scratch_slots
         self.prefetch_slots = prefetch_slots
-        # (layer, expert) -> prefetch slot, and the read filling it.
-        self._prefetched: dict[tuple[int, int], tuple[int, Future]] = {}
-        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
+        # (layer, expert) -> prefetch slot, and the reads filling it.
+        self._prefetched: dict[tuple[int, int], tuple[int, PendingReads]] = {}
         self._misses: Misses | None = None
         self._groups: list[SlotGroup] = []
         # Routing choices of layers computed from a resident table, counted once computed (`settle`).
@@ -135,9 +134,15 @@ class LocalExperts:
             slots[e] = first + len(targets)
             targets[e] = group.pool.views(slots[e])
         if targets:
-            future = self._prefetcher.submit(self.store.read_many_into, layer, targets)
+            # Started from this thread, not handed to a prefetch thread: on 2 cores that
+            # hand-off cost more than the reads it overlapped (A/B in the README).
+            try:
+                pending = self.store.start_reads(layer, targets)
+            except EdgemoeError as exc:
+                log.debug("prefetch into layer %d not started: %s", layer, exc)
+                return
             for e, slot in slots.items():
-                self._prefetched[(layer, e)] = (slot, future)
+                self._prefetched[(layer, e)] = (slot, pending)
             self.stats.prefetched += len(targets)
 
     def _drain(self) -> None:
@@ -151,9 +156,9 @@ class LocalExperts:
                 misses.wait_all()
             except EdgemoeError:
                 pass
-        for key, (_, future) in list(self._prefetched.items()):
+        for key, (_, pending) in list(self._prefetched.items()):
             try:
-                future.result()
+                pending.wait(key[1])
             except EdgemoeError:
                 del self._prefetched[key]
 
@@ -351,7 +356,6 @@ class LocalExperts:
     def close(self) -> None:
         self.settle(everything=True)
         self._drain()
-        self._prefetcher.shutdown(wait=True)
         self._close_staging()
         if self.dma is not None:
             self.dma.close()

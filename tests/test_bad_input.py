@@ -157,6 +157,39 @@ def test_corrupted_expert_is_never_computed_with(models, packed_copy, monkeypatc
                                            cache_bytes=read_manifest(packed_copy).total_expert_bytes)
 
 
+@pytest.mark.parametrize("on_threads", [False, True], ids=["read-inline", "on-io-threads"])
+def test_a_corrupted_prefetched_expert_costs_only_time(packed_copy, monkeypatch, on_threads):
+    """A guessed expert whose record fails its checksum never reaches a slot, and the
+    prefetch raises nothing: its real read reports the error. On the I/O threads each
+    record is checked alone, so the others guessed with it are used; a small batch read
+    inline is checked as a batch, and is dropped whole."""
+    from edgemoe.node import store as store_module
+    from edgemoe.node.local import LocalExperts
+    from edgemoe.node.store import ExpertStore
+
+    if on_threads:
+        monkeypatch.setattr(store_module, "INLINE_READ_BYTES", 0)
+    manifest = read_manifest(packed_copy)
+    spec = manifest.layers[1]
+    corrupt_expert(packed_copy, spec.layer, 3)
+    local = LocalExperts(ExpertStore(packed_copy, manifest), 4 * spec.record_bytes, prefetch_slots=4)
+    try:
+        local.prefetch(spec.layer, [3, 5])
+        slot = int(local.slots(spec.layer, [5])[0])
+        expected = (2, 1, 0) if on_threads else (0, 0, 1)
+        assert (local.stats.prefetched, local.stats.prefetch_used, local.stats.experts_from_ssd) == expected
+        reference = ExpertStore(packed_copy, manifest, io_mode="buffered")
+        record = reference.read(spec.layer, 5)
+        reference.close()
+        in_slot = [bytes(v) for v in local._group_of[spec.layer].pool.views(slot)]
+        assert in_slot == [record[t.offset : t.offset + t.nbytes].tobytes() for t in spec.tensors]
+        with pytest.raises(ChecksumError, match=f"layer {spec.layer} expert 3"):
+            local.slots(spec.layer, [3])
+        assert (spec.layer, 3) not in local
+    finally:
+        local.close()
+
+
 def test_flipped_byte_in_an_in_place_source(models, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(models.src("qwen3_moe", True), src)
