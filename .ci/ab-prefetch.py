@@ -1,0 +1,41 @@
+"""A/B of --prefetch: alternating cold runs of one model loaded with and without it, in one
+process, the page cache dropped before every token (each miss reads the disk), same tokens
+both ways. From the repository root:
+
+    .venv/bin/python .ci/ab-prefetch.py PACKED TOKENS ROUNDS [auto|direct|buffered]"""
+
+import statistics
+import sys
+
+from edgemoe.coordinator.bench.decode import cold_run, warm_up
+from edgemoe.coordinator.bench.page_cache import expert_paths
+from edgemoe.coordinator.generate import build_prompt
+from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.node.manifest import read_manifest
+
+path, tokens, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+io_mode = sys.argv[4] if len(sys.argv) > 4 else "auto"
+manifest = read_manifest(path)
+budget = max(manifest.expert_bytes, manifest.total_expert_bytes // 8)
+models = {name: load_streaming_model(path, cache_bytes=budget, io_mode=io_mode, prefetch=name == "prefetch")
+          for name in ("prefetch", "no prefetch")}
+for sm in models.values():
+    warm_up(sm)
+paths = expert_paths(path, manifest)
+runs: dict[str, list] = {name: [] for name in models}
+for _ in range(rounds):
+    for name, sm in models.items():
+        prompt = build_prompt(sm.tokenizer, "Write a short story about a robot who learns to paint.")
+        run = cold_run(sm, paths, prompt, tokens, budget, every_token=True)
+        runs[name].append(run)
+        print(f"  {name:12s} {run.tokens_per_s:7.2f} tok/s  layer {run.layer_us:6.0f} us  routing "
+              f"{run.routing_wait_us:5.0f}  dispatch {run.dispatch_us:5.0f}  "
+              f"read {run.ssd_bytes_per_token / 2**20:.2f} MiB/token", flush=True)
+for name, done in runs.items():
+    print(f"{name}: median {statistics.median(r.tokens_per_s for r in done):.2f} tok/s",
+          [round(r.tokens_per_s, 1) for r in done])
+guessed, right = models["prefetch"].guesses()
+print(f"guesses right: {right} of {guessed}")
+print("same tokens:", len({tuple(r.token_ids) for done in runs.values() for r in done}) == 1)
+for sm in models.values():
+    sm.close()
