@@ -134,6 +134,12 @@ def test_ratios_are_their_parts(report):
     assert 0.0 <= r["cache_hit_rate"] <= 1.0
     for case in ("every_token_cold", "warm_eighth"):
         assert close(r[f"{case}_measured_over_predicted"], r[f"{case}_tokens_per_s"] / r[f"{case}_predicted_tok_s"])
+    # Every expert cached: against plain mlx-lm's runs alternated with edgemoe's, median to median.
+    assert len(r["all_cached_mlx_lm_tokens_per_s_runs"]) == len(r["all_cached_tokens_per_s_runs"]) == 3
+    assert close(r["all_cached_mlx_lm_tokens_per_s"], statistics.median(r["all_cached_mlx_lm_tokens_per_s_runs"]))
+    for prefix in ("all_cached_", "all_cached_host_routing_"):
+        assert close(r[f"{prefix}relative_to_mlx_lm"], r[f"{prefix}tokens_per_s"] / r["all_cached_mlx_lm_tokens_per_s"])
+        assert r[f"{prefix}same_tokens_as_mlx_lm"] is True
 
 
 def test_byte_counts_add_up(report):
@@ -181,6 +187,8 @@ def test_skips_say_why(model):
     assert r["in_place_tokens_per_s"] is None and r["repack_tokens_per_s_gain"] is None
     assert any("--no-mlx-lm" in note for note in r["notes"])
     assert r["warm_eighth_tokens_per_s"] is not None
+    assert r["all_cached_tokens_per_s"] is not None and r["all_cached_relative_to_mlx_lm"] is None
+    assert r["all_cached_mlx_lm_tokens_per_s"] is None and r["all_cached_mlx_lm_tokens_per_s_runs"] is None
 
 
 def test_decode_figures_split_prefill_from_decode():
@@ -208,3 +216,34 @@ def test_fio_missing_is_a_note(monkeypatch, tmp_path):
     monkeypatch.setattr("shutil.which", lambda name: None)
     gbps, why = run_fio(tmp_path / "x")
     assert gbps is None and "fio" in why
+
+
+def test_plain_mlx_lm_that_does_not_fit_beside_every_expert_is_freed_first(model, monkeypatch):
+    """Where plain mlx-lm and every expert do not both fit in half the memory, mlx-lm is
+    freed before the experts load, and the ratio is to its fastest run, timed before."""
+    from edgemoe.coordinator.bench import cached
+    from edgemoe.coordinator.bench.reference import MlxLmRun, open_plain_mlx_lm
+    from edgemoe.coordinator.bench.report import Notes
+    from edgemoe.coordinator.generate import build_prompt
+    from edgemoe.coordinator.loader import load_streaming_model
+
+    _, packed = model
+    sm = load_streaming_model(packed, cache_bytes=int(CACHE_MB * 2**20))
+    notes = Notes()
+    try:
+        plain = open_plain_mlx_lm(packed, sm, None, None, notes)
+        assert plain is not None
+        prompt = build_prompt(sm.tokenizer, "Hello")
+        best = plain.time(prompt, 4)
+        fastest = MlxLmRun(best.token_ids, 1000.0, best.prompt_tokens_per_s, best.model)
+        # Room for every expert, not for mlx-lm's copy of the model beside them.
+        need = sm.manifest.total_expert_bytes + sm.local.budget_bytes + sm.dense_bytes
+        monkeypatch.setattr(cached, "array_memory_bytes", lambda: 2 * (need + plain.nbytes // 2))
+        r = cached.all_cached_figures(sm, prompt, 4, fastest, plain, notes)
+    finally:
+        sm.close()
+    assert plain.model is None
+    assert any("does not fit beside" in note for note in notes.items)
+    assert r["all_cached_mlx_lm_tokens_per_s"] is None
+    assert close(r["all_cached_relative_to_mlx_lm"], r["all_cached_tokens_per_s"] / 1000.0)
+    assert r["all_cached_same_tokens_as_mlx_lm"] is True

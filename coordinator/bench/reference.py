@@ -81,9 +81,33 @@ def time_mlx_lm(model: nn.Module, tokenizer: Any, prompt_tokens: list[int], toke
     return MlxLmRun(ids, run.tokens_per_s, run.prompt_tokens_per_s, name)
 
 
-def mlx_lm_run(model_dir: Path, sm: StreamingModel, prompt_tokens: list[int], tokens: int, source: Path | None,
-               experts_per_token: int | None, notes: Notes) -> MlxLmRun | None:
-    """The fastest of the bench's repeats on plain mlx-lm, or None (with a note) where RAM is short."""
+class PlainMlxLm:
+    """mlx-lm's model of the same weights, loaded and warmed up once, timed as often as asked
+    (the every-expert-cached case alternates it with its own runs); `close` frees it."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str, nbytes: int):
+        self.model: nn.Module | None = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.nbytes = nbytes
+
+    def time(self, prompt_tokens: list[int], tokens: int) -> MlxLmRun:
+        assert self.model is not None, "timed after close"
+        return time_mlx_lm(self.model, self.tokenizer, prompt_tokens, tokens, self.name)
+
+    def best_of(self, prompt_tokens: list[int], tokens: int) -> MlxLmRun:
+        """The fastest of the bench's repeats."""
+        return best_of(partial(self.time, prompt_tokens, tokens))
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model = None
+            mx.clear_cache()
+
+
+def open_plain_mlx_lm(model_dir: Path, sm: StreamingModel, source: Path | None, experts_per_token: int | None,
+                      notes: Notes) -> PlainMlxLm | None:
+    """Plain mlx-lm, warmed up, or None (with a note) where RAM is short."""
     need = sm.manifest.total_expert_bytes + sm.dense_bytes
     if need > MLX_LM_RAM_FRACTION * array_memory_bytes():
         notes.add(f"plain mlx-lm skipped: the full model ({need / 2**30:.1f} GiB) is over "
@@ -95,10 +119,11 @@ def mlx_lm_run(model_dir: Path, sm: StreamingModel, prompt_tokens: list[int], to
     else:
         name = REBUILT
         model = build_reference_model(model_dir, sm.config, sm.manifest)
+    plain = PlainMlxLm(model, sm.tokenizer, name, need)
+    del model  # `close` must leave no other reference to it
     try:
-        time_mlx_lm(model, sm.tokenizer, build_prompt(sm.tokenizer, WARMUP_PROMPT), WARMUP_TOKENS, name)
-        # partial, not a lambda: the `del model` below must leave no closure over the name
-        return best_of(partial(time_mlx_lm, model, sm.tokenizer, prompt_tokens, tokens, name))
-    finally:
-        del model
-        mx.clear_cache()
+        plain.time(build_prompt(sm.tokenizer, WARMUP_PROMPT), WARMUP_TOKENS)
+    except BaseException:
+        plain.close()
+        raise
+    return plain

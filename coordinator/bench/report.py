@@ -69,6 +69,11 @@ def _layer_line(r: dict[str, Any], prefix: str) -> str:
 
 def _all_cached_lines(r: dict[str, Any]) -> list[str]:
     lines = ["", f"every expert cached ({_mib(r['all_cached_budget_bytes'])}), alternating runs, medians"]
+    if r.get("all_cached_mlx_lm_tokens_per_s") is not None:
+        lines.append(f"  {'plain mlx-lm':<21} {_f(r['all_cached_mlx_lm_tokens_per_s'], unit=' tok/s')}  "
+                     f"({_speeds(r['all_cached_mlx_lm_tokens_per_s_runs'])}), the reference of the two below")
+    else:
+        lines.append("  (plain mlx-lm not alternated: the reference is its fastest run above)")
     for prefix, name in (("all_cached_", "resident tables"), ("all_cached_host_routing_", "host routing")):
         lines += [
             f"  {name:<21} {_f(r[prefix + 'tokens_per_s'], unit=' tok/s')}  "

@@ -33,7 +33,7 @@ from .decode import (
 from .disk import measure_reads, record_jobs, run_fio, sequential_jobs
 from .page_cache import drop_page_cache, expert_paths, resident_fraction, warm_page_cache
 from .predict import bench_predictions
-from .reference import MlxLmRun, mlx_lm_run
+from .reference import MlxLmRun, PlainMlxLm, open_plain_mlx_lm
 from .report import MiB, Notes
 from .transfer import host_to_device_gbps
 
@@ -115,18 +115,23 @@ def run_bench(
 
             # The source is mlx-lm's own model only when it packs to the benched model.
             source = in_place_source if in_place is not None and in_place[1] else None
-            mlx_lm = _mlx_lm(model_dir, sm, prompt_tokens, tokens, source, experts_per_token, compare_mlx_lm, notes)
-            report.update(_mlx_lm_figures(cold, mlx_lm))
+            plain = _plain_mlx_lm(model_dir, sm, source, experts_per_token, compare_mlx_lm, notes)
+            try:
+                log.info("plain mlx-lm decode")
+                mlx_lm = plain.best_of(prompt_tokens, tokens) if plain else None
+                report.update(_mlx_lm_figures(cold, mlx_lm))
 
-            warm = _warm_eighth_run(sm, paths, prompt_tokens, tokens)
-            report["warm_eighth_cache_budget_bytes"] = sm.local.budget_bytes
-            report.update(_run_keys("warm_eighth_", warm))
-            report["warm_eighth_relative_to_mlx_lm"] = (_ratio(warm.tokens_per_s, mlx_lm.tokens_per_s)
-                                                        if mlx_lm else None)
-            report["warm_eighth_same_tokens_as_cold_run"] = warm.token_ids == cold.token_ids
-            report.update(_transfer_bound(sm, report, mlx_lm))
-            report.update(all_cached_figures(sm, prompt_tokens, tokens, mlx_lm.tokens_per_s if mlx_lm else None,
-                                             mlx_lm.token_ids if mlx_lm else None, notes))
+                warm = _warm_eighth_run(sm, paths, prompt_tokens, tokens)
+                report["warm_eighth_cache_budget_bytes"] = sm.local.budget_bytes
+                report.update(_run_keys("warm_eighth_", warm))
+                report["warm_eighth_relative_to_mlx_lm"] = (_ratio(warm.tokens_per_s, mlx_lm.tokens_per_s)
+                                                            if mlx_lm else None)
+                report["warm_eighth_same_tokens_as_cold_run"] = warm.token_ids == cold.token_ids
+                report.update(_transfer_bound(sm, report, mlx_lm))
+                report.update(all_cached_figures(sm, prompt_tokens, tokens, mlx_lm, plain, notes))
+            finally:
+                if plain is not None:
+                    plain.close()
             log.info("the performance model's inputs, and its predictions of the runs above")
             report.update(bench_predictions(sm, paths, report))
         finally:
@@ -245,16 +250,15 @@ def _every_token_cold_figures(sm: StreamingModel, paths: list[Path], prompt_toke
     return out
 
 
-def _mlx_lm(model_dir: Path, sm: StreamingModel, prompt_tokens: list[int], tokens: int, source: Path | None,
-            experts_per_token: int | None, enabled: bool, notes: Notes) -> MlxLmRun | None:
+def _plain_mlx_lm(model_dir: Path, sm: StreamingModel, source: Path | None, experts_per_token: int | None,
+                  enabled: bool, notes: Notes) -> PlainMlxLm | None:
     if not enabled:
         notes.add("plain mlx-lm comparison skipped (--no-mlx-lm)")
         return None
     if source is None:
         notes.add("plain mlx-lm runs the model rebuilt from the packed files (pass --in-place SRC to run "
                   "mlx_lm.load(SRC) and compare tokens with mlx-lm's own load of the source)")
-    log.info("plain mlx-lm decode")
-    return mlx_lm_run(model_dir, sm, prompt_tokens, tokens, source, experts_per_token, notes)
+    return open_plain_mlx_lm(model_dir, sm, source, experts_per_token, notes)
 
 
 def _mlx_lm_figures(cold: DecodeRun, mlx_lm: MlxLmRun | None) -> dict[str, Any]:
