@@ -133,6 +133,10 @@ def test_ratios_are_their_parts(report):
                  r["warm_eighth_tokens_per_s"] / r["warm_eighth_mlx_lm_tokens_per_s"])
     assert close(r["warm_eighth_bound_tokens_per_s"],
                  min(r["warm_eighth_mlx_lm_tokens_per_s"], r["warm_eighth_transfer_bound_tokens_per_s"]))
+    assert close(r["every_token_cold_min_bound_tokens_per_s"],
+                 min(r["warm_eighth_mlx_lm_tokens_per_s"], r["every_token_cold_ssd_bound_tokens_per_s"]))
+    assert close(r["every_token_cold_relative_to_min_bound"],
+                 r["every_token_cold_tokens_per_s"] / r["every_token_cold_min_bound_tokens_per_s"])
     assert close(r["repack_tokens_per_s_gain"], r["tokens_per_s"] / r["in_place_tokens_per_s"])
     assert close(r["repack_read_gbps_gain"], r["expert_read_gbps"] / r["in_place_expert_read_gbps"])
     assert 0.0 <= r["cache_hit_rate"] <= 1.0

@@ -127,6 +127,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"= {_pct(r['every_token_cold_read_efficiency'])} of raw",
         f"  SSD bound             {_f(r['every_token_cold_ssd_bound_tokens_per_s'], '{:.1f}', ' tok/s')}  "
         f"-> decode at {_pct(r['every_token_cold_bound_efficiency'])} of it",
+        f"  bound                 {_f(r.get('every_token_cold_min_bound_tokens_per_s'), unit=' tok/s')} "
+        f"= min(SSD bound, mlx-lm of the warm case below) "
+        f"-> {_pct(r.get('every_token_cold_relative_to_min_bound'))} of it (target >= 80%)",
         f"  predicted             {_f(r.get('every_token_cold_predicted_tok_s'), unit=' tok/s')}  "
         f"-> measured/predicted {_f(r.get('every_token_cold_measured_over_predicted'))}",
         "",
