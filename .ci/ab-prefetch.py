@@ -21,6 +21,7 @@ models = {name: load_streaming_model(path, cache_bytes=budget, io_mode=io_mode, 
           for name in ("prefetch", "no prefetch")}
 for sm in models.values():
     warm_up(sm)
+guessed_before, right_before = models["prefetch"].guesses()  # the loader's and warm-up's guesses
 paths = expert_paths(path, manifest)
 runs: dict[str, list] = {name: [] for name in models}
 for _ in range(rounds):
@@ -35,7 +36,7 @@ for name, done in runs.items():
     print(f"{name}: median {statistics.median(r.tokens_per_s for r in done):.2f} tok/s",
           [round(r.tokens_per_s, 1) for r in done])
 guessed, right = models["prefetch"].guesses()
-print(f"guesses right: {right} of {guessed}")
+print(f"guesses right in the timed runs: {right - right_before} of {guessed - guessed_before}")
 print("same tokens:", len({tuple(r.token_ids) for done in runs.values() for r in done}) == 1)
 for sm in models.values():
     sm.close()

@@ -120,8 +120,8 @@ class LayerDispatch:
                 mx.async_eval(out)
             return out, no_wait
         # The host round trip: which experts the router chose, and with it the guess of the
-        # next layer's, so that its reads start before this layer's compute is queued (read
-        # back after it, the guess waited for that compute).
+        # next layer's, so that its reads start as soon as this layer's compute is queued
+        # (read back after that, the guess waited for the compute to finish).
         ahead = self._guess_next(x, indices)
         if ahead is not None:
             mx.eval(indices, ahead)

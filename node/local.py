@@ -135,9 +135,12 @@ class LocalExperts:
             targets[e] = group.pool.views(slots[e])
         if targets:
             # Started from this thread, not handed to a prefetch thread: on 2 cores that
-            # hand-off cost more than the reads it overlapped (A/B in the README).
+            # hand-off cost more than the reads it overlapped (A/B in the README). Direct
+            # reads go to the I/O threads: inline, each would hold this thread for the
+            # disk's latency (buffered ones inline are page-cache copies, or RWF_NOWAIT
+            # refusals that start the disk read).
             try:
-                pending = self.store.start_reads(layer, targets)
+                pending = self.store.start_reads(layer, targets, inline=not self.store.direct)
             except EdgemoeError as exc:
                 log.debug("prefetch into layer %d not started: %s", layer, exc)
                 return

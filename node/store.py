@@ -170,14 +170,14 @@ class ExpertStore:
         """Reads several experts, each into its views, and returns once all are in place."""
         self.start_reads(layer, targets).wait_all()
 
-    def start_reads(self, layer: int, targets: dict[int, list[memoryview]]) -> PendingReads:
+    def start_reads(self, layer: int, targets: dict[int, list[memoryview]], inline: bool = True) -> PendingReads:
         """Starts reading several experts, each into its views, in chunks spread over the
         I/O threads in the order given, so the first experts are complete first.
 
         Large records are split so that even one or two misses keep several reads
         in flight; small batches are read inline, before this returns, where a
-        thread hand-off would cost more than the read (`_read_inline`). `read_seconds`
-        counts wall time from the start to the last chunk read.
+        thread hand-off would cost more than the read (`_read_inline`), unless `inline`
+        is False. `read_seconds` counts wall time from the start to the last chunk read.
         """
         start = time.perf_counter()
         spec = self.manifest.layer(layer)
@@ -186,7 +186,7 @@ class ExpertStore:
             self.stats.reads += len(targets)
             self.stats.bytes_read += spec.record_bytes * len(targets)
         pending = PendingReads(self, layer, pieces, start)
-        inline = spec.record_bytes * len(targets) <= INLINE_READ_BYTES
+        inline = inline and spec.record_bytes * len(targets) <= INLINE_READ_BYTES
         read_here = []
         try:
             for e in targets:

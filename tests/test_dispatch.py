@@ -167,17 +167,24 @@ def test_a_few_pairs_of_a_call_mlx_lm_sorts_are_computed_on_its_sorted_path(mode
 
 def test_the_prefetch_guess_is_the_next_routers_top_k_of_this_layers_input(models, monkeypatch):
     """Each decode layer starts reading the next layer's experts that its router ranks
-    highest on this layer's input, read back with this layer's routing (so the reads
-    start before this layer's compute is queued)."""
+    highest on this layer's input. The guess is made with this layer's routing, before its
+    experts are queued: made after them, reading it back waited for their compute."""
+    from edgemoe.node.compute import ExpertKernel
+
     src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
     budget = 2 * read_manifest(packed).expert_bytes
-    calls, inputs = [], {}
+    calls, inputs, events = [], {}, []
     original_call, original_prefetch = LayerDispatch.__call__, LayerDispatch._prefetch_next
+    original_kernel = ExpertKernel.__call__
 
     def recording_call(self, x, indices):
         inputs[self.layer] = x
         return original_call(self, x, indices)
+
+    def recording_kernel(self, *args, **kwargs):
+        events.append(("experts", self.spec.layer))
+        return original_kernel(self, *args, **kwargs)
 
     def recording_prefetch(self, guess):
         if guess is not None:
@@ -186,9 +193,14 @@ def test_the_prefetch_guess_is_the_next_routers_top_k_of_this_layers_input(model
 
     monkeypatch.setattr(LayerDispatch, "__call__", recording_call)
     monkeypatch.setattr(LayerDispatch, "_prefetch_next", recording_prefetch)
+    monkeypatch.setattr(ExpertKernel, "__call__", recording_kernel)
     sm = load_streaming_model(packed, cache_bytes=budget, io_mode="buffered", prefetch=True)
+    for d in sm.dispatchers:
+        if d.prefetch is not None:
+            d.prefetch.logits = _recording_guess(d.prefetch.logits, d.layer, events)
     try:
         calls.clear()  # the loader's warm-up decodes too
+        events.clear()
         generate(sm, prompt, max_tokens=4)
         layers = sm.model.model.layers
         k = sm.config["num_experts_per_tok"]
@@ -200,5 +212,16 @@ def test_the_prefetch_guess_is_the_next_routers_top_k_of_this_layers_input(model
         for layer, following, guess, x in calls:
             logits = np.array(layers[following].mlp.gate(x.reshape(-1, x.shape[-1])[-1]).astype(mx.float32))
             assert guess == sorted(np.argsort(-logits)[:k].tolist()), (layer, following)
+        for layer in {layer for layer, *_ in calls}:
+            mine = [kind for kind, at in events if at == layer]
+            # The prompt's pass guesses nothing; each decode step guesses, then queues its experts.
+            assert mine[0] == "experts" and mine[1:] == ["guess", "experts"] * ((len(mine) - 1) // 2), layer
     finally:
         sm.close()
+
+
+def _recording_guess(logits, layer, events):
+    def recorded(x):
+        events.append(("guess", layer))
+        return logits(x)
+    return recorded

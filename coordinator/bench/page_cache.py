@@ -105,8 +105,8 @@ class FirstReads:
         self._start_reads = store.start_reads
         store.start_reads = self._tracked  # type: ignore[method-assign]
 
-    def _tracked(self, layer: int, targets: dict[int, list[memoryview]]) -> PendingReads:
-        pending = self._start_reads(layer, targets)
+    def _tracked(self, layer: int, targets: dict[int, list[memoryview]], inline: bool = True) -> PendingReads:
+        pending = self._start_reads(layer, targets, inline)
         with self._lock:
             for expert in targets:
                 if (layer, expert) not in self._seen:
