@@ -129,6 +129,7 @@ def test_ratios_are_their_parts(report):
     assert close(r["read_efficiency"], r["expert_read_gbps"] / r["raw_read_gbps"])
     assert close(r["relative_to_mlx_lm"], r["tokens_per_s"] / r["mlx_lm_tokens_per_s"])
     # The warm case against plain mlx-lm's runs alternated with its own, fastest to fastest.
+    assert r["warm_eighth_mlx_lm_alternated"] is True
     assert close(r["warm_eighth_relative_to_mlx_lm"],
                  r["warm_eighth_tokens_per_s"] / r["warm_eighth_mlx_lm_tokens_per_s"])
     assert close(r["warm_eighth_bound_tokens_per_s"],
@@ -230,7 +231,7 @@ def test_fio_missing_is_a_note(monkeypatch, tmp_path):
 def test_plain_mlx_lm_that_does_not_fit_beside_every_expert_is_freed_first(model, monkeypatch):
     """Where plain mlx-lm and every expert do not both fit in half the memory, mlx-lm is
     freed before the experts load, and the ratio is to its fastest run, timed before."""
-    from edgemoe.coordinator.bench import cached
+    from edgemoe.coordinator.bench import cached, reference
     from edgemoe.coordinator.bench.reference import MlxLmRun, open_plain_mlx_lm
     from edgemoe.coordinator.bench.report import Notes
     from edgemoe.coordinator.generate import build_prompt
@@ -247,7 +248,8 @@ def test_plain_mlx_lm_that_does_not_fit_beside_every_expert_is_freed_first(model
         fastest = MlxLmRun(best.token_ids, 1000.0, best.prompt_tokens_per_s, best.model)
         # Room for every expert, not for mlx-lm's copy of the model beside them.
         need = sm.manifest.total_expert_bytes + sm.local.budget_bytes + sm.dense_bytes
-        monkeypatch.setattr(cached, "array_memory_bytes", lambda: 2 * (need + plain.nbytes // 2))
+        for name in ("array_memory_bytes", "ram_bytes"):
+            monkeypatch.setattr(reference, name, lambda: 2 * (need + plain.nbytes // 2))
         r = cached.all_cached_figures(sm, prompt, 4, fastest, plain, notes)
     finally:
         sm.close()
@@ -256,3 +258,35 @@ def test_plain_mlx_lm_that_does_not_fit_beside_every_expert_is_freed_first(model
     assert r["all_cached_mlx_lm_tokens_per_s"] is None
     assert close(r["all_cached_relative_to_mlx_lm"], r["all_cached_tokens_per_s"] / 1000.0)
     assert r["all_cached_same_tokens_as_mlx_lm"] is True
+
+
+def test_plain_mlx_lm_that_does_not_fit_beside_the_warm_page_cache_is_freed_before_it(model, monkeypatch):
+    """The warm case keeps the expert files in the page cache: where plain mlx-lm does not fit
+    in half the memory beside them, it is freed first, and both cached cases are compared with
+    its fastest run, timed before, and say so."""
+    from edgemoe.coordinator.bench import reference, run_bench
+    from edgemoe.node.manifest import read_manifest
+
+    _, packed = model
+    manifest = read_manifest(packed)
+    # mlx-lm's copy of the model opens (under half of the array memory), but it and the
+    # page cache's copy of the experts come to more than half of RAM.
+    room = 2 * (manifest.total_expert_bytes + manifest.total_expert_bytes // 2)
+    for name in ("array_memory_bytes", "ram_bytes"):
+        monkeypatch.setattr(reference, name, lambda: room)
+    r = run_bench(packed, cache_bytes=int(CACHE_MB * 2**20), tokens=4)
+    assert any("freed before the warm 1/8 case" in note for note in r["notes"])
+    assert r["warm_eighth_mlx_lm_alternated"] is False
+    assert r["warm_eighth_mlx_lm_tokens_per_s"] == r["mlx_lm_tokens_per_s"] is not None
+    assert close(r["warm_eighth_relative_to_mlx_lm"], r["warm_eighth_tokens_per_s"] / r["mlx_lm_tokens_per_s"])
+    assert r["all_cached_mlx_lm_tokens_per_s"] is None
+    assert close(r["all_cached_relative_to_mlx_lm"], r["all_cached_tokens_per_s"] / r["mlx_lm_tokens_per_s"])
+    assert "its fastest run above" in format_report(r)
+
+
+def test_bench_with_prefetch(model):
+    """`--prefetch` through the whole bench (its first-read counter wraps the store's reads)."""
+    _, packed = model
+    r = bench("--model", str(packed), "--cache-mb", str(CACHE_MB), "--tokens", "4", "--no-mlx-lm", "--prefetch")
+    assert r["prefetch"] is True
+    assert r["warm_eighth_same_tokens_as_cold_run"] is True and r["dead_peer_same_tokens_as_no_peers"] is True

@@ -37,7 +37,7 @@ def all_cached_figures(sm: StreamingModel, prompt_tokens: list[int], tokens: int
         notes.add(f"every-expert-cached case skipped: {everything / 2**30:.1f} GiB of experts do not fit "
                   f"in half of {array_memory_kind()}")
         return {"all_cached_budget_bytes": everything, "all_cached_tokens_per_s": None}
-    if plain is not None and need + plain.nbytes > array_memory_bytes() // 2:
+    if plain is not None and not plain.fits_beside(need, 0):
         plain.close()
         plain = None
         notes.add("every expert cached: plain mlx-lm does not fit beside it, so its runs did not alternate "
@@ -62,7 +62,8 @@ def all_cached_figures(sm: StreamingModel, prompt_tokens: list[int], tokens: int
     plain_speeds = [r.tokens_per_s or 0.0 for r in plain_runs]
     out["all_cached_mlx_lm_tokens_per_s"] = statistics.median(plain_speeds) if plain_runs else None
     out["all_cached_mlx_lm_tokens_per_s_runs"] = plain_speeds or None
-    reference = out["all_cached_mlx_lm_tokens_per_s"] or (mlx_lm.tokens_per_s if mlx_lm else None)
+    reference = (out["all_cached_mlx_lm_tokens_per_s"] if plain_runs
+                 else mlx_lm.tokens_per_s if mlx_lm else None)
     reference_ids = mlx_lm.token_ids if mlx_lm else None
     for name, done in runs.items():
         prefix = "all_cached_" if name == "resident" else "all_cached_host_routing_"

@@ -16,7 +16,7 @@ from mlx_lm.utils import load_config
 
 from edgemoe.node.architecture import build_model, with_experts_per_token
 from edgemoe.node.compute import record_to_arrays
-from edgemoe.node.limits import array_memory_bytes, array_memory_kind
+from edgemoe.node.limits import array_memory_bytes, array_memory_kind, ram_bytes
 from edgemoe.node.manifest import DENSE_NAME, Manifest
 from edgemoe.node.store import ExpertStore
 
@@ -98,6 +98,15 @@ class PlainMlxLm:
     def best_of(self, prompt_tokens: list[int], tokens: int) -> MlxLmRun:
         """The fastest of the bench's repeats."""
         return best_of(partial(self.time, prompt_tokens, tokens))
+
+    def fits_beside(self, array_bytes: int, page_cache_bytes: int) -> bool:
+        """Whether it fits in half the memory beside `array_bytes` of other arrays and files
+        of `page_cache_bytes` kept in the page cache (which shares RAM with the arrays,
+        unless they live in a card's own memory)."""
+        arrays = self.nbytes + array_bytes
+        if array_memory_kind() == "GPU memory":
+            return arrays <= array_memory_bytes() // 2 and page_cache_bytes <= ram_bytes() // 2
+        return arrays + page_cache_bytes <= ram_bytes() // 2
 
     def close(self) -> None:
         if self.model is not None:

@@ -67,13 +67,21 @@ def _layer_line(r: dict[str, Any], prefix: str) -> str:
             "not waited for per layer")
 
 
+def _cold_bound_name(r: dict[str, Any]) -> str:
+    if r.get("warm_eighth_mlx_lm_tokens_per_s") is None:
+        return "SSD bound (no mlx-lm run)"
+    return "min(SSD bound, mlx-lm of the warm case below)"
+
+
 def _all_cached_lines(r: dict[str, Any]) -> list[str]:
     lines = ["", f"every expert cached ({_mib(r['all_cached_budget_bytes'])}), alternating runs, medians"]
     if r.get("all_cached_mlx_lm_tokens_per_s") is not None:
         lines.append(f"  {'plain mlx-lm':<21} {_f(r['all_cached_mlx_lm_tokens_per_s'], unit=' tok/s')}  "
                      f"({_speeds(r['all_cached_mlx_lm_tokens_per_s_runs'])}), the reference of the two below")
-    else:
+    elif r.get("mlx_lm_tokens_per_s") is not None:
         lines.append("  (plain mlx-lm not alternated: the reference is its fastest run above)")
+    else:
+        lines.append("  (plain mlx-lm not run)")
     for prefix, name in (("all_cached_", "resident tables"), ("all_cached_host_routing_", "host routing")):
         lines += [
             f"  {name:<21} {_f(r[prefix + 'tokens_per_s'], unit=' tok/s')}  "
@@ -128,7 +136,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  SSD bound             {_f(r['every_token_cold_ssd_bound_tokens_per_s'], '{:.1f}', ' tok/s')}  "
         f"-> decode at {_pct(r['every_token_cold_bound_efficiency'])} of it",
         f"  bound                 {_f(r.get('every_token_cold_min_bound_tokens_per_s'), unit=' tok/s')} "
-        f"= min(SSD bound, mlx-lm of the warm case below) "
+        f"= {_cold_bound_name(r)} "
         f"-> {_pct(r.get('every_token_cold_relative_to_min_bound'))} of it (target >= 80%)",
         f"  predicted             {_f(r.get('every_token_cold_predicted_tok_s'), unit=' tok/s')}  "
         f"-> measured/predicted {_f(r.get('every_token_cold_measured_over_predicted'))}",
@@ -145,7 +153,8 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"warm, 1/8 of the experts cached ({_mib(r['warm_eighth_cache_budget_bytes'])}), page cache warm",
         f"  decode                {_f(r['warm_eighth_tokens_per_s'], unit=' tok/s')}  "
-        f"-> {_pct(r['warm_eighth_relative_to_mlx_lm'])} of mlx-lm (target >= 90%; its runs alternated with these: "
+        f"-> {_pct(r['warm_eighth_relative_to_mlx_lm'])} of mlx-lm (target >= 90%; "
+        f"{'its runs alternated with these' if r.get('warm_eighth_mlx_lm_alternated') else 'its fastest run above'}: "
         f"{_f(r.get('warm_eighth_mlx_lm_tokens_per_s'), unit=' tok/s')}); "
         f"hit rate {_pct(r['warm_eighth_cache_hit_rate'])}, {_mib(r['warm_eighth_ssd_bytes_per_token'])}/token "
         f"at {_f(r['warm_eighth_expert_read_gbps'], unit=' GB/s')}; "
