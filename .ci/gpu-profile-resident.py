@@ -3,13 +3,14 @@ of edgemoe with parts of its per-token host work taken out, alternating in one p
 the host time to build one token's graph. On the GPU machine, after
 `source .gpu-b/on-device.sh` and with the package importable (as .ci/gpu-check arranges):
 
-    python3 .ci/gpu-profile-resident.py PACKED SRC TOKENS ROUNDS
+    [ORDER=a,b,c,d] python3 .ci/gpu-profile-resident.py PACKED SRC TOKENS ROUNDS
 
 Variants (a diagnosis, not a mode: counting off loses the routing counts):
   edgemoe         as shipped
   no settle       the per-token count of deferred routing choices skipped
   bare layer      each MoE layer is only `kernel(x, table[indices])` (no dispatcher, no count)"""
 
+import os
 import statistics
 import sys
 import time
@@ -80,7 +81,9 @@ def build_us(model, n: int = 100) -> float:
     return statistics.median(times) * 1e6
 
 
-runs: dict[str, list[float]] = {"mlx-lm": [], "edgemoe": [], "no settle": [], "bare layer": []}
+# ORDER="edgemoe,mlx-lm,..." runs the variants in another order within each round.
+order = os.environ.get("ORDER", "mlx-lm,edgemoe,no settle,bare layer").split(",")
+runs: dict[str, list[float]] = {name: [] for name in order}
 token_sets = set()
 mlx_lm_run()
 for _ in range(rounds):
