@@ -82,7 +82,8 @@ def build_us(model, n: int = 100) -> float:
 
 
 # ORDER="edgemoe,mlx-lm,..." runs the variants in another order within each round.
-order = os.environ.get("ORDER", "mlx-lm,edgemoe,no settle,bare layer").split(",")
+order = [name.strip() for name in os.environ.get("ORDER", "mlx-lm,edgemoe,no settle,bare layer").split(",")]
+assert sorted(order) == ["bare layer", "edgemoe", "mlx-lm", "no settle"], f"ORDER names each variant once: {order}"
 runs: dict[str, list[float]] = {name: [] for name in order}
 token_sets = set()
 mlx_lm_run()

@@ -140,7 +140,7 @@ class LocalExperts:
             # disk's latency (buffered ones inline are page-cache copies, or RWF_NOWAIT
             # refusals that start the disk read).
             try:
-                pending = self.store.start_reads(layer, targets, inline=not self.store.direct)
+                pending = self.store.start_reads(layer, targets, inline=not self.store.any_direct)
             except EdgemoeError as exc:
                 log.debug("prefetch into layer %d not started: %s", layer, exc)
                 return

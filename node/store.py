@@ -104,6 +104,11 @@ class ExpertStore:
             self._fds.append(fd)
             self._direct_fds.append(direct)
 
+    @property
+    def any_direct(self) -> bool:
+        """Whether any expert file is read around the page cache (not only asked to be)."""
+        return any(self._direct_fds)
+
     def io_modes(self) -> dict[str, str]:
         """Per expert file, the I/O in effect: "direct" (around the page cache) or "buffered".
 

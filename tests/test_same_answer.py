@@ -158,6 +158,7 @@ def test_direct_io_same_tokens_as_mlx_lm(models, arch, in_place):
         assert result.stats.direct_io
         # This machine's file system takes O_DIRECT: every file is really read around the page cache.
         assert set(result.stats.io_modes.values()) == {"direct"}, result.stats.io_modes
+        assert sm.local.store.any_direct  # what the prefetch goes by (its guesses on the I/O threads)
         assert len(result.stats.io_modes) == len(sm.manifest.files)
         assert result.token_ids == expected, f"budget {which}"
 
@@ -195,6 +196,7 @@ def test_direct_io_refused_by_the_file_system_reads_buffered_and_says_so(models,
     result, sm = stream(models.packed("qwen3_moe", True), prompt, "one", io_mode="direct")
     assert result.stats.direct_io  # asked for
     assert set(result.stats.io_modes.values()) == {"buffered"}, result.stats.io_modes  # in effect
+    assert not sm.local.store.any_direct
     assert any("through the page cache" in r.getMessage() for r in caplog.records)
     assert result.token_ids == expected
 

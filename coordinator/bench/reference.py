@@ -100,12 +100,12 @@ class PlainMlxLm:
         return best_of(partial(self.time, prompt_tokens, tokens))
 
     def fits_beside(self, array_bytes: int, page_cache_bytes: int) -> bool:
-        """Whether it fits in half the memory beside `array_bytes` of other arrays and files
-        of `page_cache_bytes` kept in the page cache (which shares RAM with the arrays,
-        unless they live in a card's own memory)."""
+        """Whether it fits in half the memory its arrays live in, beside `array_bytes` of other
+        arrays and, where that memory is RAM, files of `page_cache_bytes` kept in the page
+        cache (a card's own memory does not hold the page cache)."""
         arrays = self.nbytes + array_bytes
         if array_memory_kind() == "GPU memory":
-            return arrays <= array_memory_bytes() // 2 and page_cache_bytes <= ram_bytes() // 2
+            return arrays <= array_memory_bytes() // 2
         return arrays + page_cache_bytes <= ram_bytes() // 2
 
     def close(self) -> None:

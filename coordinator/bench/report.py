@@ -67,6 +67,13 @@ def _layer_line(r: dict[str, Any], prefix: str) -> str:
             "not waited for per layer")
 
 
+def _warm_mlx_lm(r: dict[str, Any]) -> str:
+    if r.get("warm_eighth_mlx_lm_tokens_per_s") is None:
+        return "plain mlx-lm not run"
+    which = "its runs alternated with these" if r.get("warm_eighth_mlx_lm_alternated") else "its fastest run above"
+    return f"{which}: {_f(r['warm_eighth_mlx_lm_tokens_per_s'], unit=' tok/s')}"
+
+
 def _cold_bound_name(r: dict[str, Any]) -> str:
     if r.get("warm_eighth_mlx_lm_tokens_per_s") is None:
         return "SSD bound (no mlx-lm run)"
@@ -154,8 +161,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"warm, 1/8 of the experts cached ({_mib(r['warm_eighth_cache_budget_bytes'])}), page cache warm",
         f"  decode                {_f(r['warm_eighth_tokens_per_s'], unit=' tok/s')}  "
         f"-> {_pct(r['warm_eighth_relative_to_mlx_lm'])} of mlx-lm (target >= 90%; "
-        f"{'its runs alternated with these' if r.get('warm_eighth_mlx_lm_alternated') else 'its fastest run above'}: "
-        f"{_f(r.get('warm_eighth_mlx_lm_tokens_per_s'), unit=' tok/s')}); "
+        f"{_warm_mlx_lm(r)}); "
         f"hit rate {_pct(r['warm_eighth_cache_hit_rate'])}, {_mib(r['warm_eighth_ssd_bytes_per_token'])}/token "
         f"at {_f(r['warm_eighth_expert_read_gbps'], unit=' GB/s')}; "
         f"same tokens as the cold run: {r['warm_eighth_same_tokens_as_cold_run']}",
