@@ -290,3 +290,33 @@ def test_bench_with_prefetch(model):
     r = bench("--model", str(packed), "--cache-mb", str(CACHE_MB), "--tokens", "4", "--no-mlx-lm", "--prefetch")
     assert r["prefetch"] is True
     assert r["warm_eighth_same_tokens_as_cold_run"] is True and r["dead_peer_same_tokens_as_no_peers"] is True
+
+
+def test_every_expert_cached_discards_its_first_round(model, monkeypatch):
+    """The first round of the alternating runs (each variant's first run after the cache was
+    filled) is run and not kept: the medians are of the rounds after it."""
+    import dataclasses
+
+    from edgemoe.coordinator.bench import cached
+    from edgemoe.coordinator.bench.report import Notes
+    from edgemoe.coordinator.generate import build_prompt
+    from edgemoe.coordinator.loader import load_streaming_model
+
+    _, packed = model
+    sm = load_streaming_model(packed, cache_bytes=int(CACHE_MB * 2**20))
+    real, calls = cached.timed_generate, []
+
+    def numbered(*args, **kwargs):
+        # Each run's speed is its place in line: which were kept shows in the report.
+        calls.append(sm.local.resident_tables)
+        return dataclasses.replace(real(*args, **kwargs), tokens_per_s=float(len(calls) - 1))
+
+    monkeypatch.setattr(cached, "timed_generate", numbered)
+    try:
+        r = cached.all_cached_figures(sm, build_prompt(sm.tokenizer, "Hello"), 4, None, None, Notes())
+    finally:
+        sm.close()
+    assert calls == [True, False] * 4
+    assert r["all_cached_warmup_rounds"] == 1
+    assert r["all_cached_tokens_per_s_runs"] == [2.0, 4.0, 6.0]
+    assert r["all_cached_host_routing_tokens_per_s_runs"] == [3.0, 5.0, 7.0]

@@ -81,7 +81,8 @@ def _cold_bound_name(r: dict[str, Any]) -> str:
 
 
 def _all_cached_lines(r: dict[str, Any]) -> list[str]:
-    lines = ["", f"every expert cached ({_mib(r['all_cached_budget_bytes'])}), alternating runs, medians"]
+    lines = ["", f"every expert cached ({_mib(r['all_cached_budget_bytes'])}), alternating runs after "
+             f"{r.get('all_cached_warmup_rounds', 0)} untimed round, medians"]
     if r.get("all_cached_mlx_lm_tokens_per_s") is not None:
         lines.append(f"  {'plain mlx-lm':<21} {_f(r['all_cached_mlx_lm_tokens_per_s'], unit=' tok/s')}  "
                      f"({_speeds(r['all_cached_mlx_lm_tokens_per_s_runs'])}), the reference of the two below")
