@@ -55,9 +55,9 @@ def all_cached_figures(sm: StreamingModel, prompt_tokens: list[int], tokens: int
         for round_ in range(WARMUP_ROUNDS + REPEATS):
             kept = round_ >= WARMUP_ROUNDS
             if plain is not None:
-                run = plain.time(prompt_tokens, tokens)
+                plain_run = plain.time(prompt_tokens, tokens)
                 if kept:
-                    plain_runs.append(run)
+                    plain_runs.append(plain_run)
             for name in runs:
                 sm.local.resident_tables = name == "resident"
                 run = timed_generate(sm, prompt_tokens, tokens)
