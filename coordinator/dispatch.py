@@ -94,6 +94,11 @@ class LayerDispatch:
         # CUDA each evaluation is a launch, and once per token, as mlx-lm does, was faster
         # (278 against 240 tok/s on an H200).
         self._overlap = mx.default_device() == mx.cpu
+        # Whether a decode layer's call is built before its routing is read back, on a device
+        # array of expert -> slot that the host fills in after (the CPU backend, whose arrays
+        # the host writes in place). The build then overlaps the compute instead of following it.
+        self.prebuild = self._overlap
+        self._slot_table: tuple[mx.array, np.ndarray] | None = None
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         began = time.perf_counter()
@@ -122,12 +127,23 @@ class LayerDispatch:
         # The host round trip: which experts the router chose, and with it the guess of the
         # next layer's, so that its reads start as soon as this layer's compute is queued
         # (read back after that, the guess waited for the compute to finish).
+        prebuilt = None
+        if self.prebuild and self.remote is None and indices.size == indices.shape[-1]:
+            prebuilt = self.kernel(x, self._table()[0][indices])
         ahead = self._guess_next(x, indices)
         if ahead is not None:
             mx.eval(indices, ahead)
         chosen = np.array(indices)
         read_back = time.perf_counter()
-        return self._route(x, chosen, None if ahead is None else np.array(ahead).tolist()), read_back
+        return self._route(x, chosen, None if ahead is None else np.array(ahead).tolist(), prebuilt), read_back
+
+    def _table(self) -> tuple[mx.array, np.ndarray]:
+        """This layer's expert -> slot table, and a host view of its memory."""
+        if self._slot_table is None:
+            table = mx.zeros((self.kernel.spec.num_experts,), dtype=mx.uint32)
+            mx.eval(table)
+            self._slot_table = table, np.frombuffer(memoryview(table), dtype=np.uint32)  # type: ignore[arg-type]
+        return self._slot_table
 
     def _guess_next(self, x: mx.array, indices: mx.array) -> mx.array | None:
         """In decode (one token), the next layer's likely experts: its router's top k for this
@@ -139,7 +155,9 @@ class LayerDispatch:
         logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1]).astype(mx.float32)
         return mx.argpartition(-logits, width - 1)[:width]
 
-    def _route(self, x: mx.array, chosen: np.ndarray, guess: list[int] | None) -> mx.array:
+    def _route(self, x: mx.array, chosen: np.ndarray, guess: list[int] | None,
+               prebuilt: mx.array | None = None) -> mx.array:
+        """`prebuilt`: the layer's call, built on `_table()` before the routing was known."""
         flat = chosen.reshape(-1)
         needed = sorted(set(flat.tolist()))
         if self.guess is not None:
@@ -159,6 +177,11 @@ class LayerDispatch:
             out = self._as_read(x.reshape(-1, x.shape[-1]), np.arange(flat.size) // k, flat, slot_of, misses,
                                 flat.size >= SORT_MIN_PAIRS)
             out = out.reshape(*chosen.shape, -1)
+        elif prebuilt is not None:
+            # Every graph that read the table before is computed (each read-back since waited
+            # for it): it can be rewritten for this one.
+            self._table()[1][needed] = slots
+            out = prebuilt
         else:
             # The whole layer in one call, in mlx-lm's own batch shape.
             out = self.kernel(x, np.array([slot_of[e] for e in flat.tolist()], dtype=np.uint32).reshape(chosen.shape))

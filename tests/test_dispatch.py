@@ -169,31 +169,41 @@ def test_the_prefetch_guess_is_the_next_routers_top_k_of_this_layers_input(model
     """Each decode layer starts reading the next layer's experts that its router ranks
     highest on this layer's input. The guess is made with this layer's routing, before its
     experts are queued: made after them, reading it back waited for their compute."""
-    from edgemoe.node.compute import ExpertKernel
+    from edgemoe.coordinator import dispatch
 
     src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
     budget = 2 * read_manifest(packed).expert_bytes
-    calls, inputs, events = [], {}, []
+    calls, inputs, events, current = [], {}, [], []
     original_call, original_prefetch = LayerDispatch.__call__, LayerDispatch._prefetch_next
-    original_kernel = ExpertKernel.__call__
 
     def recording_call(self, x, indices):
         inputs[self.layer] = x
-        return original_call(self, x, indices)
-
-    def recording_kernel(self, *args, **kwargs):
-        events.append(("experts", self.spec.layer))
-        return original_kernel(self, *args, **kwargs)
+        current.append(self.layer)
+        try:
+            return original_call(self, x, indices)
+        finally:
+            current.pop()
 
     def recording_prefetch(self, guess):
         if guess is not None:
             calls.append((self.layer, self.prefetch.next_layer.layer, sorted(guess), inputs[self.layer]))
         return original_prefetch(self, guess)
 
+    class QueueRecordingMx:
+        """mlx.core, noting which layer's call each `async_eval` (a layer's experts queued) is in."""
+
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        @staticmethod
+        def async_eval(*arrays):
+            events.append(("queued", current[-1]))
+            return mx.async_eval(*arrays)
+
     monkeypatch.setattr(LayerDispatch, "__call__", recording_call)
     monkeypatch.setattr(LayerDispatch, "_prefetch_next", recording_prefetch)
-    monkeypatch.setattr(ExpertKernel, "__call__", recording_kernel)
+    monkeypatch.setattr(dispatch, "mx", QueueRecordingMx())
     sm = load_streaming_model(packed, cache_bytes=budget, io_mode="buffered", prefetch=True)
     for d in sm.dispatchers:
         if d.prefetch is not None:
@@ -215,7 +225,7 @@ def test_the_prefetch_guess_is_the_next_routers_top_k_of_this_layers_input(model
         for layer in {layer for layer, *_ in calls}:
             mine = [kind for kind, at in events if at == layer]
             # The prompt's pass guesses nothing; each decode step guesses, then queues its experts.
-            assert mine[0] == "experts" and mine[1:] == ["guess", "experts"] * ((len(mine) - 1) // 2), layer
+            assert mine[0] == "queued" and mine[1:] == ["guess", "queued"] * ((len(mine) - 1) // 2), layer
     finally:
         sm.close()
 
