@@ -7,40 +7,23 @@ alternating runs in one process, same tokens both ways. On the GPU machine, afte
 warm: 1/8 of the experts cached, page cache warm; cold: direct I/O, page cache dropped
 before every token."""
 
-import statistics
 import sys
 
-from edgemoe.coordinator.bench.decode import WARMUP_PROMPT, cold_run, fresh_cache, ignore_eos, timed_generate, warm_up
-from edgemoe.coordinator.bench.page_cache import expert_paths, warm_page_cache
-from edgemoe.coordinator.generate import build_prompt, generate
-from edgemoe.coordinator.loader import load_streaming_model
-from edgemoe.node.manifest import read_manifest
+from edgemoe.coordinator.bench.ab import open_warm_eighth, run_line, summary
+from edgemoe.coordinator.bench.decode import cold_run
 
-path, tokens, rounds, case = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-manifest = read_manifest(path)
-budget = max(manifest.expert_bytes, manifest.total_expert_bytes // 8)
-sm = load_streaming_model(path, cache_bytes=budget, io_mode="buffered" if case == "warm" else "direct")
-print("dma:", sm.local.dma)
-paths = expert_paths(path, manifest)
-warm_page_cache(paths)
-warm_up(sm)
-prompt = build_prompt(sm.tokenizer, "Write a short story about a robot who learns to paint.")
-other = build_prompt(sm.tokenizer, WARMUP_PROMPT)
+path, tokens, rounds, case_name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+assert case_name in ("warm", "cold"), f"the case is warm or cold, not {case_name!r}"
+case = open_warm_eighth(path, io_mode="buffered" if case_name == "warm" else "direct")
+print("dma:", case.sm.local.dma)
 runs: dict[str, list] = {"staged": [], "straight into the slot": []}
 for _ in range(rounds):
     for mode, done in runs.items():
-        sm.local.staged_reads = mode == "staged"
-        if case == "warm":
-            fresh_cache(sm, budget)
-            with ignore_eos(sm.tokenizer):
-                generate(sm, other, max_tokens=tokens)
-            run = timed_generate(sm, prompt, tokens)
+        case.sm.local.staged_reads = mode == "staged"
+        if case_name == "warm":
+            done.append(case.run(tokens))
         else:
-            run = cold_run(sm, paths, prompt, tokens, budget, every_token=True)
-        done.append(run)
-        print(f"  {mode:24s} {run.tokens_per_s:8.2f} tok/s  layer {run.layer_us:7.0f} us  routing "
-              f"{run.routing_wait_us:6.0f}  dispatch {run.dispatch_us:6.0f}  hit {run.cache_hit_rate:.3f}", flush=True)
-for mode, done in runs.items():
-    print(mode, f"median {statistics.median(r.tokens_per_s for r in done):.2f} tok/s")
-print("same tokens:", len({tuple(r.token_ids) for done in runs.values() for r in done}) == 1)
-sm.close()
+            done.append(cold_run(case.sm, case.paths, case.prompt_tokens, tokens, case.budget, every_token=True))
+        print(run_line(mode, done[-1]), flush=True)
+print(summary(runs))
+case.sm.close()

@@ -8,29 +8,18 @@ import cProfile
 import pstats
 import sys
 
-from edgemoe.coordinator.bench.decode import WARMUP_PROMPT, fresh_cache, ignore_eos, timed_generate, warm_up
-from edgemoe.coordinator.bench.page_cache import expert_paths, warm_page_cache
-from edgemoe.coordinator.generate import build_prompt, generate
-from edgemoe.coordinator.loader import load_streaming_model
-from edgemoe.node.manifest import read_manifest
+from edgemoe.coordinator.bench.ab import open_warm_eighth, run_line
+from edgemoe.coordinator.bench.decode import refill, timed_generate
 
 path, tokens = sys.argv[1], int(sys.argv[2])
-manifest = read_manifest(path)
-budget = max(manifest.expert_bytes, manifest.total_expert_bytes // 8)
-sm = load_streaming_model(path, cache_bytes=budget, io_mode="buffered")
-warm_page_cache(expert_paths(path, manifest))
-warm_up(sm)
-prompt = build_prompt(sm.tokenizer, "Write a short story about a robot who learns to paint.")
+case = open_warm_eighth(path)
+profile = cProfile.Profile()
 for profiled in (False, True):
-    fresh_cache(sm, budget)
-    with ignore_eos(sm.tokenizer):
-        generate(sm, build_prompt(sm.tokenizer, WARMUP_PROMPT), max_tokens=tokens)
-    profile = cProfile.Profile()
-    if profiled:
+    refill(case.sm, case.budget, tokens)
+    if profiled:  # the timed text only
         profile.enable()
-    run = timed_generate(sm, prompt, tokens)
+    run = timed_generate(case.sm, case.prompt_tokens, tokens)
     profile.disable()
-    print(f"{'profiled' if profiled else 'plain'}: {run.tokens_per_s:.1f} tok/s, layer {run.layer_us:.0f} us, routing "
-          f"{run.routing_wait_us:.0f}, dispatch {run.dispatch_us:.0f}, hit {run.cache_hit_rate:.3f}", flush=True)
+    print(run_line("profiled" if profiled else "plain", run), flush=True)
 pstats.Stats(profile).sort_stats("tottime").print_stats(30)
-sm.close()
+case.sm.close()

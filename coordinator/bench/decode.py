@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from edgemoe.node.manifest import Manifest
+
 from ..counters import Counters, snapshot
 from ..generate import build_prompt, generate
 from ..streaming import StreamingModel
@@ -123,6 +125,25 @@ def warm_up(sm: StreamingModel) -> None:
 def fresh_cache(sm: StreamingModel, budget_bytes: int) -> None:
     """An empty expert cache, so one loaded model serves runs of several budgets."""
     sm.local.reset_cache(budget_bytes)
+
+
+def eighth_budget(manifest: Manifest) -> int:
+    """The warm case's cache: 1/8 of the expert bytes, at least one expert."""
+    return max(manifest.expert_bytes, manifest.total_expert_bytes // 8)
+
+
+def refill(sm: StreamingModel, budget_bytes: int, tokens: int) -> None:
+    """A fresh cache of `budget_bytes`, filled by `tokens` tokens of other text, so that it
+    never holds exactly what a timed text needs."""
+    fresh_cache(sm, budget_bytes)
+    with ignore_eos(sm.tokenizer):
+        generate(sm, build_prompt(sm.tokenizer, WARMUP_PROMPT), max_tokens=tokens)
+
+
+def warm_eighth_run(sm: StreamingModel, budget_bytes: int, prompt_tokens: list[int], tokens: int) -> DecodeRun:
+    """One run of the warm case: the cache refilled by other text, then the timed text."""
+    refill(sm, budget_bytes, tokens)
+    return timed_generate(sm, prompt_tokens, tokens)
 
 
 def timed_generate(

@@ -14,20 +14,18 @@ from edgemoe.node.errors import EdgemoeError
 from edgemoe.node.limits import array_memory_bytes, array_memory_kind, peak_array_bytes
 from edgemoe.node.manifest import Manifest, read_manifest
 
-from ..generate import build_prompt, generate, peak_rss_bytes
+from ..generate import build_prompt, peak_rss_bytes
 from ..loader import load_streaming_model
 from ..streaming import StreamingModel
 from .cached import all_cached_figures
 from .dead_peer import dead_peer_figures
 from .decode import (
     REPEATS,
-    WARMUP_PROMPT,
     DecodeRun,
     best_of,
     cold_run,
-    fresh_cache,
-    ignore_eos,
-    timed_generate,
+    eighth_budget,
+    warm_eighth_run,
     warm_up,
 )
 from .disk import measure_reads, record_jobs, run_fio, sequential_jobs
@@ -123,7 +121,7 @@ def run_bench(
 
                 # (the old pools stay referenced until each layer's next call: both count)
                 if plain is not None and not plain.fits_beside(
-                        sm.dense_bytes + sm.local.budget_bytes + _warm_eighth_budget(sm), manifest.total_expert_bytes):
+                        sm.dense_bytes + sm.local.budget_bytes + eighth_budget(manifest), manifest.total_expert_bytes):
                     plain.close()
                     plain = None
                     notes.add("plain mlx-lm was freed before the warm 1/8 case: it does not fit in half the "
@@ -309,26 +307,13 @@ def _every_token_cold_bound(report: dict[str, Any], mlx_lm: MlxLmRun | None) -> 
             "every_token_cold_relative_to_min_bound": _ratio(report["every_token_cold_tokens_per_s"], bound)}
 
 
-def _warm_eighth_budget(sm: StreamingModel) -> int:
-    return max(sm.manifest.expert_bytes, sm.manifest.total_expert_bytes // 8)
-
-
 def _warm_eighth_run(sm: StreamingModel, paths: list[Path], prompt_tokens: list[int], tokens: int,
                      plain: PlainMlxLm | None) -> tuple[DecodeRun, MlxLmRun | None]:
     """1/8 of the expert bytes cached, page cache warm: the case the design targets. Its
     fastest run, and that of plain mlx-lm's runs alternated with its own."""
-    budget = _warm_eighth_budget(sm)
+    budget = eighth_budget(sm.manifest)
     log.info("warm decode, cache budget 1/8 of the experts (%.1f MiB)", budget / MiB)
     warm_page_cache(paths)
-    warmup_tokens = build_prompt(sm.tokenizer, WARMUP_PROMPT)
-
-    def once() -> DecodeRun:
-        # Filled by other text each time, so the cache never holds exactly what the timed text needs.
-        fresh_cache(sm, budget)
-        with ignore_eos(sm.tokenizer):
-            generate(sm, warmup_tokens, max_tokens=tokens)
-        return timed_generate(sm, prompt_tokens, tokens)
-
     direct = sm.local.store.direct
     sm.local.store.set_io_mode("buffered")  # a warm page cache is what this case is about
     runs: list[DecodeRun] = []
@@ -337,7 +322,7 @@ def _warm_eighth_run(sm: StreamingModel, paths: list[Path], prompt_tokens: list[
         for _ in range(REPEATS):
             if plain is not None:
                 plain_runs.append(plain.time(prompt_tokens, tokens))
-            runs.append(once())
+            runs.append(warm_eighth_run(sm, budget, prompt_tokens, tokens))
     finally:
         sm.local.store.set_io_mode("direct" if direct else "buffered")
     run = max(runs, key=lambda r: r.tokens_per_s or 0.0)
