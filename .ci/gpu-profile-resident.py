@@ -7,8 +7,11 @@ the host time to build one token's graph. On the GPU machine, after
 
 Variants (a diagnosis, not a mode: counting off loses the routing counts):
   edgemoe         as shipped
+  slot table      each MoE layer computes on the whole pool through an expert -> slot table,
+                  `kernel(x, table[indices])`, as before the layer's slots were a slice of it
   no settle       the per-token count of deferred routing choices skipped
-  bare layer      each MoE layer is only `kernel(x, table[indices])` (no dispatcher, no count)"""
+  bare layer      each MoE layer is only mlx-lm's module on the layer's slice of the pool
+                  (no dispatcher, no count)"""
 
 import os
 import statistics
@@ -36,9 +39,25 @@ dispatchers = [m.dispatch for m in experts]
 
 
 def bare(d):
-    table = sm.local.resident_slots(d.layer)
+    arrays = sm.local.resident_arrays(d.layer)
     template = d.kernel.template
-    return lambda x, indices: template(x, table[indices])
+
+    def call(x, indices):
+        d._bind(arrays)
+        return template(x, indices)
+    return call
+
+
+def slot_table(d):
+    group = sm.local._group_of[d.layer]
+    table = mx.array([group.slot_of[(d.layer, e)] for e in range(d.kernel.spec.num_experts)], dtype=mx.uint32)
+    pool = sm.local.arrays(d.layer)
+
+    def call(x, indices):
+        d._bind(pool)
+        sm.local.defer_hits(d.layer, indices)
+        return d.kernel(x, table[indices])
+    return call
 
 
 def mlx_lm_run() -> tuple[float, list[int]]:
@@ -51,9 +70,9 @@ def edgemoe_run(variant: str) -> tuple[float, list[int]]:
     settle = sm.local.settle
     if variant == "no settle":
         sm.local.settle = lambda everything=False: None
-    if variant == "bare layer":
+    if variant in ("bare layer", "slot table"):
         for m, d in zip(experts, dispatchers):
-            m.dispatch = bare(d)
+            m.dispatch = bare(d) if variant == "bare layer" else slot_table(d)
     try:
         with ignore_eos(sm.tokenizer):
             result = generate(sm, prompt, max_tokens=tokens)
@@ -82,8 +101,9 @@ def build_us(model, n: int = 100) -> float:
 
 
 # ORDER="edgemoe,mlx-lm,..." runs the variants in another order within each round.
-order = [name.strip() for name in os.environ.get("ORDER", "mlx-lm,edgemoe,no settle,bare layer").split(",")]
-assert sorted(order) == ["bare layer", "edgemoe", "mlx-lm", "no settle"], f"ORDER names each variant once: {order}"
+order = [name.strip() for name in os.environ.get("ORDER", "mlx-lm,edgemoe,slot table,no settle,bare layer").split(",")]
+assert sorted(order) == ["bare layer", "edgemoe", "mlx-lm", "no settle", "slot table"], \
+    f"ORDER names each variant once: {order}"
 runs: dict[str, list[float]] = {name: [] for name in order}
 token_sets = set()
 mlx_lm_run()

@@ -110,20 +110,18 @@ class LayerDispatch:
 
     def _dispatch(self, x: mx.array, indices: mx.array) -> tuple[mx.array, float]:
         """The layer's output, and when the router's choice was on the host."""
-        arrays = self.local.arrays(self.layer)
-        if arrays is not self._bound:  # the pools are rebuilt when the cache is reset
-            self.kernel.bind(arrays)
-            self._bound = arrays
-        resident = self.local.resident_slots(self.layer) if self.remote is None else None
+        resident = self.local.resident_arrays(self.layer) if self.remote is None else None
         if resident is not None:
-            # Every expert of the layer is in its slot for good: the slots are looked up on
-            # the device, with no host round trip, in mlx-lm's own batch shape.
+            # Every expert of the layer is in its slot for good, in expert order: mlx-lm's
+            # module computes on them as on its own, with no host round trip.
             no_wait = time.perf_counter()
+            self._bind(resident)
             self.local.defer_hits(self.layer, indices)
-            out = self.kernel(x, resident[indices])
+            out = self.kernel(x, indices)
             if self._overlap:
                 mx.async_eval(out)
             return out, no_wait
+        self._bind(self.local.arrays(self.layer))
         # The host round trip: which experts the router chose, and with it the guess of the
         # next layer's, so that its reads start as soon as this layer's compute is queued
         # (read back after that, the guess waited for the compute to finish).
@@ -136,6 +134,13 @@ class LayerDispatch:
         chosen = np.array(indices)
         read_back = time.perf_counter()
         return self._route(x, chosen, None if ahead is None else np.array(ahead).tolist(), prebuilt), read_back
+
+    def _bind(self, arrays: dict[str, mx.array]) -> None:
+        """Points the kernel at a pool (rebuilt when the cache is reset) or at a resident
+        layer's experts."""
+        if arrays is not self._bound:
+            self.kernel.bind(arrays)
+            self._bound = arrays
 
     def _table(self) -> tuple[mx.array, np.ndarray]:
         """This layer's expert -> slot table, and a host view of its memory."""

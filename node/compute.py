@@ -48,7 +48,8 @@ class ExpertKernel:
         self.bind(pool_arrays)
 
     def bind(self, pool_arrays: dict[str, mx.array]) -> None:
-        """Points the template's weights at a slot pool (replacing its random, never evaluated ones)."""
+        """Points the template's weights at a slot pool, or at a resident layer's slice of one
+        (replacing its random, never evaluated ones)."""
         for t in self.spec.tensors:
             owner_path, _, attr = t.name.rpartition(".")
             owner = self.template

@@ -78,8 +78,8 @@ class LocalExperts:
         self._groups = []
         self._group_of: dict[int, SlotGroup] = {}
         self._num_experts = {spec.layer: spec.num_experts for spec in self.manifest.layers}
-        # layer -> (its expert -> slot table, the group's `departures` when it was built)
-        self._resident: dict[int, tuple[mx.array, int]] = {}
+        # layer -> (its experts' arrays, the group's `departures` when they were made)
+        self._resident: dict[int, tuple[dict[str, mx.array], int]] = {}
         for specs in by_layout.values():
             group_bytes = sum(s.record_bytes * s.num_experts for s in specs)
             share = group_bytes / total
@@ -92,12 +92,10 @@ class LocalExperts:
                     f"(one expert is {specs[0].record_bytes / 2**20:.3f} MB); raise --cache-mb to at least "
                     f"{(specs[0].record_bytes / share + 2**20 - 1) // 2**20:.0f}"
                 )
-            group = SlotGroup(specs[0], budget, self.scratch_slots, self.prefetch_slots, self.policy)
+            group = SlotGroup(specs, budget, self.scratch_slots, self.prefetch_slots, self.policy)
             if self.dma is not None:
                 group.staging = stage(specs[0], self.scratch_slots, group.pool, self.dma)
             self._groups.append(group)
-            # A cache that holds every expert of its layers never evicts.
-            group.keeps_all = group.cache_slots >= sum(s.num_experts for s in specs)
             for spec in specs:
                 self._group_of[spec.layer] = group
         self.budget_bytes = cache_bytes
@@ -238,28 +236,28 @@ class LocalExperts:
             misses.wait_all()
         return slots, misses
 
-    def resident_slots(self, layer: int) -> mx.array | None:
-        """The expert -> slot table of a layer whose every expert is cached for good (its
-        group's cache holds all its layers' experts, so nothing is evicted), as a device
-        array: such a layer computes without the host learning which experts were routed.
-        None until then."""
+    def resident_arrays(self, layer: int) -> dict[str, mx.array] | None:
+        """The experts of a layer whose every expert is cached for good (its group's cache
+        holds all its layers' experts, so nothing is evicted), as mlx-lm's stacked
+        `[num_experts, ...]` arrays: views of the layer's slots, which sit in expert order
+        (`SlotGroup.keeps_all`). Such a layer computes without the host learning which
+        experts were routed. None until then."""
         if not self.resident_tables:
             return None
         group = self._group_of[layer]
         built = self._resident.get(layer)
         if built is not None and built[1] == group.departures:
             return built[0]
-        n = self._num_experts[layer]
-        if not group.keeps_all or group.cached_in_layer.get(layer, 0) < n:
+        if not group.keeps_all or group.cached_in_layer.get(layer, 0) < self._num_experts[layer]:
             return None
         # A slot is admitted before its read lands: wait for reads in flight (a failed one
         # is forgotten, and that expert is no longer cached).
         self._drain()
-        if group.cached_in_layer.get(layer, 0) < n:
+        arrays = group.layer_arrays(layer)
+        if arrays is None or group.cached_in_layer.get(layer, 0) < self._num_experts[layer]:
             return None
-        table = mx.array(np.array([group.slot_of[(layer, e)] for e in range(n)], dtype=np.uint32))
-        self._resident[layer] = (table, group.departures)
-        return table
+        self._resident[layer] = (arrays, group.departures)
+        return arrays
 
     def defer_hits(self, layer: int, indices: mx.array) -> None:
         """Records a resident layer's routing choice, counted as cache hits by `settle`
@@ -384,7 +382,7 @@ class LocalExperts:
             counts = group.cache.routing_counts()
             hottest = sorted((k for k in counts if k not in group.cache), key=lambda k: (-counts[k], k))
             by_layer: dict[int, list[int]] = {}
-            for layer, expert in hottest[: len(group.free)]:
+            for layer, expert in hottest[: group.free_slots]:
                 by_layer.setdefault(layer, []).append(expert)
             for layer, experts in sorted(by_layer.items()):
                 for i in range(0, len(experts), self.scratch_slots):

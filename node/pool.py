@@ -58,7 +58,9 @@ class SlotGroup:
     admit, then two banks of `prefetch` slots used alternately (a bank being
     filled for the next layer is never one the current layer computes from)."""
 
-    def __init__(self, spec, budget_bytes: int, scratch_slots: int, prefetch_slots: int, policy: str):
+    def __init__(self, specs: list[LayerSpec], budget_bytes: int, scratch_slots: int, prefetch_slots: int,
+                 policy: str):
+        spec = specs[0]
         self.record_bytes = spec.record_bytes
         self.cache_slots = budget_bytes // spec.record_bytes
         self.scratch_start = self.cache_slots
@@ -66,6 +68,7 @@ class SlotGroup:
         self.prefetch_slots = prefetch_slots
         self.pool = SlotPool(spec, self.cache_slots + scratch_slots + 2 * prefetch_slots)
         self.slot_of: dict[tuple[int, int], int] = {}
+        # Unused where the group keeps all its experts (`keeps_all`: their slots are fixed).
         self.free = list(range(self.cache_slots - 1, -1, -1))
         self.cache: ExpertCache[tuple[int, int]] = ExpertCache(self.cache_slots * spec.record_bytes, spec.record_bytes,
                                                                policy, on_evict=self._evicted)
@@ -74,18 +77,43 @@ class SlotGroup:
         # Bumped whenever a cached expert leaves its slot (evicted, or forgotten after a failed
         # read): a resident table built before then may name a slot that holds another expert.
         self.departures = 0
-        self.keeps_all = False
+        # A cache that holds every expert of its layers never evicts. Each expert then has a
+        # slot of its own, layer after layer in expert order, so that a layer's experts are
+        # one slice of the pool: mlx-lm's module computes on it as on its own stacked experts
+        # (`layer_arrays`), with no expert -> slot lookup in the graph.
+        self.keeps_all = self.cache_slots >= sum(s.num_experts for s in specs)
+        self._slots_of_layer: dict[int, tuple[int, int]] = {}  # layer -> its first slot, its experts
+        if self.keeps_all:
+            first = 0
+            for s in specs:
+                self._slots_of_layer[s.layer], first = (first, s.num_experts), first + s.num_experts
         # Where misses are read before they are copied into their slots (CUDA only: staging.py).
         self.staging: Staging | None = None
 
     def admit(self, key: tuple[int, int]) -> int:
-        slot = self.free.pop()
+        slot = self._slots_of_layer[key[0]][0] + key[1] if self.keeps_all else self.free.pop()
         self.slot_of[key] = slot
         self.cached_in_layer[key[0]] = self.cached_in_layer.get(key[0], 0) + 1
         return slot
 
+    @property
+    def free_slots(self) -> int:
+        return self.cache_slots - len(self.slot_of)
+
+    def layer_arrays(self, layer: int) -> dict[str, mx.array] | None:
+        """A layer's experts as stacked `[num_experts, ...]` arrays, views of its slots (no
+        copy), where the group keeps all its experts; else None."""
+        if not self.keeps_all:
+            return None
+        first, num_experts = self._slots_of_layer[layer]
+        views = {name: arr[first : first + num_experts] for name, arr in self.pool.arrays.items()}
+        mx.eval(views)
+        return views
+
     def _evicted(self, key, _value) -> None:
-        self.free.append(self.slot_of.pop(key))
+        slot = self.slot_of.pop(key)
+        if not self.keeps_all:
+            self.free.append(slot)
         self.cached_in_layer[key[0]] -= 1
         self.departures += 1
 

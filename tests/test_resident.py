@@ -5,7 +5,6 @@ the path that reads the routing on the host."""
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from conftest import PROMPT, encode, mlx_lm_tokens
 
@@ -13,6 +12,8 @@ from edgemoe.coordinator.bench.decode import cache_everything
 from edgemoe.coordinator.counters import snapshot
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.node.compute import array_bytes
+from edgemoe.node.dtypes import address_of
 from edgemoe.node.local import MAX_UNSETTLED, SETTLE_EVERY, LocalExperts
 from edgemoe.node.manifest import read_manifest
 
@@ -53,7 +54,7 @@ def test_resident_layers_keep_mlx_lms_tokens_and_the_host_paths_counters(models,
     assert tokens == expected
     # Every layer was resident: no routing was read on the host, nothing read from SSD.
     assert looked_up == [] and run.ssd_bytes_read == 0
-    assert all(sm.local.resident_slots(spec.layer) is not None for spec in sm.manifest.layers)
+    assert all(sm.local.resident_arrays(spec.layer) is not None for spec in sm.manifest.layers)
 
     # The host path (tables disabled) gives the same hits and routing counts.
     host_tokens, host_run, host_counts, _ = _decode(packed, prompt, budget, looked_up=looked_up,
@@ -72,7 +73,7 @@ def test_no_table_while_the_cache_can_evict(models):
     expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
     tokens, run, _, sm = _decode(packed, prompt, read_manifest(packed).total_expert_bytes // 4, warm=False)
     assert tokens == expected and run.experts_from_ssd > 0
-    assert all(sm.local.resident_slots(spec.layer) is None for spec in sm.manifest.layers)
+    assert all(sm.local.resident_arrays(spec.layer) is None for spec in sm.manifest.layers)
 
 
 def test_a_layer_becomes_resident_once_its_experts_are_all_read(models, monkeypatch):
@@ -97,14 +98,14 @@ def test_a_layer_becomes_resident_once_its_experts_are_all_read(models, monkeypa
         assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
         assert complete and not looked_up & complete
         for spec in sm.manifest.layers:
-            assert (sm.local.resident_slots(spec.layer) is not None) == (spec.layer in complete)
+            assert (sm.local.resident_arrays(spec.layer) is not None) == (spec.layer in complete)
     finally:
         sm.close()
 
 
-def test_an_expert_leaving_its_slot_retires_the_table(models):
-    """A cached expert forgotten (a failed read) or evicted frees its slot for another expert:
-    the layer's table must not name that slot again until the expert is back."""
+def test_an_expert_leaving_its_slot_retires_the_layers_arrays(models):
+    """A cached expert forgotten (a failed read) or evicted leaves its slot stale: the layer
+    must not compute from its arrays until the expert is back, read into the same slot."""
     src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
     prompt = encode(models, src, PROMPT)
     expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
@@ -112,17 +113,46 @@ def test_an_expert_leaving_its_slot_retires_the_table(models):
     try:
         cache_everything(sm)
         local, layer = sm.local, sm.manifest.layers[0].layer
-        assert local.resident_slots(layer) is not None
+        assert local.resident_arrays(layer) is not None
         group = local._group_of[layer]
+        slot = group.slot_of[(layer, 3)]
         group.cache.remove((layer, 3))
-        assert local.resident_slots(layer) is None
-        # Another expert takes the freed slot; the forgotten one comes back elsewhere.
-        group.cache.remove((layer, 5))
-        local.slots(layer, [3, 5])
-        table = local.resident_slots(layer)
-        assert table is not None
-        assert np.array(table).tolist() == [group.slot_of[(layer, e)] for e in range(len(np.array(table)))]
+        assert local.resident_arrays(layer) is None
+        local.slots(layer, [3])
+        assert group.slot_of[(layer, 3)] == slot
+        assert local.resident_arrays(layer) is not None
         assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+    finally:
+        sm.close()
+
+
+def test_a_resident_layers_arrays_are_its_slots_in_expert_order(models):
+    """Where the cache keeps every expert, expert e of a layer sits in the layer's first slot
+    + e, so the layer's arrays are a slice of the pool: the same memory (no copy), holding
+    each expert's record, whatever order they were read in."""
+    packed = models.packed("qwen3_moe", True)
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes)
+    try:
+        local = sm.local
+        for spec in reversed(sm.manifest.layers):
+            for e in reversed(range(spec.num_experts)):
+                local.slots(spec.layer, [e])
+        firsts = []
+        for spec in sm.manifest.layers:
+            group = local._group_of[spec.layer]
+            slots = [group.slot_of[(spec.layer, e)] for e in range(spec.num_experts)]
+            assert slots == list(range(slots[0], slots[0] + spec.num_experts))
+            firsts.append(slots[0])
+            arrays = local.resident_arrays(spec.layer)
+            assert arrays is not None
+            for t in spec.tensors:
+                pool = group.pool.arrays[t.name]
+                assert arrays[t.name].shape == (spec.num_experts, *t.shape)
+                assert address_of(array_bytes(arrays[t.name])) == address_of(array_bytes(pool)) + slots[0] * t.nbytes
+            record = local.store.read(spec.layer, 5)
+            for t in spec.tensors:
+                assert bytes(array_bytes(arrays[t.name][5])) == bytes(record[t.offset : t.offset + t.nbytes])
+        assert len(set(firsts)) == len(firsts)
     finally:
         sm.close()
 
