@@ -84,11 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start with a cold cache and keep no routing history (default: warm the cache with the "
                        "experts earlier runs routed to most, kept in $EDGEMOE_HOME/hot-sets; `edgemoe forget`)")
 
+    def map_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--map-experts", action="store_true",
+                       help="NVIDIA GPUs: keep every expert in host memory, mapped for the GPU, which reads them "
+                       "over the bus as it computes (no per-layer round trip); --cache-mb of the most-routed "
+                       "stay on the GPU. Needs RAM for all the experts")
+
     g = sub.add_parser("generate", help="generate text")
     model_options(g)
     peer_options(g)
     node_timeout_option(g)
     hot_set_option(g)
+    map_option(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=100)
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
@@ -141,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer_options(s)
     node_timeout_option(s)
     hot_set_option(s)
+    map_option(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", metavar="KEY", default=os.environ.get("EDGEMOE_API_KEY") or None,
@@ -182,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer_options(ch)
     node_timeout_option(ch)
     hot_set_option(ch)
+    map_option(ch)
     ch.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     ch.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     ch.add_argument("--seed", type=int)

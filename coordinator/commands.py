@@ -114,6 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             audit_rate=_audit_rate(args),
             keep_cluster=watcher is not None,
             hot_set=not args.no_hot_set,
+            map_experts=args.map_experts,
         )
         if watcher is not None:
             watcher.follow(sm.cluster)
@@ -164,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                       experts_per_token=args.experts_per_token, io_mode=args.io,
                                       prefetch=args.prefetch, peers=peers, credentials=credentials,
                                       node_timeout_s=node_timeout, audit_rate=audit, keep_cluster=watcher is not None,
-                                      hot_set=not args.no_hot_set)
+                                      hot_set=not args.no_hot_set, map_experts=args.map_experts)
             if watcher is not None:
                 watcher.follow(sm.cluster)
             return sm
@@ -182,7 +183,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sm = load_streaming_model(Path(args.model), cache_bytes=_cache_bytes(args),
                                   experts_per_token=args.experts_per_token, peers=peers, credentials=credentials,
                                   node_timeout_s=_node_timeout(args), audit_rate=_audit_rate(args),
-                                  keep_cluster=watcher is not None, hot_set=not args.no_hot_set)
+                                  keep_cluster=watcher is not None, hot_set=not args.no_hot_set,
+                                  map_experts=args.map_experts)
         if watcher is not None:
             watcher.follow(sm.cluster)
         try:

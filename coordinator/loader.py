@@ -26,6 +26,7 @@ from edgemoe.node.errors import ClusterConfigError, ManifestError
 from edgemoe.node.limits import DEFAULT_CACHE_FRACTION, MAX_INFLIGHT_EXPERTS, array_memory_bytes
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
+from edgemoe.node.mapped import open_mapped
 from edgemoe.node.staging import open_dma
 from edgemoe.node.store import ExpertStore
 
@@ -91,10 +92,13 @@ def load_streaming_model(
     audit_rate: float = DEFAULT_AUDIT_RATE,
     keep_cluster: bool = False,
     hot_set: bool = False,
+    map_experts: bool = False,
 ) -> StreamingModel:
     """`hot_set`: seed the routing counts and warm the cache from the model's learned hot set,
     and keep it up to date (coordinator/hotset.py). Off here so that tests and benches start
-    cold; the CLI and `edgemoe.load` turn it on unless asked not to."""
+    cold; the CLI and `edgemoe.load` turn it on unless asked not to.
+    `map_experts` (CUDA): every expert in host memory, mapped for the GPU, `cache_bytes` of
+    them on the GPU (node/mapped.py)."""
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     config = read_config(model_dir)
@@ -119,8 +123,11 @@ def load_streaming_model(
         k = (routed_experts_per_token(config) or 0) if prefetch else 0
         # Misses computed as they land run in other batch shapes than mlx-lm's one call per
         # layer: the same bits on the CPU, not on a GPU (measured on CUDA), so only there.
-        local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k,
-                             compute_as_read=on_cpu, dma=open_dma())
+        if map_experts:
+            local: LocalExperts = open_mapped(store, budget, open_dma(), cache_policy, max_inflight_experts)
+        else:
+            local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k,
+                                 compute_as_read=on_cpu, dma=open_dma())
     except BaseException:
         store.close()
         raise

@@ -67,6 +67,8 @@ class LocalExperts:
         self._epoch = 0
         # Off, resident layers take the host path too (the bench's A/B of the two).
         self.resident_tables = True
+        # Whether the slot pools hold every expert, whatever the cache budget (mapped.py).
+        self.holds_all = False
         self._build(cache_bytes)
 
     def _build(self, cache_bytes: int) -> None:
@@ -85,7 +87,7 @@ class LocalExperts:
             share = group_bytes / total
             # Integer arithmetic: a budget of every expert gives each group all of its own
             # (a float share could come out a byte short, and the group would then evict).
-            budget = min(cache_bytes * group_bytes // total, group_bytes)
+            budget = group_bytes if self.holds_all else min(cache_bytes * group_bytes // total, group_bytes)
             if budget < specs[0].record_bytes:
                 raise CacheBudgetError(
                     f"cache budget of {cache_bytes / 2**20:.3f} MB holds no expert of layer {specs[0].layer} "
@@ -132,11 +134,9 @@ class LocalExperts:
             slots[e] = first + len(targets)
             targets[e] = group.pool.views(slots[e])
         if targets:
-            # Started from this thread, not handed to a prefetch thread: on 2 cores that
-            # hand-off cost more than the reads it overlapped (A/B in the README). Direct
-            # reads go to the I/O threads: inline, each would hold this thread for the
-            # disk's latency (buffered ones inline are page-cache copies, or RWF_NOWAIT
-            # refusals that start the disk read).
+            # Started from this thread: on 2 cores a hand-off to a prefetch thread cost more
+            # than it overlapped (README). Direct reads go to the I/O threads: inline, each
+            # would hold this thread for the disk's latency.
             try:
                 pending = self.store.start_reads(layer, targets, inline=not self.store.any_direct)
             except EdgemoeError as exc:
@@ -319,6 +319,10 @@ class LocalExperts:
             self.stats.experts_from_cache += int(counts.sum())
         for group, keys in by_group.values():
             group.cache.count_many(keys)
+        self._counted([keys for _, keys in by_group.values()])
+
+    def _counted(self, counts: list[dict[tuple[int, int], int]]) -> None:
+        """Called with each batch of resident layers' routing counts (mapped.py places by them)."""
 
     def note_routed(self, layer: int, experts: list[int]) -> None:
         """Counts experts the router chose that were computed elsewhere (on a node)."""

@@ -37,11 +37,22 @@ class Dma(Protocol):
 
     def sync(self) -> None: ...
 
+    def place(self, address: int, nbytes: int, on_gpu: bool) -> None: ...
+
     def close(self) -> None: ...
 
 
 class CudaDmaError(EdgemoeError):
     pass
+
+
+# cuMemAdvise's advice, and CUmemLocation's types.
+_PREFERRED_LOCATION, _ACCESSED_BY = 3, 5
+_ON_DEVICE, _ON_HOST = 1, 2
+
+
+class _Location(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 
 
 class CudaDma:
@@ -56,6 +67,9 @@ class CudaDma:
         lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
         lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
         lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
+        lib.cuMemAdvise_v2.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
+        lib.cuMemPrefetchAsync_v2.argtypes = [ctypes.c_uint64, ctypes.c_size_t, _Location, ctypes.c_uint,
+                                              ctypes.c_void_p]
         self._device = ctypes.c_int()
         self._context = ctypes.c_void_p()
         self._check("cuInit", lib.cuInit(0))
@@ -93,6 +107,16 @@ class CudaDma:
     def sync(self) -> None:
         self._make_current()
         self._check("cuStreamSynchronize", self._lib.cuStreamSynchronize(self._stream))
+
+    def place(self, address: int, nbytes: int, on_gpu: bool) -> None:
+        """Where a range of managed memory (an MLX array's) lives: on the GPU, or on the host,
+        mapped for the GPU, whose kernels then read it over the bus with no page migrating."""
+        self._make_current()
+        gpu = _Location(_ON_DEVICE, self._device.value)
+        where = gpu if on_gpu else _Location(_ON_HOST, 0)
+        self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _PREFERRED_LOCATION, where))
+        self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _ACCESSED_BY, gpu))
+        self._check("cuMemPrefetchAsync", self._lib.cuMemPrefetchAsync_v2(address, nbytes, where, 0, self._stream))
 
     def close(self) -> None:
         """Destroys the stream and releases the context (each `LocalExperts` opens its own)."""

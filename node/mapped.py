@@ -1,0 +1,121 @@
+"""Host-mapped experts, for MLX on an NVIDIA GPU: every expert of the model in slot pools of
+CUDA managed memory, the most-routed `gpu_bytes` of them on the GPU and the rest left in host
+memory, mapped for the GPU.
+
+Every layer is then resident (`LocalExperts.resident_arrays`): no layer reads its routing
+back to the host, and the GPU's kernels read a host-placed expert over the bus as they
+compute with it. On an H200 that is 34 GB/s for 6 MiB experts, where pages faulted over one
+by one move at 1.7 GB/s (.ci/gpu-probe-mapped.py, .ci/gpu-probe-copy.py). The arithmetic is
+the same kernel's wherever the pages are, so the tokens are mlx-lm's.
+
+The cost is host memory: the pools hold every expert (the model must fit in RAM beside the
+page cache's copy), read from the store when the pools are built.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .dtypes import address_of
+from .errors import EdgemoeError
+from .limits import compute_backend, ram_bytes
+from .local import LocalExperts
+from .pool import SlotGroup
+from .staging import Dma
+from .store import ExpertStore
+
+log = logging.getLogger(__name__)
+
+# The share of RAM the experts may take (the rest: the dense weights, the page cache's copy
+# of what is read, everything else on the machine).
+MAPPED_RAM_SHARE = 0.6
+
+
+class MappedExperts(LocalExperts):
+    """`LocalExperts` whose pools hold every expert: `gpu_bytes` (the cache budget) of the
+    most-routed ones on the GPU, the rest in host memory. Placement follows the routing
+    counts each time they are counted (every `SETTLE_EVERY` tokens, and after a generation)."""
+
+    def __init__(self, store: ExpertStore, gpu_bytes: int, dma: Dma, policy: str = "lfu", scratch_slots: int = 32):
+        self.on_gpu: set[tuple[int, int]] = set()
+        # Bytes of host-placed experts the GPU read as it computed with them (the routing
+        # counts times each expert's bytes): what crossed the bus.
+        self.mapped_bytes = 0
+        super().__init__(store, gpu_bytes, policy, scratch_slots=scratch_slots, dma=dma)
+        self.staged_reads = False  # a read lands in host memory, where its slot lives
+
+    def _build(self, cache_bytes: int) -> None:
+        self.holds_all = True
+        super()._build(cache_bytes)
+        assert self.dma is not None
+        self.on_gpu = set()
+        for group in self._groups:
+            for view in group.pool.byte_views().values():
+                self.dma.place(address_of(view), len(view), on_gpu=False)
+        self.dma.sync()
+        self._fill()
+        self._place()
+
+    def _fill(self) -> None:
+        staged, self.staged_reads = self.staged_reads, False
+        try:
+            for spec in self.manifest.layers:
+                for start in range(0, spec.num_experts, self.scratch_slots):
+                    self.slots(spec.layer, list(range(start, min(start + self.scratch_slots, spec.num_experts))))
+        finally:
+            self.staged_reads = staged
+
+    def _counted(self, counts: list[dict[tuple[int, int], int]]) -> None:
+        for group_counts in counts:
+            for key, n in group_counts.items():
+                if key not in self.on_gpu:
+                    self.mapped_bytes += n * self._group_of[key[0]].record_bytes
+        self._place()
+
+    def _place(self) -> None:
+        """Puts the most-routed experts on the GPU, up to the budget (ties: the lower layer and
+        expert), and those no longer among them back in host memory."""
+        counted = []
+        for group in self._groups:
+            counted += [(-n, key, group) for key, n in group.cache.routing_counts().items() if n > 0]
+        wanted: dict[tuple[int, int], SlotGroup] = {}
+        room = self.budget_bytes
+        for _, key, group in sorted(counted, key=lambda c: (c[0], c[1])):
+            if group.record_bytes <= room:
+                wanted[key] = group
+                room -= group.record_bytes
+        assert self.dma is not None
+        for key in self.on_gpu - wanted.keys():
+            self._move(self._group_of[key[0]], key, on_gpu=False)
+        for key in wanted.keys() - self.on_gpu:
+            self._move(wanted[key], key, on_gpu=True)
+        if wanted.keys() != self.on_gpu:
+            self.dma.sync()
+            log.debug("%d experts on the GPU, %d moved", len(wanted), len(wanted.keys() ^ self.on_gpu))
+        self.on_gpu = set(wanted)
+
+    def _move(self, group: SlotGroup, key: tuple[int, int], on_gpu: bool) -> None:
+        assert self.dma is not None
+        for view in group.pool.views(group.slot_of[key]):
+            self.dma.place(address_of(view), len(view), on_gpu)
+
+
+class MappedExpertsError(EdgemoeError):
+    pass
+
+
+def open_mapped(store: ExpertStore, gpu_bytes: int, dma: Dma | None, policy: str = "lfu",
+                scratch_slots: int = 32) -> MappedExperts:
+    """Host-mapped experts, or a one-line error saying why this machine cannot have them."""
+    if dma is None:
+        raise MappedExpertsError(
+            f"--map-experts needs MLX's CUDA backend, and this machine computes on {compute_backend()}; "
+            "drop --map-experts (--cache-mb sets how many experts stay in memory)"
+        )
+    total, ram = store.manifest.total_expert_bytes, ram_bytes()
+    if total > ram * MAPPED_RAM_SHARE:
+        raise MappedExpertsError(
+            f"--map-experts keeps every expert in host memory, and the experts ({total / 2**30:.1f} GiB) pass "
+            f"{MAPPED_RAM_SHARE:.0%} of this machine's RAM ({ram / 2**30:.1f} GiB); drop --map-experts"
+        )
+    return MappedExperts(store, gpu_bytes, dma, policy, scratch_slots)

@@ -1,0 +1,152 @@
+"""Host-mapped experts (node/mapped.py): every expert in the pools, the most-routed on the
+GPU and the rest in host memory, mapped for it. Here a host fake stands in for the CUDA
+driver and records where each range was placed; the real one runs in `.ci/gpu-check`
+(`edgemoe bench` on CUDA has a mapped case, and .ci/gpu-probe-mapped.py checks its bits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import PROMPT, encode, mlx_lm_tokens, run_cli
+from test_staging import HostDma
+
+from edgemoe.coordinator import loader
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.node import mapped
+from edgemoe.node.dtypes import address_of
+from edgemoe.node.local import LocalExperts
+from edgemoe.node.manifest import read_manifest
+from edgemoe.node.mapped import MappedExperts, MappedExpertsError, open_mapped
+from edgemoe.node.store import ExpertStore
+
+MAX_TOKENS = 12
+
+
+class PlacingDma(HostDma):
+    def __init__(self):
+        super().__init__()
+        self.placed: list[tuple[int, int, bool]] = []  # (address, bytes, whether on the GPU), in order
+
+    def place(self, address: int, nbytes: int, on_gpu: bool) -> None:
+        self.placed.append((address, nbytes, on_gpu))
+
+    def on_gpu(self, view: memoryview) -> bool | None:
+        """Where the last placement covering the whole of `view` put it (None: never placed)."""
+        start = address_of(view)
+        for address, nbytes, on_gpu in reversed(self.placed):
+            if address <= start and start + len(view) <= address + nbytes:
+                return on_gpu
+        return None
+
+
+def _load(monkeypatch, packed, budget):
+    dma = PlacingDma()
+    monkeypatch.setattr(loader, "open_dma", lambda: dma)
+    sm = load_streaming_model(packed, cache_bytes=budget, map_experts=True)
+    assert isinstance(sm.local, MappedExperts)
+    return sm, dma
+
+
+def _placed_on_gpu(local: MappedExperts, dma: PlacingDma) -> set[tuple[int, int]]:
+    """The experts whose every tensor range the fake last placed on the GPU."""
+    placed = set()
+    for spec in local.manifest.layers:
+        group = local._group_of[spec.layer]
+        for e in range(spec.num_experts):
+            views = group.pool.views(group.slot_of[(spec.layer, e)])
+            if all(dma.on_gpu(v) for v in views):
+                placed.add((spec.layer, e))
+    return placed
+
+
+@pytest.mark.parametrize("arch,quantized", [("qwen3_moe", True), ("mixtral", False)])
+def test_mapped_experts_keep_mlx_lms_tokens_with_no_reads_and_no_round_trip(models, monkeypatch, arch, quantized):
+    src, packed = models.src(arch, quantized), models.packed(arch, quantized)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    sm, _ = _load(monkeypatch, packed, read_manifest(packed).total_expert_bytes // 4)
+    looked_up = []
+    original = LocalExperts.start_slots
+    monkeypatch.setattr(LocalExperts, "start_slots", lambda self, layer, experts: looked_up.append(layer)
+                        or original(self, layer, experts))
+    try:
+        read_before = sm.local.store.stats.bytes_read
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+        assert looked_up == [] and sm.local.store.stats.bytes_read == read_before
+        assert all(sm.local.resident_arrays(spec.layer) is not None for spec in sm.manifest.layers)
+    finally:
+        sm.close()
+
+
+def test_the_most_routed_experts_are_placed_on_the_gpu_within_the_budget(models, monkeypatch):
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    budget = manifest.total_expert_bytes // 4
+    sm, dma = _load(monkeypatch, packed, budget)
+    try:
+        local = sm.local
+        # Every byte of every pool was placed; after the fill, the budget's worth of experts.
+        placed = _placed_on_gpu(local, dma)
+        assert placed == local.on_gpu and 0 < len(placed) * manifest.expert_bytes <= budget
+        first = set(placed)
+        # A text that routes to some experts again and again: those go to the GPU.
+        for _ in range(3):
+            generate(sm, encode(models, models.src("qwen3_moe", True), PROMPT), max_tokens=MAX_TOKENS)
+        counts = local.routing_counts()
+        ranked = sorted(counts, key=lambda key: (-counts[key], key))
+        wanted = set(ranked[: budget // manifest.expert_bytes])
+        assert local.on_gpu == wanted and _placed_on_gpu(local, dma) == wanted
+        assert wanted != first  # the placement moved with the routing
+        # The rest is back in host memory, range by range.
+        others = {(s.layer, e) for s in manifest.layers for e in range(s.num_experts)} - wanted
+        for key in others:
+            group = local._group_of[key[0]]
+            assert all(dma.on_gpu(v) is False for v in group.pool.views(group.slot_of[key]))
+    finally:
+        sm.close()
+
+
+def test_mapped_bytes_are_the_routed_experts_not_on_the_gpu(models, monkeypatch):
+    """What crossed the bus: each routed expert placed in host memory, once per token (and
+    once per layer call of the prompt), times its bytes."""
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    sm, _ = _load(monkeypatch, packed, manifest.total_expert_bytes // 4)
+    routed = []
+    original = LocalExperts.defer_hits
+    monkeypatch.setattr(LocalExperts, "defer_hits", lambda self, layer, indices: routed.append((layer, indices))
+                        or original(self, layer, indices))
+    try:
+        on_gpu = set(sm.local.on_gpu)
+        generate(sm, encode(models, src, PROMPT), max_tokens=MAX_TOKENS)
+        expected = 0
+        for layer, indices in routed:
+            flat = np.array(indices).reshape(-1)
+            experts = flat if indices.size == indices.shape[-1] else np.unique(flat)
+            expected += sum(manifest.expert_bytes for e in experts.tolist() if (layer, e) not in on_gpu)
+        assert routed and 0 < sm.local.mapped_bytes == expected
+    finally:
+        sm.close()
+
+
+def test_mapping_needs_cuda_and_the_ram_for_every_expert(models, monkeypatch):
+    packed = models.packed("qwen3_moe", True)
+    manifest = read_manifest(packed)
+    store = ExpertStore(packed, manifest)
+    try:
+        with pytest.raises(MappedExpertsError, match="needs MLX's CUDA backend.*drop --map-experts"):
+            open_mapped(store, manifest.expert_bytes, None)
+        monkeypatch.setattr(mapped, "ram_bytes", lambda: manifest.total_expert_bytes)
+        with pytest.raises(MappedExpertsError, match="keeps every expert in host memory.*drop --map-experts"):
+            open_mapped(store, manifest.expert_bytes, PlacingDma())
+    finally:
+        store.close()
+
+
+def test_the_cli_says_in_one_line_that_mapping_needs_cuda(models):
+    result = run_cli("generate", "--model", str(models.packed("qwen3_moe", True)), "--prompt", "hi",
+                     "--map-experts", "--no-hot-set", "--peers", "none")
+    assert result.returncode != 0
+    assert "needs MLX's CUDA backend" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
