@@ -33,6 +33,7 @@ ENGINE = {
     "edgemoe.node.local",
     "edgemoe.node.misses",
     "edgemoe.node.staging",
+    "edgemoe.node.mapped",
     "edgemoe.node.compute",
     "edgemoe.node.manifest",
     "edgemoe.node.architecture",
