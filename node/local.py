@@ -303,13 +303,17 @@ class LocalExperts:
             return
         # One read-back for them all (each read-back waits for whatever is computing).
         flat = np.array(mx.concatenate([indices.reshape(-1) for _, indices, _ in done]))
-        by_layer: dict[int, list[np.ndarray]] = {}
+        routed: list[tuple[int, np.ndarray, bool]] = []  # (layer, experts counted, for one decoded token)
         start = 0
         for layer, indices, _ in done:
             chosen = flat[start : start + indices.size]
             start += indices.size
             # One row (a decoded token) names distinct experts; more rows may repeat them.
-            by_layer.setdefault(layer, []).append(chosen if indices.size == indices.shape[-1] else np.unique(chosen))
+            decoded = indices.size == indices.shape[-1]
+            routed.append((layer, chosen if decoded else np.unique(chosen), decoded))
+        by_layer: dict[int, list[np.ndarray]] = {}
+        for layer, experts, _ in routed:
+            by_layer.setdefault(layer, []).append(experts)
         by_group: dict[int, tuple[SlotGroup, dict[tuple[int, int], int]]] = {}
         for layer, parts in by_layer.items():
             experts, counts = np.unique(np.concatenate(parts), return_counts=True)
@@ -319,10 +323,10 @@ class LocalExperts:
             self.stats.experts_from_cache += int(counts.sum())
         for group, keys in by_group.values():
             group.cache.count_many(keys)
-        self._counted([keys for _, keys in by_group.values()])
+        self._counted(routed)
 
-    def _counted(self, counts: list[dict[tuple[int, int], int]]) -> None:
-        """Called with each batch of resident layers' routing counts (mapped.py places by them)."""
+    def _counted(self, routed: list[tuple[int, np.ndarray, bool]]) -> None:
+        """Called with each batch of resident layers' routing, once counted (mapped.py places by it)."""
 
     def note_routed(self, layer: int, experts: list[int]) -> None:
         """Counts experts the router chose that were computed elsewhere (on a node)."""

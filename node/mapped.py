@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from .dtypes import address_of
 from .errors import EdgemoeError
 from .limits import compute_backend, ram_bytes
@@ -41,6 +43,9 @@ class MappedExperts(LocalExperts):
         # Bytes of host-placed experts the GPU read as it computed with them (the routing
         # counts times each expert's bytes): what crossed the bus.
         self.mapped_bytes = 0
+        # The same for decoded tokens only, and their MoE layer calls (the bench's bytes per token).
+        self.decoded_mapped_bytes = 0
+        self.decoded_layer_calls = 0
         super().__init__(store, gpu_bytes, policy, scratch_slots=scratch_slots, dma=dma)
         self.staged_reads = False  # a read lands in host memory, where its slot lives
 
@@ -65,11 +70,13 @@ class MappedExperts(LocalExperts):
         finally:
             self.staged_reads = staged
 
-    def _counted(self, counts: list[dict[tuple[int, int], int]]) -> None:
-        for group_counts in counts:
-            for key, n in group_counts.items():
-                if key not in self.on_gpu:
-                    self.mapped_bytes += n * self._group_of[key[0]].record_bytes
+    def _counted(self, routed: list[tuple[int, np.ndarray, bool]]) -> None:
+        for layer, experts, decoded in routed:
+            crossed = self._group_of[layer].record_bytes * sum((layer, e) not in self.on_gpu for e in experts.tolist())
+            self.mapped_bytes += crossed
+            if decoded:
+                self.decoded_layer_calls += 1
+                self.decoded_mapped_bytes += crossed
         self._place()
 
     def _place(self) -> None:

@@ -120,12 +120,18 @@ def test_mapped_bytes_are_the_routed_experts_not_on_the_gpu(models, monkeypatch)
     try:
         on_gpu = set(sm.local.on_gpu)
         generate(sm, encode(models, src, PROMPT), max_tokens=MAX_TOKENS)
-        expected = 0
+        expected = decoded = decoded_calls = 0
         for layer, indices in routed:
             flat = np.array(indices).reshape(-1)
-            experts = flat if indices.size == indices.shape[-1] else np.unique(flat)
-            expected += sum(manifest.expert_bytes for e in experts.tolist() if (layer, e) not in on_gpu)
+            one_token = indices.size == indices.shape[-1]
+            experts = flat if one_token else np.unique(flat)
+            crossed = sum(manifest.expert_bytes for e in experts.tolist() if (layer, e) not in on_gpu)
+            expected += crossed
+            decoded += crossed if one_token else 0
+            decoded_calls += one_token
         assert routed and 0 < sm.local.mapped_bytes == expected
+        assert 0 < sm.local.decoded_mapped_bytes == decoded < expected
+        assert sm.local.decoded_layer_calls == decoded_calls >= (MAX_TOKENS - 1) * len(manifest.layers)
     finally:
         sm.close()
 
