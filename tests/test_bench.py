@@ -22,7 +22,7 @@ from edgemoe.coordinator.bench.disk import run_fio
 from edgemoe.coordinator.counters import Counters
 from edgemoe.coordinator.pack import pack
 from edgemoe.coordinator.tiny_models import write_tiny_model
-from edgemoe.node.manifest import DENSE_NAME
+from edgemoe.node.manifest import DENSE_NAME, read_manifest
 
 TOKENS = 8
 # Holds 4 of the tiny model's 32 experts (4.5 KiB each): decode both hits and misses.
@@ -320,3 +320,54 @@ def test_every_expert_cached_discards_its_first_round(model, monkeypatch):
     assert r["all_cached_warmup_rounds"] == 1
     assert r["all_cached_tokens_per_s_runs"] == [2.0, 4.0, 6.0]
     assert r["all_cached_host_routing_tokens_per_s_runs"] == [3.0, 5.0, 7.0]
+
+
+def test_the_mapped_case_alternates_with_mlx_lm_and_divides_by_its_bound(model, monkeypatch):
+    """On CUDA the bench adds the warm case with host-mapped experts (here the CPU, with a
+    host fake for the driver): mlx-lm's tokens, its untimed first round left out, and the
+    bound from the bytes each decoded token read over the bus."""
+    from test_mapped import PlacingDma
+
+    from edgemoe.coordinator import loader
+    from edgemoe.coordinator.bench import mapped
+    from edgemoe.coordinator.bench import report as report_lines
+    from edgemoe.coordinator.bench.reference import open_plain_mlx_lm
+    from edgemoe.coordinator.bench.report import Notes
+    from edgemoe.coordinator.generate import build_prompt
+    from edgemoe.coordinator.loader import load_streaming_model
+
+    src, packed = model
+    assert mapped.mapped_figures(packed, None, [1, 2], 4, [], None, None, 40.0, Notes()) == \
+        {"mapped_eighth_tokens_per_s": None}  # not on CUDA: no case
+    monkeypatch.setattr(mapped, "compute_backend", lambda: "cuda")
+    monkeypatch.setattr(loader, "open_dma", PlacingDma)
+    sm = load_streaming_model(packed, cache_bytes=int(CACHE_MB * 2**20))
+    notes = Notes()
+    try:
+        plain = open_plain_mlx_lm(packed, sm, src, None, notes)
+        assert plain is not None
+        prompt = build_prompt(sm.tokenizer, "Hello")
+        expected = plain.time(prompt, TOKENS).token_ids
+        timed = []
+        original = plain.time
+        monkeypatch.setattr(plain, "time", lambda *a: timed.append(original(*a)) or timed[-1])
+        r = mapped.mapped_figures(packed, None, prompt, TOKENS, expected, plain, None, 40.0, notes)
+    finally:
+        sm.close()
+        plain.close()
+    assert r["mapped_eighth_same_tokens_as_cold_run"] is True
+    assert len(timed) == mapped.WARMUP_ROUNDS + len(r["mapped_eighth_tokens_per_s_runs"])
+    assert r["mapped_eighth_mlx_lm_tokens_per_s"] == max(t.tokens_per_s for t in timed[mapped.WARMUP_ROUNDS:])
+    assert r["mapped_eighth_tokens_per_s"] == max(r["mapped_eighth_tokens_per_s_runs"])
+    assert r["mapped_eighth_ssd_bytes_per_token"] == 0  # nothing read while decoding
+    per_token = r["mapped_eighth_bus_bytes_per_token"]
+    manifest, config = read_manifest(packed), json.loads((packed / "config.json").read_text())
+    # At most every routed expert of every layer, less those on the GPU.
+    assert 0 < per_token < len(manifest.layers) * config["num_experts_per_tok"] * manifest.expert_bytes
+    transfer = 40.0 * 1e9 / per_token
+    assert close(r["mapped_eighth_transfer_bound_tokens_per_s"], transfer)
+    assert close(r["mapped_eighth_bound_tokens_per_s"], min(transfer, r["mapped_eighth_mlx_lm_tokens_per_s"]))
+    assert close(r["mapped_eighth_relative_to_bound"],
+                 r["mapped_eighth_tokens_per_s"] / r["mapped_eighth_bound_tokens_per_s"])
+    text = "\n".join(report_lines._mapped_lines({**r, "host_to_device_gbps": 40.0}))
+    assert "mapped, 1/8 of the experts on the GPU" in text and "target >= 80%" in text

@@ -67,6 +67,23 @@ def _layer_line(r: dict[str, Any], prefix: str) -> str:
             "not waited for per layer")
 
 
+def _mapped_lines(r: dict[str, Any]) -> list[str]:
+    which = "alternated" if r.get("mapped_eighth_mlx_lm_alternated") else "its fastest run above"
+    return [
+        "",
+        f"mapped, 1/8 of the experts on the GPU ({_mib(r['mapped_eighth_gpu_budget_bytes'])}), the rest in host "
+        "memory read over the bus (--map-experts)",
+        f"  decode                {_f(r['mapped_eighth_tokens_per_s'], unit=' tok/s')}  "
+        f"({_speeds(r['mapped_eighth_tokens_per_s_runs'])}); plain mlx-lm ({which}) "
+        f"{_f(r.get('mapped_eighth_mlx_lm_tokens_per_s'), unit=' tok/s')}; "
+        f"{_mib(r['mapped_eighth_bus_bytes_per_token'])}/token over the bus; "
+        f"same tokens as the cold run: {r['mapped_eighth_same_tokens_as_cold_run']}",
+        f"  bound                 {_f(r.get('mapped_eighth_bound_tokens_per_s'), unit=' tok/s')} = min(mlx-lm, "
+        f"host-to-device {_f(r.get('host_to_device_gbps'), unit=' GB/s')} / bytes over the bus per token) "
+        f"-> {_pct(r.get('mapped_eighth_relative_to_bound'))} of it (target >= 80%)",
+    ]
+
+
 def _warm_mlx_lm(r: dict[str, Any]) -> str:
     if r.get("warm_eighth_mlx_lm_tokens_per_s") is None:
         return "plain mlx-lm not run"
@@ -183,6 +200,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if r.get("all_cached_tokens_per_s") is not None:
         lines += _all_cached_lines(r)
+    if r.get("mapped_eighth_tokens_per_s") is not None:
+        lines += _mapped_lines(r)
     if r.get("in_place_tokens_per_s") is not None:
         lines += [
             "",

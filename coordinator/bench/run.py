@@ -29,6 +29,7 @@ from .decode import (
     warm_up,
 )
 from .disk import measure_reads, record_jobs, run_fio, sequential_jobs
+from .mapped import mapped_figures
 from .page_cache import drop_page_cache, expert_paths, resident_fraction, warm_page_cache
 from .predict import bench_predictions
 from .reference import MlxLmRun, PlainMlxLm, open_plain_mlx_lm
@@ -140,6 +141,8 @@ def run_bench(
                 report.update(_transfer_bound(sm, report, warm_mlx_lm))
                 report.update(_every_token_cold_bound(report, warm_mlx_lm))
                 report.update(all_cached_figures(sm, prompt_tokens, tokens, mlx_lm, plain, notes))
+                report.update(mapped_figures(model_dir, experts_per_token, prompt_tokens, tokens, cold.token_ids,
+                                             plain, warm_mlx_lm, report["host_to_device_gbps"], notes))
             finally:
                 if plain is not None:
                     plain.close()
