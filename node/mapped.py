@@ -51,15 +51,30 @@ class MappedExperts(LocalExperts):
 
     def _build(self, cache_bytes: int) -> None:
         self.holds_all = True
+        self._place_pools(None)
         super()._build(cache_bytes)
-        assert self.dma is not None
+        self._place_pools(False)
         self.on_gpu = set()
-        for group in self._groups:
-            for view in group.pool.byte_views().values():
-                self.dma.place(address_of(view), len(view), on_gpu=False)
-        self.dma.sync()
         self._fill()
         self._place()
+
+    def _place_pools(self, on_gpu: bool | None) -> None:
+        """Every byte of the pools in host memory (False), or left to MLX again (None: the
+        pools are about to go, and MLX reuses their memory for other arrays)."""
+        assert self.dma is not None
+        for group in self._groups:
+            for view in group.pool.byte_views().values():
+                self.dma.place(address_of(view), len(view), on_gpu)
+        self.dma.sync()
+
+    def seed_counts(self, counts: dict[tuple[int, int], int]) -> None:
+        super().seed_counts(counts)
+        self._place()
+
+    def close(self) -> None:
+        self.settle(everything=True)
+        self._place_pools(None)
+        super().close()
 
     def _fill(self) -> None:
         staged, self.staged_reads = self.staged_reads, False

@@ -37,7 +37,7 @@ class Dma(Protocol):
 
     def sync(self) -> None: ...
 
-    def place(self, address: int, nbytes: int, on_gpu: bool) -> None: ...
+    def place(self, address: int, nbytes: int, on_gpu: bool | None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -47,7 +47,7 @@ class CudaDmaError(EdgemoeError):
 
 
 # cuMemAdvise's advice, and CUmemLocation's types.
-_PREFERRED_LOCATION, _ACCESSED_BY = 3, 5
+_PREFERRED_LOCATION, _NO_PREFERRED_LOCATION, _ACCESSED_BY, _NOT_ACCESSED_BY = 3, 4, 5, 6
 _ON_DEVICE, _ON_HOST = 1, 2
 
 
@@ -108,11 +108,16 @@ class CudaDma:
         self._make_current()
         self._check("cuStreamSynchronize", self._lib.cuStreamSynchronize(self._stream))
 
-    def place(self, address: int, nbytes: int, on_gpu: bool) -> None:
+    def place(self, address: int, nbytes: int, on_gpu: bool | None) -> None:
         """Where a range of managed memory (an MLX array's) lives: on the GPU, or on the host,
-        mapped for the GPU, whose kernels then read it over the bus with no page migrating."""
+        mapped for the GPU, whose kernels then read it over the bus with no page migrating.
+        None: no say any more (before MLX reuses the memory for other arrays)."""
         self._make_current()
         gpu = _Location(_ON_DEVICE, self._device.value)
+        if on_gpu is None:
+            self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _NO_PREFERRED_LOCATION, gpu))
+            self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _NOT_ACCESSED_BY, gpu))
+            return
         where = gpu if on_gpu else _Location(_ON_HOST, 0)
         self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _PREFERRED_LOCATION, where))
         self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _ACCESSED_BY, gpu))

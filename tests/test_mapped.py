@@ -32,12 +32,12 @@ class PlacingDma(HostDma):
         self.placed.append((address, nbytes, on_gpu))
 
     def on_gpu(self, view: memoryview) -> bool | None:
-        """Where the last placement covering the whole of `view` put it (None: never placed)."""
+        """Where the last placement covering the whole of `view` put it (None: left to MLX)."""
         start = address_of(view)
         for address, nbytes, on_gpu in reversed(self.placed):
             if address <= start and start + len(view) <= address + nbytes:
                 return on_gpu
-        return None
+        raise AssertionError("never placed")
 
 
 def _load(monkeypatch, packed, budget):
@@ -156,3 +156,21 @@ def test_the_cli_says_in_one_line_that_mapping_needs_cuda(models):
     assert result.returncode != 0
     assert "needs MLX's CUDA backend" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_pools_are_left_to_mlx_again_when_rebuilt_or_closed(models, monkeypatch):
+    """MLX reuses a freed pool's memory for other arrays: none of it may stay pinned to the
+    host (it would slow whatever lands there), after a cache reset or a close."""
+    packed = models.packed("qwen3_moe", True)
+    budget = read_manifest(packed).total_expert_bytes // 4
+    sm, dma = _load(monkeypatch, packed, budget)
+    try:
+        old = [v for g in sm.local._groups for v in g.pool.byte_views().values()]
+        assert all(dma.on_gpu(v) is False for v in old)
+        sm.local.reset_cache(budget)
+        assert all(dma.on_gpu(v) is None for v in old)
+        new = [v for g in sm.local._groups for v in g.pool.byte_views().values()]
+        assert all(dma.on_gpu(v) is not None for v in new)
+    finally:
+        sm.close()
+    assert all(dma.on_gpu(v) is None for v in new)
