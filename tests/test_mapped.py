@@ -18,6 +18,7 @@ from edgemoe.node.dtypes import address_of
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import read_manifest
 from edgemoe.node.mapped import MappedExperts, MappedExpertsError, open_mapped
+from edgemoe.node.staging import open_dma
 from edgemoe.node.store import ExpertStore
 
 MAX_TOKENS = 12
@@ -174,3 +175,21 @@ def test_pools_are_left_to_mlx_again_when_rebuilt_or_closed(models, monkeypatch)
     finally:
         sm.close()
     assert all(dma.on_gpu(v) is None for v in new)
+
+
+@pytest.mark.skipif(open_dma() is None, reason="needs MLX's CUDA backend (run by .ci/gpu-check)")
+@pytest.mark.parametrize("arch,quantized", [("qwen3_moe", True), ("mixtral", False)])
+def test_mapped_experts_on_a_real_gpu_keep_mlx_lms_tokens(models, arch, quantized):
+    """The CUDA driver's placement, for real: mlx-lm's tokens with most experts in host
+    memory, and again once the placement has followed the routing."""
+    src, packed = models.src(arch, quantized), models.packed(arch, quantized)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes // 4, map_experts=True)
+    try:
+        first = set(sm.local.on_gpu)
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+        assert sm.local.on_gpu != first
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+    finally:
+        sm.close()
