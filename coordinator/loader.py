@@ -111,7 +111,15 @@ def load_streaming_model(
         raise ManifestError(
             f"{model_dir}: manifest and config.json disagree on the MoE layers; repack the model"
         )
+    if map_experts and (peers or keep_cluster):
+        # Every expert is here: a node would get no work, and every layer would wait for its
+        # routing on the host (a layer with nodes never runs resident).
+        if peers:
+            log.warning("--map-experts keeps every expert on this machine: the nodes (%s) are not used",
+                        ", ".join(map(str, peers)))
+        peers, keep_cluster = None, False
     store = ExpertStore(model_dir, manifest, io_threads, io_mode)
+    dma = None
     try:
         budget = cache_bytes if cache_bytes is not None else default_cache_bytes(manifest)
         on_cpu = mx.default_device() == mx.cpu
@@ -123,12 +131,15 @@ def load_streaming_model(
         k = (routed_experts_per_token(config) or 0) if prefetch else 0
         # Misses computed as they land run in other batch shapes than mlx-lm's one call per
         # layer: the same bits on the CPU, not on a GPU (measured on CUDA), so only there.
+        dma = open_dma()
         if map_experts:
-            local: LocalExperts = open_mapped(store, budget, open_dma(), cache_policy, max_inflight_experts)
+            local: LocalExperts = open_mapped(store, budget, dma, cache_policy, max_inflight_experts)
         else:
             local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k,
-                                 compute_as_read=on_cpu, dma=open_dma())
+                                 compute_as_read=on_cpu, dma=dma)
     except BaseException:
+        if dma is not None:
+            dma.close()
         store.close()
         raise
     cluster = None

@@ -46,17 +46,23 @@ class MappedExperts(LocalExperts):
         # The same for decoded tokens only, and their MoE layer calls (the bench's bytes per token).
         self.decoded_mapped_bytes = 0
         self.decoded_layer_calls = 0
-        super().__init__(store, gpu_bytes, policy, scratch_slots=scratch_slots, dma=dma)
+        # Misses computed as they land give other bits than mlx-lm on a GPU (loader.py): a
+        # layer takes the host path only after a failed read, and then computes as mlx-lm.
+        super().__init__(store, gpu_bytes, policy, scratch_slots=scratch_slots, compute_as_read=False, dma=dma)
         self.staged_reads = False  # a read lands in host memory, where its slot lives
 
     def _build(self, cache_bytes: int) -> None:
         self.holds_all = True
         self._place_pools(None)
         super()._build(cache_bytes)
-        self._place_pools(False)
         self.on_gpu = set()
-        self._fill()
-        self._place()
+        try:
+            self._place_pools(False)
+            self._fill()
+            self._place()
+        except BaseException:
+            self._place_pools(None)
+            raise
 
     def _place_pools(self, on_gpu: bool | None) -> None:
         """Every byte of the pools in host memory (False), or left to MLX again (None: the
@@ -72,18 +78,33 @@ class MappedExperts(LocalExperts):
         self._place()
 
     def close(self) -> None:
-        self.settle(everything=True)
-        self._place_pools(None)
-        super().close()
+        try:
+            self.settle(everything=True)
+            self._place_pools(None)
+        finally:
+            super().close()
 
     def _fill(self) -> None:
-        staged, self.staged_reads = self.staged_reads, False
-        try:
-            for spec in self.manifest.layers:
-                for start in range(0, spec.num_experts, self.scratch_slots):
-                    self.slots(spec.layer, list(range(start, min(start + self.scratch_slots, spec.num_experts))))
-        finally:
-            self.staged_reads = staged
+        """Reads every expert into its slot. Not counted as routing or as misses: a load is
+        neither, and the counts decide the placement (and the learned hot set)."""
+        for spec in self.manifest.layers:
+            group = self._group_of[spec.layer]
+            for start in range(0, spec.num_experts, self.scratch_slots):
+                targets = {}
+                for e in range(start, min(start + self.scratch_slots, spec.num_experts)):
+                    key = (spec.layer, e)
+                    if key not in group.cache and group.cache.put(key, True, group.record_bytes):
+                        targets[e] = group.pool.views(group.admit(key))
+                if not targets:
+                    continue
+                try:
+                    pending = self.store.start_reads(spec.layer, targets)
+                    for e in targets:
+                        pending.wait(e)
+                except BaseException:
+                    for e in targets:  # their slots hold no expert
+                        group.cache.remove((spec.layer, e))
+                    raise
 
     def _counted(self, routed: list[tuple[int, np.ndarray, bool]]) -> None:
         for layer, experts, decoded in routed:
@@ -129,6 +150,11 @@ class MappedExpertsError(EdgemoeError):
 def open_mapped(store: ExpertStore, gpu_bytes: int, dma: Dma | None, policy: str = "lfu",
                 scratch_slots: int = 32) -> MappedExperts:
     """Host-mapped experts, or a one-line error saying why this machine cannot have them."""
+    if policy != "lfu":
+        raise MappedExpertsError(
+            f"--map-experts places the experts by their routing counts, which --cache-policy {policy} does not "
+            "keep; drop --cache-policy or --map-experts"
+        )
     if dma is None:
         raise MappedExpertsError(
             f"--map-experts needs MLX's CUDA backend, and this machine computes on {compute_backend()}; "

@@ -67,9 +67,12 @@ class CudaDma:
         lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
         lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
         lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
-        lib.cuMemAdvise_v2.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
-        lib.cuMemPrefetchAsync_v2.argtypes = [ctypes.c_uint64, ctypes.c_size_t, _Location, ctypes.c_uint,
-                                              ctypes.c_void_p]
+        # CUDA 12.2's: looked up here, needed only by `place`, so an older driver still stages.
+        self._advise = getattr(lib, "cuMemAdvise_v2", None)
+        self._prefetch = getattr(lib, "cuMemPrefetchAsync_v2", None)
+        if self._advise is not None and self._prefetch is not None:
+            self._advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
+            self._prefetch.argtypes = [ctypes.c_uint64, ctypes.c_size_t, _Location, ctypes.c_uint, ctypes.c_void_p]
         self._device = ctypes.c_int()
         self._context = ctypes.c_void_p()
         self._check("cuInit", lib.cuInit(0))
@@ -112,16 +115,19 @@ class CudaDma:
         """Where a range of managed memory (an MLX array's) lives: on the GPU, or on the host,
         mapped for the GPU, whose kernels then read it over the bus with no page migrating.
         None: no say any more (before MLX reuses the memory for other arrays)."""
+        if self._advise is None or self._prefetch is None:
+            raise CudaDmaError("this CUDA driver has no cuMemAdvise_v2 (CUDA 12.2 or later): update the "
+                               "NVIDIA driver, or drop --map-experts")
         self._make_current()
         gpu = _Location(_ON_DEVICE, self._device.value)
         if on_gpu is None:
-            self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _NO_PREFERRED_LOCATION, gpu))
-            self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _NOT_ACCESSED_BY, gpu))
+            self._check("cuMemAdvise", self._advise(address, nbytes, _NO_PREFERRED_LOCATION, gpu))
+            self._check("cuMemAdvise", self._advise(address, nbytes, _NOT_ACCESSED_BY, gpu))
             return
         where = gpu if on_gpu else _Location(_ON_HOST, 0)
-        self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _PREFERRED_LOCATION, where))
-        self._check("cuMemAdvise", self._lib.cuMemAdvise_v2(address, nbytes, _ACCESSED_BY, gpu))
-        self._check("cuMemPrefetchAsync", self._lib.cuMemPrefetchAsync_v2(address, nbytes, where, 0, self._stream))
+        self._check("cuMemAdvise", self._advise(address, nbytes, _PREFERRED_LOCATION, where))
+        self._check("cuMemAdvise", self._advise(address, nbytes, _ACCESSED_BY, gpu))
+        self._check("cuMemPrefetchAsync", self._prefetch(address, nbytes, where, 0, self._stream))
 
     def close(self) -> None:
         """Destroys the stream and releases the context (each `LocalExperts` opens its own)."""

@@ -351,6 +351,18 @@ def test_the_mapped_case_alternates_with_mlx_lm_and_divides_by_its_bound(model, 
         timed = []
         original = plain.time
         monkeypatch.setattr(plain, "time", lambda *a: timed.append(original(*a)) or timed[-1])
+        per_timed_token = []  # the timed texts' own bytes over the bus per decoded token
+        timed_generate = mapped.timed_generate
+
+        def measured(sm, *args):
+            local = sm.local
+            before = (local.decoded_mapped_bytes, local.decoded_layer_calls)
+            run = timed_generate(sm, *args)
+            calls = local.decoded_layer_calls - before[1]
+            per_timed_token.append((local.decoded_mapped_bytes - before[0]) / (calls / len(sm.manifest.layers)))
+            return run
+
+        monkeypatch.setattr(mapped, "timed_generate", measured)
         r = mapped.mapped_figures(packed, None, prompt, TOKENS, expected, plain, None, 40.0, notes)
     finally:
         sm.close()
@@ -361,6 +373,8 @@ def test_the_mapped_case_alternates_with_mlx_lm_and_divides_by_its_bound(model, 
     assert r["mapped_eighth_tokens_per_s"] == max(r["mapped_eighth_tokens_per_s_runs"])
     assert r["mapped_eighth_ssd_bytes_per_token"] == 0  # nothing read while decoding
     per_token = r["mapped_eighth_bus_bytes_per_token"]
+    runs = r["mapped_eighth_tokens_per_s_runs"]
+    assert per_token == per_timed_token[mapped.WARMUP_ROUNDS + runs.index(max(runs))]
     manifest, config = read_manifest(packed), json.loads((packed / "config.json").read_text())
     # At most every routed expert of every layer, less those on the GPU.
     assert 0 < per_token < len(manifest.layers) * config["num_experts_per_tok"] * manifest.expert_bytes

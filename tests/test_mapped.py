@@ -5,6 +5,7 @@ driver and records where each range was placed; the real one runs in `.ci/gpu-ch
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import PROMPT, encode, mlx_lm_tokens, run_cli
@@ -18,10 +19,10 @@ from edgemoe.node.dtypes import address_of
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import read_manifest
 from edgemoe.node.mapped import MappedExperts, MappedExpertsError, open_mapped
-from edgemoe.node.staging import open_dma
 from edgemoe.node.store import ExpertStore
 
 MAX_TOKENS = 12
+ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
 class PlacingDma(HostDma):
@@ -87,10 +88,11 @@ def test_the_most_routed_experts_are_placed_on_the_gpu_within_the_budget(models,
     sm, dma = _load(monkeypatch, packed, budget)
     try:
         local = sm.local
-        # Every byte of every pool was placed; after the fill, the budget's worth of experts.
-        placed = _placed_on_gpu(local, dma)
-        assert placed == local.on_gpu and 0 < len(placed) * manifest.expert_bytes <= budget
-        first = set(placed)
+        # Every byte of every pool was placed in host memory: the fill is no routing, so it
+        # counts nothing (no misses either) and puts nothing on the GPU.
+        assert _placed_on_gpu(local, dma) == local.on_gpu == set()
+        assert local.routing_counts() == {} and local.cache_stats.misses == 0 and local.stats.experts_from_ssd == 0
+        first = set(local.on_gpu)
         # A text that routes to some experts again and again: those go to the GPU.
         for _ in range(3):
             generate(sm, encode(models, models.src("qwen3_moe", True), PROMPT), max_tokens=MAX_TOKENS)
@@ -98,7 +100,8 @@ def test_the_most_routed_experts_are_placed_on_the_gpu_within_the_budget(models,
         ranked = sorted(counts, key=lambda key: (-counts[key], key))
         wanted = set(ranked[: budget // manifest.expert_bytes])
         assert local.on_gpu == wanted and _placed_on_gpu(local, dma) == wanted
-        assert wanted != first  # the placement moved with the routing
+        assert wanted and wanted != first  # the placement moved with the routing
+        assert len(wanted) * manifest.expert_bytes <= budget < (len(wanted) + 1) * manifest.expert_bytes
         # The rest is back in host memory, range by range.
         others = {(s.layer, e) for s in manifest.layers for e in range(s.num_experts)} - wanted
         for key in others:
@@ -119,7 +122,11 @@ def test_mapped_bytes_are_the_routed_experts_not_on_the_gpu(models, monkeypatch)
     monkeypatch.setattr(LocalExperts, "defer_hits", lambda self, layer, indices: routed.append((layer, indices))
                         or original(self, layer, indices))
     try:
+        generate(sm, encode(models, src, "Another text, which the placement follows."), max_tokens=MAX_TOKENS)
+        routed.clear()
         on_gpu = set(sm.local.on_gpu)
+        assert on_gpu
+        before = (sm.local.mapped_bytes, sm.local.decoded_mapped_bytes, sm.local.decoded_layer_calls)
         generate(sm, encode(models, src, PROMPT), max_tokens=MAX_TOKENS)
         expected = decoded = decoded_calls = 0
         for layer, indices in routed:
@@ -130,20 +137,22 @@ def test_mapped_bytes_are_the_routed_experts_not_on_the_gpu(models, monkeypatch)
             expected += crossed
             decoded += crossed if one_token else 0
             decoded_calls += one_token
-        assert routed and 0 < sm.local.mapped_bytes == expected
-        assert 0 < sm.local.decoded_mapped_bytes == decoded < expected
-        assert sm.local.decoded_layer_calls == decoded_calls >= (MAX_TOKENS - 1) * len(manifest.layers)
+        assert routed and 0 < sm.local.mapped_bytes - before[0] == expected
+        assert 0 < sm.local.decoded_mapped_bytes - before[1] == decoded < expected
+        assert sm.local.decoded_layer_calls - before[2] == decoded_calls >= (MAX_TOKENS - 1) * len(manifest.layers)
     finally:
         sm.close()
 
 
-def test_mapping_needs_cuda_and_the_ram_for_every_expert(models, monkeypatch):
+def test_mapping_needs_cuda_the_ram_for_every_expert_and_routing_counts(models, monkeypatch):
     packed = models.packed("qwen3_moe", True)
     manifest = read_manifest(packed)
     store = ExpertStore(packed, manifest)
     try:
         with pytest.raises(MappedExpertsError, match="needs MLX's CUDA backend.*drop --map-experts"):
             open_mapped(store, manifest.expert_bytes, None)
+        with pytest.raises(MappedExpertsError, match="--cache-policy lru does not keep; drop"):
+            open_mapped(store, manifest.expert_bytes, PlacingDma(), policy="lru")
         monkeypatch.setattr(mapped, "ram_bytes", lambda: manifest.total_expert_bytes)
         with pytest.raises(MappedExpertsError, match="keeps every expert in host memory.*drop --map-experts"):
             open_mapped(store, manifest.expert_bytes, PlacingDma())
@@ -151,7 +160,7 @@ def test_mapping_needs_cuda_and_the_ram_for_every_expert(models, monkeypatch):
         store.close()
 
 
-@pytest.mark.skipif(open_dma() is not None, reason="this machine has MLX's CUDA backend")
+@pytest.mark.skipif(ON_CUDA, reason="this machine has MLX's CUDA backend")
 def test_the_cli_says_in_one_line_that_mapping_needs_cuda(models):
     result = run_cli("generate", "--model", str(models.packed("qwen3_moe", True)), "--prompt", "hi",
                      "--map-experts", "--no-hot-set", "--peers", "none")
@@ -178,7 +187,7 @@ def test_pools_are_left_to_mlx_again_when_rebuilt_or_closed(models, monkeypatch)
     assert all(dma.on_gpu(v) is None for v in new)
 
 
-@pytest.mark.skipif(open_dma() is None, reason="needs MLX's CUDA backend (run by .ci/gpu-check)")
+@pytest.mark.skipif(not ON_CUDA, reason="needs MLX's CUDA backend (run by .ci/gpu-check)")
 @pytest.mark.parametrize("arch,quantized", [("qwen3_moe", True), ("mixtral", False)])
 def test_mapped_experts_on_a_real_gpu_keep_mlx_lms_tokens(models, arch, quantized):
     """The CUDA driver's placement, for real: mlx-lm's tokens with most experts in host
@@ -194,3 +203,43 @@ def test_mapped_experts_on_a_real_gpu_keep_mlx_lms_tokens(models, arch, quantize
         assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
     finally:
         sm.close()
+
+
+def test_nodes_are_not_used_with_mapped_experts(models, monkeypatch, caplog):
+    """Every expert is here: a node would get no work, and its layers would lose the resident
+    path. The nodes given are left out, with a warning, and the tokens are mlx-lm's."""
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    monkeypatch.setattr(loader, "open_dma", PlacingDma)
+    with caplog.at_level("WARNING"):
+        sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes // 4,
+                                  map_experts=True, peers=["127.0.0.1:9"], keep_cluster=True)
+    try:
+        assert sm.cluster is None
+        assert any("--map-experts keeps every expert" in r.getMessage() and "127.0.0.1:9" in r.getMessage()
+                   for r in caplog.records)
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+    finally:
+        sm.close()
+
+
+def test_a_corrupted_expert_stops_the_load_with_the_checksum_error_and_leaves_no_placement(models, monkeypatch,
+                                                                                         tmp_path):
+    from test_bad_input import corrupt_expert
+
+    from edgemoe.node.errors import ChecksumError
+
+    packed = models.copy_packed(tmp_path / "packed", arch="qwen3_moe", quantized=True)
+    corrupt_expert(packed, read_manifest(packed).layers[-1].layer, 3)
+    dma = PlacingDma()
+    monkeypatch.setattr(loader, "open_dma", lambda: dma)
+    built = []
+    original = MappedExperts._place_pools
+    monkeypatch.setattr(MappedExperts, "_place_pools", lambda self, on_gpu: built.append(self)
+                        or original(self, on_gpu))
+    with pytest.raises(ChecksumError, match="checksum"):
+        load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes // 4, map_experts=True)
+    views = [v for g in built[-1]._groups for v in g.pool.byte_views().values()]
+    assert views and all(dma.on_gpu(v) is None for v in views)
+    assert dma.closed

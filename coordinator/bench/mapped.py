@@ -15,7 +15,7 @@ from edgemoe.node.manifest import read_manifest
 from edgemoe.node.mapped import MappedExperts
 
 from ..loader import load_streaming_model
-from .decode import REPEATS, DecodeRun, eighth_budget, warm_eighth_run, warm_up
+from .decode import REPEATS, DecodeRun, eighth_budget, refill, timed_generate, warm_up
 from .reference import MlxLmRun, PlainMlxLm
 from .report import Notes
 
@@ -54,14 +54,14 @@ def mapped_figures(model_dir: Path, experts_per_token: int | None, prompt_tokens
         layers = len(sm.manifest.layers)
         for round_ in range(WARMUP_ROUNDS + REPEATS):
             plain_run = plain.time(prompt_tokens, tokens) if plain is not None else None
+            refill(sm, budget, tokens)
             bytes_before, calls_before = local.decoded_mapped_bytes, local.decoded_layer_calls
-            run = warm_eighth_run(sm, budget, prompt_tokens, tokens)
+            run = timed_generate(sm, prompt_tokens, tokens)
             if round_ < WARMUP_ROUNDS:
                 continue
             runs.append(run)
             if plain_run is not None:
                 plain_runs.append(plain_run)
-            # warm_eighth_run's refill decodes other text first: only the timed text's tokens.
             calls = local.decoded_layer_calls - calls_before
             crossed.append((local.decoded_mapped_bytes - bytes_before) / (calls / layers) if calls else 0.0)
         best = max(range(len(runs)), key=lambda i: runs[i].tokens_per_s or 0.0)
