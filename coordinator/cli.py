@@ -85,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "experts earlier runs routed to most, kept in $EDGEMOE_HOME/hot-sets; `edgemoe forget`)")
 
     def map_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--map-experts", action="store_true",
+        p.add_argument("--map-experts", nargs="?", choices=("auto", "on", "off"), const="on", default="auto",
                        help="NVIDIA GPUs: keep every expert in host memory, mapped for the GPU, which reads them "
                        "over the bus as it computes (no per-layer round trip); --cache-mb of the most-routed "
-                       "stay on the GPU. Needs RAM for all the experts")
+                       "stay on the GPU. auto (the default): on CUDA where RAM holds every expert and --cache-mb "
+                       "does not; on (or the bare flag): always, or an error saying why not")
 
     g = sub.add_parser("generate", help="generate text")
     model_options(g)

@@ -114,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             audit_rate=_audit_rate(args),
             keep_cluster=watcher is not None,
             hot_set=not args.no_hot_set,
-            map_experts=args.map_experts,
+            map_experts=_map_experts(args),
         )
         if watcher is not None:
             watcher.follow(sm.cluster)
@@ -165,13 +165,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                       experts_per_token=args.experts_per_token, io_mode=args.io,
                                       prefetch=args.prefetch, peers=peers, credentials=credentials,
                                       node_timeout_s=node_timeout, audit_rate=audit, keep_cluster=watcher is not None,
-                                      hot_set=not args.no_hot_set, map_experts=args.map_experts)
+                                      hot_set=not args.no_hot_set, map_experts=_map_experts(args))
             if watcher is not None:
                 watcher.follow(sm.cluster)
             return sm
 
         serve(Path(args.model), args.host, args.port, load, api_key=args.api_key,
               default_max_tokens=args.max_tokens, limits=limits)
+
+
+def _map_experts(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.map_experts]
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -184,7 +188,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                                   experts_per_token=args.experts_per_token, peers=peers, credentials=credentials,
                                   node_timeout_s=_node_timeout(args), audit_rate=_audit_rate(args),
                                   keep_cluster=watcher is not None, hot_set=not args.no_hot_set,
-                                  map_experts=args.map_experts)
+                                  map_experts=_map_experts(args))
         if watcher is not None:
             watcher.follow(sm.cluster)
         try:

@@ -26,7 +26,7 @@ from edgemoe.node.errors import ClusterConfigError, ManifestError
 from edgemoe.node.limits import DEFAULT_CACHE_FRACTION, MAX_INFLIGHT_EXPERTS, array_memory_bytes
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
-from edgemoe.node.mapped import open_mapped
+from edgemoe.node.mapped import mapping_chosen, open_mapped
 from edgemoe.node.staging import open_dma
 from edgemoe.node.store import ExpertStore
 
@@ -92,13 +92,13 @@ def load_streaming_model(
     audit_rate: float = DEFAULT_AUDIT_RATE,
     keep_cluster: bool = False,
     hot_set: bool = False,
-    map_experts: bool = False,
+    map_experts: bool | None = False,
 ) -> StreamingModel:
     """`hot_set`: seed the routing counts and warm the cache from the model's learned hot set,
     and keep it up to date (coordinator/hotset.py). Off here so that tests and benches start
     cold; the CLI and `edgemoe.load` turn it on unless asked not to.
     `map_experts` (CUDA): every expert in host memory, mapped for the GPU, `cache_bytes` of
-    them on the GPU (node/mapped.py)."""
+    them on the GPU (node/mapped.py); None: where that can be had and pays (`mapping_chosen`)."""
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     config = read_config(model_dir)
@@ -111,13 +111,6 @@ def load_streaming_model(
         raise ManifestError(
             f"{model_dir}: manifest and config.json disagree on the MoE layers; repack the model"
         )
-    if map_experts and (peers or keep_cluster):
-        # Every expert is here: a node would get no work, and every layer would wait for its
-        # routing on the host (a layer with nodes never runs resident).
-        if peers:
-            log.warning("--map-experts keeps every expert on this machine: the nodes (%s) are not used",
-                        ", ".join(map(str, peers)))
-        peers, keep_cluster = None, False
     store = ExpertStore(model_dir, manifest, io_threads, io_mode)
     dma = None
     try:
@@ -132,6 +125,7 @@ def load_streaming_model(
         # Misses computed as they land run in other batch shapes than mlx-lm's one call per
         # layer: the same bits on the CPU, not on a GPU (measured on CUDA), so only there.
         dma = open_dma()
+        map_experts = mapping_chosen(map_experts, manifest, budget, dma, cache_policy)
         if map_experts:
             local: LocalExperts = open_mapped(store, budget, dma, cache_policy, max_inflight_experts)
         else:
@@ -142,6 +136,13 @@ def load_streaming_model(
             dma.close()
         store.close()
         raise
+    if map_experts and (peers or keep_cluster):
+        # Every expert is here: a node would get no work, and every layer would wait for its
+        # routing on the host (a layer with nodes never runs resident).
+        if peers:
+            log.warning("--map-experts keeps every expert on this machine: the nodes (%s) are not used",
+                        ", ".join(map(str, peers)))
+        peers, keep_cluster = None, False
     cluster = None
     hot = None
     try:

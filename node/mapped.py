@@ -22,6 +22,7 @@ from .dtypes import address_of
 from .errors import EdgemoeError
 from .limits import compute_backend, ram_bytes
 from .local import LocalExperts
+from .manifest import Manifest
 from .pool import SlotGroup
 from .staging import Dma
 from .store import ExpertStore
@@ -161,9 +162,28 @@ def open_mapped(store: ExpertStore, gpu_bytes: int, dma: Dma | None, policy: str
             "drop --map-experts (--cache-mb sets how many experts stay in memory)"
         )
     total, ram = store.manifest.total_expert_bytes, ram_bytes()
-    if total > ram * MAPPED_RAM_SHARE:
+    if not fits_in_ram(total):
         raise MappedExpertsError(
             f"--map-experts keeps every expert in host memory, and the experts ({total / 2**30:.1f} GiB) pass "
             f"{MAPPED_RAM_SHARE:.0%} of this machine's RAM ({ram / 2**30:.1f} GiB); drop --map-experts"
         )
     return MappedExperts(store, gpu_bytes, dma, policy, scratch_slots)
+
+
+def fits_in_ram(expert_bytes: int) -> bool:
+    return expert_bytes <= ram_bytes() * MAPPED_RAM_SHARE
+
+
+def mapping_chosen(requested: bool | None, manifest: Manifest, cache_bytes: int, dma: Dma | None,
+                   policy: str) -> bool:
+    """`requested`, or for None (auto) whether mapping can be had and pays: MLX on CUDA, a
+    cache smaller than the experts (else every layer is resident anyway), RAM for all of them,
+    and LFU counts to place by."""
+    if requested is not None:
+        return requested
+    total = manifest.total_expert_bytes
+    chosen = dma is not None and policy == "lfu" and cache_bytes < total and fits_in_ram(total)
+    if chosen:
+        log.info("every expert (%.1f GiB) fits in RAM: kept there, mapped for the GPU, with %.1f GiB of them on "
+                 "it (--map-experts off to stream them instead)", total / 2**30, cache_bytes / 2**30)
+    return chosen

@@ -243,3 +243,20 @@ def test_a_corrupted_expert_stops_the_load_with_the_checksum_error_and_leaves_no
     views = [v for g in built[-1]._groups for v in g.pool.byte_views().values()]
     assert views and all(dma.on_gpu(v) is None for v in views)
     assert dma.closed
+
+
+@pytest.mark.parametrize("case", ["chosen", "no cuda", "cache holds all", "no ram", "lru", "asked off", "asked on"])
+def test_auto_maps_where_cuda_ram_and_a_partial_cache_make_it_pay(models, monkeypatch, case):
+    """`map_experts=None` (the CLI's default `--map-experts auto`)."""
+    packed = models.packed("qwen3_moe", True)
+    total = read_manifest(packed).total_expert_bytes
+    monkeypatch.setattr(loader, "open_dma", (lambda: None) if case == "no cuda" else PlacingDma)
+    if case == "no ram":
+        monkeypatch.setattr(mapped, "ram_bytes", lambda: total)
+    requested = {"asked off": False, "asked on": True}.get(case)
+    sm = load_streaming_model(packed, cache_bytes=total if case == "cache holds all" else total // 4,
+                              cache_policy="lru" if case == "lru" else "lfu", map_experts=requested)
+    try:
+        assert isinstance(sm.local, MappedExperts) == (case in ("chosen", "asked on"))
+    finally:
+        sm.close()
