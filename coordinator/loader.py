@@ -125,7 +125,7 @@ def load_streaming_model(
         # Misses computed as they land run in other batch shapes than mlx-lm's one call per
         # layer: the same bits on the CPU, not on a GPU (measured on CUDA), so only there.
         dma = open_dma()
-        map_experts = mapping_chosen(map_experts, manifest, budget, dma, cache_policy)
+        map_experts = mapping_chosen(map_experts, manifest, budget, dma, cache_policy, nodes=bool(peers))
         if map_experts:
             local: LocalExperts = open_mapped(store, budget, dma, cache_policy, max_inflight_experts)
         else:
@@ -140,8 +140,8 @@ def load_streaming_model(
         # Every expert is here: a node would get no work, and every layer would wait for its
         # routing on the host (a layer with nodes never runs resident).
         if peers:
-            log.warning("--map-experts keeps every expert on this machine: the nodes (%s) are not used",
-                        ", ".join(map(str, peers)))
+            log.warning("--map-experts on keeps every expert on this machine: the nodes (%s) are not used "
+                        "(--map-experts auto or off uses them)", ", ".join(map(str, peers)))
         peers, keep_cluster = None, False
     cluster = None
     hot = None

@@ -95,7 +95,7 @@ class LocalExperts:
                     f"{(specs[0].record_bytes / share + 2**20 - 1) // 2**20:.0f}"
                 )
             group = SlotGroup(specs, budget, self.scratch_slots, self.prefetch_slots, self.policy)
-            if self.dma is not None:
+            if self.dma is not None and not self.holds_all:  # pools of every expert never miss
                 group.staging = stage(specs[0], self.scratch_slots, group.pool, self.dma)
             self._groups.append(group)
             for spec in specs:

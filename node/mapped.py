@@ -20,7 +20,7 @@ import numpy as np
 
 from .dtypes import address_of
 from .errors import EdgemoeError
-from .limits import compute_backend, ram_bytes
+from .limits import array_memory_bytes, compute_backend, ram_bytes
 from .local import LocalExperts
 from .manifest import Manifest
 from .pool import SlotGroup
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # The share of RAM the experts may take (the rest: the dense weights, the page cache's copy
 # of what is read, everything else on the machine).
 MAPPED_RAM_SHARE = 0.6
+# The share of the GPU's memory `--map-experts auto` keeps the pools within (`mapping_chosen`).
+MAPPED_GPU_SHARE = 0.5
 
 
 class MappedExperts(LocalExperts):
@@ -80,8 +82,10 @@ class MappedExperts(LocalExperts):
 
     def close(self) -> None:
         try:
-            self.settle(everything=True)
-            self._place_pools(None)
+            try:
+                self.settle(everything=True)
+            finally:
+                self._place_pools(None)
         finally:
             super().close()
 
@@ -175,14 +179,17 @@ def fits_in_ram(expert_bytes: int) -> bool:
 
 
 def mapping_chosen(requested: bool | None, manifest: Manifest, cache_bytes: int, dma: Dma | None,
-                   policy: str) -> bool:
-    """`requested`, or for None (auto) whether mapping can be had and pays: MLX on CUDA, a
-    cache smaller than the experts (else every layer is resident anyway), RAM for all of them,
-    and LFU counts to place by."""
+                   policy: str, nodes: bool = False) -> bool:
+    """`requested`, or for None (auto) whether mapping can be had and pays: MLX on CUDA with a
+    driver that places memory, a cache smaller than the experts (else every layer is resident
+    anyway), RAM for all of them, LFU counts to place by, and no nodes to use. Auto also stays
+    within half the GPU's memory: MLX counts the pools against it wherever their pages are,
+    and past its limit nothing was measured (`--map-experts on` still tries)."""
     if requested is not None:
         return requested
     total = manifest.total_expert_bytes
-    chosen = dma is not None and policy == "lfu" and cache_bytes < total and fits_in_ram(total)
+    chosen = (dma is not None and dma.can_place and policy == "lfu" and not nodes and cache_bytes < total
+              and fits_in_ram(total) and total <= array_memory_bytes() * MAPPED_GPU_SHARE)
     if chosen:
         log.info("every expert (%.1f GiB) fits in RAM: kept there, mapped for the GPU, with %.1f GiB of them on "
                  "it (--map-experts off to stream them instead)", total / 2**30, cache_bytes / 2**30)

@@ -39,6 +39,9 @@ class Dma(Protocol):
 
     def place(self, address: int, nbytes: int, on_gpu: bool | None) -> None: ...
 
+    @property
+    def can_place(self) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -111,13 +114,17 @@ class CudaDma:
         self._make_current()
         self._check("cuStreamSynchronize", self._lib.cuStreamSynchronize(self._stream))
 
+    @property
+    def can_place(self) -> bool:
+        return self._advise is not None and self._prefetch is not None
+
     def place(self, address: int, nbytes: int, on_gpu: bool | None) -> None:
         """Where a range of managed memory (an MLX array's) lives: on the GPU, or on the host,
         mapped for the GPU, whose kernels then read it over the bus with no page migrating.
         None: no say any more (before MLX reuses the memory for other arrays)."""
         if self._advise is None or self._prefetch is None:
             raise CudaDmaError("this CUDA driver has no cuMemAdvise_v2 (CUDA 12.2 or later): update the "
-                               "NVIDIA driver, or drop --map-experts")
+                               "NVIDIA driver, or use --map-experts off")
         self._make_current()
         gpu = _Location(_ON_DEVICE, self._device.value)
         if on_gpu is None:

@@ -15,6 +15,7 @@ from edgemoe.coordinator import loader
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.node import mapped
+from edgemoe.node.credentials import ClusterCredentials, format_token, new_secret
 from edgemoe.node.dtypes import address_of
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import read_manifest
@@ -26,8 +27,9 @@ ON_CUDA = mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
 class PlacingDma(HostDma):
-    def __init__(self):
+    def __init__(self, can_place: bool = True):
         super().__init__()
+        self.can_place = can_place
         self.placed: list[tuple[int, int, bool]] = []  # (address, bytes, whether on the GPU), in order
 
     def place(self, address: int, nbytes: int, on_gpu: bool) -> None:
@@ -217,7 +219,7 @@ def test_nodes_are_not_used_with_mapped_experts(models, monkeypatch, caplog):
                                   map_experts=True, peers=["127.0.0.1:9"], keep_cluster=True)
     try:
         assert sm.cluster is None
-        assert any("--map-experts keeps every expert" in r.getMessage() and "127.0.0.1:9" in r.getMessage()
+        assert any("--map-experts on keeps every expert" in r.getMessage() and "127.0.0.1:9" in r.getMessage()
                    for r in caplog.records)
         assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
     finally:
@@ -242,21 +244,33 @@ def test_a_corrupted_expert_stops_the_load_with_the_checksum_error_and_leaves_no
         load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes // 4, map_experts=True)
     views = [v for g in built[-1]._groups for v in g.pool.byte_views().values()]
     assert views and all(dma.on_gpu(v) is None for v in views)
-    assert dma.closed
+    assert dma.closed and dma.registered == {}  # no pinned staging left behind (nor made: nothing misses)
 
 
-@pytest.mark.parametrize("case", ["chosen", "no cuda", "cache holds all", "no ram", "lru", "asked off", "asked on"])
+def _credentials() -> ClusterCredentials:
+    return ClusterCredentials.from_token(format_token(new_secret()), "test-client")
+
+
+@pytest.mark.parametrize("case", ["chosen", "no cuda", "old driver", "cache holds all", "no ram", "small gpu", "lru",
+                                  "nodes", "asked off", "asked on"])
 def test_auto_maps_where_cuda_ram_and_a_partial_cache_make_it_pay(models, monkeypatch, case):
     """`map_experts=None` (the CLI's default `--map-experts auto`)."""
     packed = models.packed("qwen3_moe", True)
     total = read_manifest(packed).total_expert_bytes
-    monkeypatch.setattr(loader, "open_dma", (lambda: None) if case == "no cuda" else PlacingDma)
+    dma = PlacingDma(can_place=case != "old driver")
+    monkeypatch.setattr(loader, "open_dma", lambda: None if case == "no cuda" else dma)
     if case == "no ram":
         monkeypatch.setattr(mapped, "ram_bytes", lambda: total)
+    monkeypatch.setattr(mapped, "array_memory_bytes", lambda: total * (1 if case == "small gpu" else 4))
     requested = {"asked off": False, "asked on": True}.get(case)
     sm = load_streaming_model(packed, cache_bytes=total if case == "cache holds all" else total // 4,
-                              cache_policy="lru" if case == "lru" else "lfu", map_experts=requested)
+                              cache_policy="lru" if case == "lru" else "lfu", map_experts=requested,
+                              peers=["127.0.0.1:9"] if case == "nodes" else None, keep_cluster=case == "nodes",
+                              credentials=_credentials() if case == "nodes" else None, node_timeout_s=0.2)
     try:
         assert isinstance(sm.local, MappedExperts) == (case in ("chosen", "asked on"))
+        assert (sm.cluster is not None) == (case == "nodes")
+        if isinstance(sm.local, MappedExperts):
+            assert dma.registered == {}  # pools of every expert stage nothing
     finally:
         sm.close()
