@@ -4,6 +4,7 @@ Wall-clock speeds are never asserted: only that ratios are their parts' ratios
 and byte counts add up.
 """
 
+import contextlib
 import json
 import math
 import shutil
@@ -228,22 +229,32 @@ def test_fio_missing_is_a_note(monkeypatch, tmp_path):
     assert gbps is None and "fio" in why
 
 
-def test_plain_mlx_lm_that_does_not_fit_beside_every_expert_is_freed_first(model, monkeypatch):
-    """Where plain mlx-lm and every expert do not both fit in half the memory, mlx-lm is
-    freed before the experts load, and the ratio is to its fastest run, timed before."""
-    from edgemoe.coordinator.bench import cached, reference
-    from edgemoe.coordinator.bench.reference import MlxLmRun, open_plain_mlx_lm
+@contextlib.contextmanager
+def _model_and_plain_mlx_lm(packed: Path, src: Path | None = None):
+    """The benched model with plain mlx-lm loaded beside it, a prompt, and the bench's notes."""
+    from edgemoe.coordinator.bench.reference import open_plain_mlx_lm
     from edgemoe.coordinator.bench.report import Notes
     from edgemoe.coordinator.generate import build_prompt
     from edgemoe.coordinator.loader import load_streaming_model
 
-    _, packed = model
     sm = load_streaming_model(packed, cache_bytes=int(CACHE_MB * 2**20))
     notes = Notes()
     try:
-        plain = open_plain_mlx_lm(packed, sm, None, None, notes)
+        plain = open_plain_mlx_lm(packed, sm, src, None, notes)
         assert plain is not None
-        prompt = build_prompt(sm.tokenizer, "Hello")
+        yield sm, plain, build_prompt(sm.tokenizer, "Hello"), notes
+    finally:
+        sm.close()
+
+
+def test_plain_mlx_lm_that_does_not_fit_beside_every_expert_is_freed_first(model, monkeypatch):
+    """Where plain mlx-lm and every expert do not both fit in half the memory, mlx-lm is
+    freed before the experts load, and the ratio is to its fastest run, timed before."""
+    from edgemoe.coordinator.bench import cached, reference
+    from edgemoe.coordinator.bench.reference import MlxLmRun
+
+    _, packed = model
+    with _model_and_plain_mlx_lm(packed) as (sm, plain, prompt, notes):
         best = plain.time(prompt, 4)
         fastest = MlxLmRun(best.token_ids, 1000.0, best.prompt_tokens_per_s, best.model)
         # Room for every expert, not for mlx-lm's copy of the model beside them.
@@ -251,8 +262,6 @@ def test_plain_mlx_lm_that_does_not_fit_beside_every_expert_is_freed_first(model
         for name in ("array_memory_bytes", "ram_bytes"):
             monkeypatch.setattr(reference, name, lambda: 2 * (need + plain.nbytes // 2))
         r = cached.all_cached_figures(sm, prompt, 4, fastest, plain, notes)
-    finally:
-        sm.close()
     assert plain.model is None
     assert any("does not fit beside" in note for note in notes.items)
     assert r["all_cached_mlx_lm_tokens_per_s"] is None
@@ -331,22 +340,14 @@ def test_the_mapped_case_alternates_with_mlx_lm_and_divides_by_its_bound(model, 
     from edgemoe.coordinator import loader
     from edgemoe.coordinator.bench import mapped
     from edgemoe.coordinator.bench import report as report_lines
-    from edgemoe.coordinator.bench.reference import open_plain_mlx_lm
     from edgemoe.coordinator.bench.report import Notes
-    from edgemoe.coordinator.generate import build_prompt
-    from edgemoe.coordinator.loader import load_streaming_model
 
     src, packed = model
     assert mapped.mapped_figures(packed, None, [1, 2], 4, [], None, None, 40.0, Notes()) == \
         {"mapped_eighth_tokens_per_s": None}  # not on CUDA: no case
     monkeypatch.setattr(mapped, "compute_backend", lambda: "cuda")
     monkeypatch.setattr(loader, "open_dma", PlacingDma)
-    sm = load_streaming_model(packed, cache_bytes=int(CACHE_MB * 2**20))
-    notes = Notes()
-    try:
-        plain = open_plain_mlx_lm(packed, sm, src, None, notes)
-        assert plain is not None
-        prompt = build_prompt(sm.tokenizer, "Hello")
+    with _model_and_plain_mlx_lm(packed, src) as (sm, plain, prompt, notes):
         expected = plain.time(prompt, TOKENS).token_ids
         timed = []
         original = plain.time
@@ -363,10 +364,10 @@ def test_the_mapped_case_alternates_with_mlx_lm_and_divides_by_its_bound(model, 
             return run
 
         monkeypatch.setattr(mapped, "timed_generate", measured)
-        r = mapped.mapped_figures(packed, None, prompt, TOKENS, expected, plain, None, 40.0, notes)
-    finally:
-        sm.close()
-        plain.close()
+        try:
+            r = mapped.mapped_figures(packed, None, prompt, TOKENS, expected, plain, None, 40.0, notes)
+        finally:
+            plain.close()
     assert r["mapped_eighth_same_tokens_as_cold_run"] is True
     assert len(timed) == mapped.WARMUP_ROUNDS + len(r["mapped_eighth_tokens_per_s_runs"])
     assert r["mapped_eighth_mlx_lm_tokens_per_s"] == max(t.tokens_per_s for t in timed[mapped.WARMUP_ROUNDS:])
