@@ -97,8 +97,9 @@ def load_streaming_model(
     """`hot_set`: seed the routing counts and warm the cache from the model's learned hot set,
     and keep it up to date (coordinator/hotset.py). Off here so that tests and benches start
     cold; the CLI and `edgemoe.load` turn it on unless asked not to.
-    `map_experts` (CUDA): every expert in host memory, mapped for the GPU, `cache_bytes` of
-    them on the GPU (node/mapped.py); None: where that can be had and pays (`mapping_chosen`)."""
+    `map_experts`: every expert in the pools, so every layer is resident (node/mapped.py): on
+    CUDA in host memory mapped for the GPU, `cache_bytes` of them on the GPU; on the CPU the
+    page cache's pages of the expert files; None: where that can be had and pays (`mapping_chosen`)."""
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     config = read_config(model_dir)
@@ -125,8 +126,10 @@ def load_streaming_model(
         # Misses computed as they land run in other batch shapes than mlx-lm's one call per
         # layer: the same bits on the CPU, not on a GPU (measured on CUDA), so only there.
         dma = open_dma()
-        map_experts = mapping_chosen(map_experts, manifest, budget, dma, cache_policy, nodes=bool(peers))
+        map_experts = mapping_chosen(map_experts, manifest, budget, dma, cache_policy, nodes=bool(peers),
+                                     direct_io=store.direct)
         if map_experts:
+            prefetch = False  # every layer resident: nothing to read ahead of it
             local: LocalExperts = open_mapped(store, budget, dma, cache_policy, max_inflight_experts)
         else:
             local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k,

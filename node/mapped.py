@@ -1,23 +1,29 @@
-"""Host-mapped experts, for MLX on an NVIDIA GPU: every expert of the model in slot pools of
-CUDA managed memory, the most-routed `gpu_bytes` of them on the GPU and the rest left in host
-memory, mapped for the GPU.
+"""Mapped experts: every expert of the model in the slot pools, so that every layer is
+resident (`LocalExperts.resident_arrays`): no layer reads its routing back to the host.
 
-Every layer is then resident (`LocalExperts.resident_arrays`): no layer reads its routing
-back to the host, and the GPU's kernels read a host-placed expert over the bus as they
-compute with it. On an H200 that is 34 GB/s for 6 MiB experts, where pages faulted over one
-by one move at 1.7 GB/s (.ci/gpu-probe-mapped.py, .ci/gpu-probe-copy.py). The arithmetic is
-the same kernel's wherever the pages are, so the tokens are mlx-lm's.
+- MLX on an NVIDIA GPU: the pools are CUDA managed memory; the most-routed `gpu_bytes` of
+  the experts are on the GPU and the rest are left in host memory, mapped for the GPU, whose
+  kernels read a host-placed expert over the bus as they compute with it. On an H200 that
+  is 34 GB/s for 6 MiB experts, where pages faulted over one by one move at 1.7 GB/s
+  (.ci/gpu-probe-mapped.py, .ci/gpu-probe-copy.py). The cost is host memory: the pools hold
+  every expert, read from the store when they are built.
+- MLX's CPU backend (Linux): the expert files' pages are mapped over the pools (filemap.py),
+  so MLX computes on the page cache's own pages: no copy, and no second copy in RAM. The
+  page cache decides which experts stay in memory; one it dropped is read back by the
+  page fault that needs it.
 
-The cost is host memory: the pools hold every expert (the model must fit in RAM beside the
-page cache's copy), read from the store when the pools are built.
+Either way the arithmetic is the same kernel's wherever the pages are, so the tokens are
+mlx-lm's.
 """
 
 from __future__ import annotations
 
 import logging
 
+import mlx.core as mx
 import numpy as np
 
+from . import filemap
 from .dtypes import address_of
 from .errors import EdgemoeError
 from .limits import array_memory_bytes, compute_backend, ram_bytes
@@ -34,14 +40,20 @@ log = logging.getLogger(__name__)
 MAPPED_RAM_SHARE = 0.6
 # The share of the GPU's memory `--map-experts auto` keeps the pools within (`mapping_chosen`).
 MAPPED_GPU_SHARE = 0.5
+# The share of the expert bytes the CPU must be able to map for auto to map (the rest is read
+# into the pools: past a little, that is a copy of every expert beside the page cache's).
+MAPPED_MIN_SHARE = 0.9
 
 
 class MappedExperts(LocalExperts):
-    """`LocalExperts` whose pools hold every expert: `gpu_bytes` (the cache budget) of the
-    most-routed ones on the GPU, the rest in host memory. Placement follows the routing
-    counts each time they are counted (every `SETTLE_EVERY` tokens, and after a generation)."""
+    """`LocalExperts` whose pools hold every expert. With a `dma` (CUDA): `gpu_bytes` (the
+    cache budget) of the most-routed ones on the GPU, the rest in host memory; placement
+    follows the routing counts each time they are counted (every `SETTLE_EVERY` tokens, and
+    after a generation). Without (the CPU): the expert files mapped over the pools, where
+    their tensors are whole pages (the rest is read in); `gpu_bytes` is not used."""
 
-    def __init__(self, store: ExpertStore, gpu_bytes: int, dma: Dma, policy: str = "lfu", scratch_slots: int = 32):
+    def __init__(self, store: ExpertStore, gpu_bytes: int, dma: Dma | None, policy: str = "lfu",
+                 scratch_slots: int = 32):
         self.on_gpu: set[tuple[int, int]] = set()
         # Bytes of host-placed experts the GPU read as it computed with them (the routing
         # counts times each expert's bytes): what crossed the bus.
@@ -49,6 +61,8 @@ class MappedExperts(LocalExperts):
         # The same for decoded tokens only, and their MoE layer calls (the bench's bytes per token).
         self.decoded_mapped_bytes = 0
         self.decoded_layer_calls = 0
+        if dma is None and mx.default_device() != mx.cpu:  # file pages over GPU memory would break it
+            raise MappedExpertsError(f"mapping the expert files needs MLX's CPU backend, not {mx.default_device()}")
         # Misses computed as they land give other bits than mlx-lm on a GPU (loader.py): a
         # layer takes the host path only after a failed read, and then computes as mlx-lm.
         super().__init__(store, gpu_bytes, policy, scratch_slots=scratch_slots, compute_as_read=False, dma=dma)
@@ -56,25 +70,38 @@ class MappedExperts(LocalExperts):
 
     def _build(self, cache_bytes: int) -> None:
         self.holds_all = True
-        self._place_pools(None)
+        self._release_pools()
         super()._build(cache_bytes)
         self.on_gpu = set()
         try:
-            self._place_pools(False)
+            if self.dma is not None:
+                self._place_pools(False)
             self._fill()
             self._place()
         except BaseException:
-            self._place_pools(None)
+            self._release_pools()
             raise
 
     def _place_pools(self, on_gpu: bool | None) -> None:
-        """Every byte of the pools in host memory (False), or left to MLX again (None: the
-        pools are about to go, and MLX reuses their memory for other arrays)."""
+        """Every byte of the pools in host memory (False), or left to MLX again (None)."""
         assert self.dma is not None
         for group in self._groups:
             for view in group.pool.byte_views().values():
                 self.dma.place(address_of(view), len(view), on_gpu)
         self.dma.sync()
+
+    def _release_pools(self) -> None:
+        """Readies the pools to go back to MLX, which reuses their memory for other arrays:
+        the GPU advice unset, or fresh anonymous pages over the mapped files, once nothing
+        computes on them any more."""
+        if self.dma is not None:
+            self._place_pools(None)
+            return
+        if self.store.stats.mapped:
+            mx.synchronize()
+            for group in self._groups:
+                for view in group.pool.byte_views().values():
+                    filemap.restore(view)
 
     def seed_counts(self, counts: dict[tuple[int, int], int]) -> None:
         super().seed_counts(counts)
@@ -85,13 +112,13 @@ class MappedExperts(LocalExperts):
             try:
                 self.settle(everything=True)
             finally:
-                self._place_pools(None)
+                self._release_pools()
         finally:
             super().close()
 
     def _fill(self) -> None:
-        """Reads every expert into its slot. Not counted as routing or as misses: a load is
-        neither, and the counts decide the placement (and the learned hot set)."""
+        """Reads (CUDA) or maps (CPU) every expert into its slot. Not counted as routing or as
+        misses: a load is neither, and the counts decide the placement (and the learned hot set)."""
         for spec in self.manifest.layers:
             group = self._group_of[spec.layer]
             for start in range(0, spec.num_experts, self.scratch_slots):
@@ -103,15 +130,21 @@ class MappedExperts(LocalExperts):
                 if not targets:
                     continue
                 try:
-                    pending = self.store.start_reads(spec.layer, targets)
-                    for e in targets:
-                        pending.wait(e)
+                    if self.dma is None:
+                        for e, views in targets.items():
+                            self.store.map_into(spec.layer, e, views)
+                    else:
+                        pending = self.store.start_reads(spec.layer, targets)
+                        for e in targets:
+                            pending.wait(e)
                 except BaseException:
                     for e in targets:  # their slots hold no expert
                         group.cache.remove((spec.layer, e))
                     raise
 
     def _counted(self, routed: list[tuple[int, np.ndarray, bool]]) -> None:
+        if self.dma is None:  # nothing to place, no bus to cross
+            return
         for layer, experts, decoded in routed:
             crossed = self._group_of[layer].record_bytes * sum((layer, e) not in self.on_gpu for e in experts.tolist())
             self.mapped_bytes += crossed
@@ -123,6 +156,8 @@ class MappedExperts(LocalExperts):
     def _place(self) -> None:
         """Puts the most-routed experts on the GPU, up to the budget (ties: the lower layer and
         expert), and those no longer among them back in host memory."""
+        if self.dma is None:
+            return
         counted = []
         for group in self._groups:
             counted += [(-n, key, group) for key, n in group.cache.routing_counts().items() if n > 0]
@@ -154,16 +189,17 @@ class MappedExpertsError(EdgemoeError):
 
 def open_mapped(store: ExpertStore, gpu_bytes: int, dma: Dma | None, policy: str = "lfu",
                 scratch_slots: int = 32) -> MappedExperts:
-    """Host-mapped experts, or a one-line error saying why this machine cannot have them."""
-    if policy != "lfu":
+    """Mapped experts, or a one-line error saying why this machine cannot have them."""
+    backend = compute_backend()
+    if dma is None and not (backend == "cpu" and filemap.can_map_files()):
+        raise MappedExpertsError(
+            f"--map-experts needs MLX's CUDA backend, or its CPU backend on Linux, and this machine computes on "
+            f"{backend}; drop --map-experts (--cache-mb sets how many experts stay in memory)"
+        )
+    if dma is not None and policy != "lfu":
         raise MappedExpertsError(
             f"--map-experts places the experts by their routing counts, which --cache-policy {policy} does not "
             "keep; drop --cache-policy or --map-experts"
-        )
-    if dma is None:
-        raise MappedExpertsError(
-            f"--map-experts needs MLX's CUDA backend, and this machine computes on {compute_backend()}; "
-            "drop --map-experts (--cache-mb sets how many experts stay in memory)"
         )
     total, ram = store.manifest.total_expert_bytes, ram_bytes()
     if not fits_in_ram(total):
@@ -174,23 +210,51 @@ def open_mapped(store: ExpertStore, gpu_bytes: int, dma: Dma | None, policy: str
     return MappedExperts(store, gpu_bytes, dma, policy, scratch_slots)
 
 
+def page_mappable_bytes(manifest: Manifest) -> int:
+    """The expert bytes the CPU can map rather than read: tensors of whole pages at page-aligned
+    file offsets (their slots in the pools are page-aligned too)."""
+    total = 0
+    for spec in manifest.layers:
+        pages = [t for t in spec.tensors if t.nbytes % filemap.PAGE == 0]
+        for entry in spec.experts:
+            for t in pages:
+                for seg in entry.segments:
+                    if seg.record_offset <= t.offset and t.offset + t.nbytes <= seg.record_offset + seg.length:
+                        total += t.nbytes * ((seg.offset + t.offset - seg.record_offset) % filemap.PAGE == 0)
+                        break
+    return total
+
+
 def fits_in_ram(expert_bytes: int) -> bool:
     return expert_bytes <= ram_bytes() * MAPPED_RAM_SHARE
 
 
 def mapping_chosen(requested: bool | None, manifest: Manifest, cache_bytes: int, dma: Dma | None,
-                   policy: str, nodes: bool = False) -> bool:
-    """`requested`, or for None (auto) whether mapping can be had and pays: MLX on CUDA with a
-    driver that places memory, a cache smaller than the experts (else every layer is resident
-    anyway), RAM for all of them, LFU counts to place by, and no nodes to use. Auto also stays
-    within half the GPU's memory: MLX counts the pools against it wherever their pages are,
-    and past its limit nothing was measured (`--map-experts on` still tries)."""
+                   policy: str, nodes: bool = False, direct_io: bool = False) -> bool:
+    """`requested`, or for None (auto) whether mapping can be had and pays: a cache smaller
+    than the experts (else every layer is resident anyway), RAM for all of them, no nodes to
+    use, and
+    - on CUDA, a driver that places memory and LFU counts to place by. Auto also stays
+      within half the GPU's memory: MLX counts the pools against it wherever their pages
+      are, and past its limit nothing was measured (`--map-experts on` still tries);
+    - on the CPU (Linux), reads through the page cache (`direct_io` False), which mapping
+      keeps the experts in, and tensors laid out to be mapped (`MAPPED_MIN_SHARE`)."""
     if requested is not None:
         return requested
     total = manifest.total_expert_bytes
-    chosen = (dma is not None and dma.can_place and policy == "lfu" and not nodes and cache_bytes < total
-              and fits_in_ram(total) and total <= array_memory_bytes() * MAPPED_GPU_SHARE)
-    if chosen:
-        log.info("every expert (%.1f GiB) fits in RAM: kept there, mapped for the GPU, with %.1f GiB of them on "
-                 "it (--map-experts off to stream them instead)", total / 2**30, cache_bytes / 2**30)
-    return chosen
+    # A budget under one expert is a mistake that streaming reports (`CacheBudgetError`): auto
+    # leaves it to that, rather than hide it until the day the experts no longer fit.
+    if not (not nodes and manifest.expert_bytes <= cache_bytes < total and fits_in_ram(total)):
+        return False
+    if dma is not None:
+        if dma.can_place and policy == "lfu" and total <= array_memory_bytes() * MAPPED_GPU_SHARE:
+            log.info("every expert (%.1f GiB) fits in RAM: kept there, mapped for the GPU, with %.1f GiB of them "
+                     "on it (--map-experts off to stream them instead)", total / 2**30, cache_bytes / 2**30)
+            return True
+        return False
+    if (compute_backend() == "cpu" and filemap.can_map_files() and not direct_io
+            and page_mappable_bytes(manifest) >= MAPPED_MIN_SHARE * total):
+        log.info("every expert (%.1f GiB) fits in RAM: computed on the page cache's own pages, mapped over the "
+                 "slot pools (--map-experts off to stream them through a --cache-mb cache instead)", total / 2**30)
+        return True
+    return False

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import filemap
 from .dtypes import address_of
 from .errors import ChecksumError, ExpertFileError
 from .limits import DIRECT_ALIGNMENT, ram_bytes
@@ -65,6 +66,9 @@ class StoreStats:
     bytes_read: int = 0
     read_seconds: float = 0.0
     verified: int = 0
+    # Experts whose tensors were mapped instead of read (`map_into`), and the bytes mapped.
+    mapped: int = 0
+    bytes_mapped: int = 0
 
 
 class ExpertStore:
@@ -174,6 +178,38 @@ class ExpertStore:
     def read_many_into(self, layer: int, targets: dict[int, list[memoryview]]) -> None:
         """Reads several experts, each into its views, and returns once all are in place."""
         self.start_reads(layer, targets).wait_all()
+
+    def map_into(self, layer: int, expert: int, views: list[memoryview]) -> int:
+        """Like `read_into`, but each tensor that is whole pages at a page-aligned file offset
+        gets the page cache's own pages mapped over its view instead of a copy (filemap.py;
+        the caller restores the views' memory before it goes back to MLX). Returns the bytes
+        mapped: 0 where this OS cannot map them."""
+        spec = self.manifest.layer(layer)
+        pieces = _record_pieces(spec, views)
+        tensors = {id(v) for v in views}  # the rest are padding buffers of ours: never mapped over
+        mapped = 0
+        for seg in spec.experts[expert].segments:
+            for offset, piece in pieces:
+                lo, hi = max(seg.record_offset, offset), min(seg.record_offset + seg.length, offset + len(piece))
+                if lo >= hi:
+                    continue
+                part, at = piece[lo - offset : hi - offset], seg.offset + lo - seg.record_offset
+                if filemap.can_map_files() and id(piece) in tensors and filemap.mappable(part, at):
+                    try:
+                        filemap.map_file(part, self._fds[seg.file], at)
+                        mapped += len(part)
+                        continue
+                    except OSError as exc:  # e.g. vm.max_map_count reached: a failed MAP_FIXED may unmap
+                        log.warning("mapping %s failed (%s): reading it instead", self._paths[seg.file], exc)
+                        filemap.restore(part)
+                self._read_chunk(layer, expert, seg.file, [part], at, len(part))
+        self.verify_first_read(layer, expert, pieces)
+        with self._lock:
+            self.stats.mapped += mapped > 0
+            self.stats.bytes_mapped += mapped
+            self.stats.reads += mapped < spec.record_bytes
+            self.stats.bytes_read += spec.record_bytes - mapped
+        return mapped
 
     def start_reads(self, layer: int, targets: dict[int, list[memoryview]], inline: bool = True) -> PendingReads:
         """Starts reading several experts, each into its views, in chunks spread over the

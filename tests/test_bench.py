@@ -230,14 +230,14 @@ def test_fio_missing_is_a_note(monkeypatch, tmp_path):
 
 
 @contextlib.contextmanager
-def _model_and_plain_mlx_lm(packed: Path, src: Path | None = None):
+def _model_and_plain_mlx_lm(packed: Path, src: Path | None = None, cache_bytes: int = int(CACHE_MB * 2**20)):
     """The benched model with plain mlx-lm loaded beside it, a prompt, and the bench's notes."""
     from edgemoe.coordinator.bench.reference import open_plain_mlx_lm
     from edgemoe.coordinator.bench.report import Notes
     from edgemoe.coordinator.generate import build_prompt
     from edgemoe.coordinator.loader import load_streaming_model
 
-    sm = load_streaming_model(packed, cache_bytes=int(CACHE_MB * 2**20))
+    sm = load_streaming_model(packed, cache_bytes=cache_bytes)
     notes = Notes()
     try:
         plain = open_plain_mlx_lm(packed, sm, src, None, notes)
@@ -343,8 +343,9 @@ def test_the_mapped_case_alternates_with_mlx_lm_and_divides_by_its_bound(model, 
     from edgemoe.coordinator.bench.report import Notes
 
     src, packed = model
+    monkeypatch.setattr(mapped, "compute_backend", lambda: "metal")
     assert mapped.mapped_figures(packed, None, [1, 2], 4, [], None, None, 40.0, Notes()) == \
-        {"mapped_eighth_tokens_per_s": None}  # not on CUDA: no case
+        {"mapped_eighth_tokens_per_s": None}  # Metal: no case
     monkeypatch.setattr(mapped, "compute_backend", lambda: "cuda")
     monkeypatch.setattr(loader, "open_dma", PlacingDma)
     with _model_and_plain_mlx_lm(packed, src) as (sm, plain, prompt, notes):
@@ -386,3 +387,38 @@ def test_the_mapped_case_alternates_with_mlx_lm_and_divides_by_its_bound(model, 
                  r["mapped_eighth_tokens_per_s"] / r["mapped_eighth_bound_tokens_per_s"])
     text = "\n".join(report_lines._mapped_lines({**r, "host_to_device_gbps": 40.0}))
     assert "mapped, 1/8 of the experts on the GPU" in text and "target >= 80%" in text
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu or not sys.platform.startswith("linux"),
+                    reason="the CPU's mapped case (Linux)")
+def test_the_cpu_mapped_case_computes_on_the_page_cache_and_is_bounded_by_mlx_lm(model, tmp_path):
+    """On the CPU the mapped case maps the expert files' pages (no cache of ours, nothing over
+    a bus): its bound is mlx-lm alternated with it. Skipped with a note for a model whose
+    tensors are not whole pages (the tiny one)."""
+    from edgemoe.coordinator.bench import mapped
+    from edgemoe.coordinator.bench import report as report_lines
+    from edgemoe.coordinator.bench.report import Notes
+
+    notes = Notes()
+    assert mapped.mapped_figures(model[1], None, [1, 2], 4, [], None, None, None, notes) == \
+        {"mapped_eighth_tokens_per_s": None}
+    assert any("whole pages" in note for note in notes.items)
+    src = write_tiny_model(tmp_path / "src", arch="qwen3_moe", num_layers=2, hidden_size=256,
+                           moe_intermediate_size=128)
+    packed = tmp_path / "packed"
+    pack(src, packed)
+    with _model_and_plain_mlx_lm(packed, src, read_manifest(packed).total_expert_bytes // 8) as (sm, plain, prompt,
+                                                                                                notes):
+        expected = plain.time(prompt, TOKENS).token_ids
+        try:
+            r = mapped.mapped_figures(packed, None, prompt, TOKENS, expected, plain, None, None, notes)
+        finally:
+            plain.close()
+    assert r["mapped_eighth_backend"] == "cpu" and r["mapped_eighth_same_tokens_as_cold_run"] is True
+    assert r["mapped_eighth_ssd_bytes_per_token"] == 0 and r["mapped_eighth_bus_bytes_per_token"] == 0
+    assert r["mapped_eighth_transfer_bound_tokens_per_s"] is None and r["mapped_eighth_mlx_lm_alternated"]
+    assert close(r["mapped_eighth_bound_tokens_per_s"], r["mapped_eighth_mlx_lm_tokens_per_s"])
+    assert close(r["mapped_eighth_relative_to_bound"],
+                 r["mapped_eighth_tokens_per_s"] / r["mapped_eighth_mlx_lm_tokens_per_s"])
+    text = "\n".join(report_lines._mapped_lines(r))
+    assert "the page cache's own pages" in text and "target >= 90%" in text and "bus" not in text

@@ -34,6 +34,7 @@ ENGINE = {
     "edgemoe.node.misses",
     "edgemoe.node.staging",
     "edgemoe.node.mapped",
+    "edgemoe.node.filemap",
     "edgemoe.node.compute",
     "edgemoe.node.manifest",
     "edgemoe.node.architecture",

@@ -1,7 +1,9 @@
-"""The warm 1/8 case with host-mapped experts (CUDA, `--map-experts`, node/mapped.py): 1/8 of
-the expert bytes on the GPU, the rest in host memory mapped for it, against plain mlx-lm in
-alternating runs, and against the bound min(mlx-lm, host-to-device bytes/s / bytes each
-decoded token read over the bus)."""
+"""The warm 1/8 case with mapped experts (`--map-experts`, node/mapped.py), against plain
+mlx-lm in alternating runs:
+- CUDA: 1/8 of the expert bytes on the GPU, the rest in host memory mapped for it; the bound
+  is min(mlx-lm, host-to-device bytes/s / bytes each decoded token read over the bus);
+- the CPU (Linux): the page cache's pages of the expert files (warm) mapped over the pools,
+  and no cache of our own; the bound is mlx-lm."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.node.errors import EdgemoeError
+from edgemoe.node.filemap import can_map_files
 from edgemoe.node.limits import array_memory_bytes, compute_backend
 from edgemoe.node.manifest import read_manifest
-from edgemoe.node.mapped import MappedExperts
+from edgemoe.node.mapped import MAPPED_MIN_SHARE, MappedExperts, page_mappable_bytes
 
 from ..loader import load_streaming_model
 from .decode import REPEATS, DecodeRun, eighth_budget, refill, timed_generate, warm_up
@@ -28,13 +31,18 @@ def mapped_figures(model_dir: Path, experts_per_token: int | None, prompt_tokens
                    cold_token_ids: list[int], plain: PlainMlxLm | None, mlx_lm: MlxLmRun | None,
                    host_to_device_gbps: float | None, notes: Notes) -> dict[str, Any]:
     out: dict[str, Any] = {"mapped_eighth_tokens_per_s": None}
-    if compute_backend() != "cuda":
+    backend = compute_backend()
+    if backend == "metal" or (backend == "cpu" and not can_map_files()):
         return out
     manifest = read_manifest(model_dir)
     # MLX counts managed memory as the GPU's, wherever its pages are.
-    if manifest.total_expert_bytes * 2 > array_memory_bytes() // 2:
+    if backend == "cuda" and manifest.total_expert_bytes * 2 > array_memory_bytes() // 2:
         notes.add("mapped case skipped: twice the experts (the pools are rebuilt for each run) pass half of "
                   "the GPU's memory, which MLX counts them against")
+        return out
+    if backend == "cpu" and page_mappable_bytes(manifest) < MAPPED_MIN_SHARE * manifest.total_expert_bytes:
+        notes.add(f"mapped case skipped: under {MAPPED_MIN_SHARE:.0%} of the expert bytes are tensors of whole pages, "
+                  "which the CPU maps (the rest would be copies)")
         return out
     budget = eighth_budget(manifest)
     try:
@@ -46,7 +54,8 @@ def mapped_figures(model_dir: Path, experts_per_token: int | None, prompt_tokens
     try:
         local = sm.local
         assert isinstance(local, MappedExperts)
-        log.info("warm decode, 1/8 of the experts on the GPU and the rest mapped from host memory")
+        log.info("warm decode, experts mapped: %s", "1/8 of them on the GPU, the rest in host memory" if
+                 backend == "cuda" else "the page cache's own pages")
         warm_up(sm)
         runs: list[DecodeRun] = []
         plain_runs: list[MlxLmRun] = []
@@ -72,6 +81,7 @@ def mapped_figures(model_dir: Path, experts_per_token: int | None, prompt_tokens
         candidates = [v for v in (transfer, reference.tokens_per_s if reference else None) if v]
         bound = min(candidates) if candidates else None
         out.update(
+            mapped_eighth_backend=backend,
             mapped_eighth_gpu_budget_bytes=budget,
             mapped_eighth_tokens_per_s=run.tokens_per_s,
             mapped_eighth_tokens_per_s_runs=[r.tokens_per_s for r in runs],

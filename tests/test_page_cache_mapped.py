@@ -1,0 +1,199 @@
+"""Experts mapped from the page cache on the CPU backend (node/mapped.py without a driver,
+node/filemap.py): the expert files' pages mapped over the slot pools, so every layer is
+resident and computes on the page cache's own pages. What is checked against the kernel's
+own account of this process's memory (/proc/self/maps), and the tokens against mlx-lm."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import PROMPT, encode, mlx_lm_tokens, run_cli
+
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.coordinator.pack import pack
+from edgemoe.coordinator.tiny_models import write_tiny_model
+from edgemoe.node import filemap
+from edgemoe.node.dtypes import address_of
+from edgemoe.node.errors import ChecksumError
+from edgemoe.node.local import LocalExperts
+from edgemoe.node.manifest import read_manifest, resolve_file
+from edgemoe.node.mapped import MappedExperts
+
+pytestmark = pytest.mark.skipif(
+    mx.default_device() != mx.cpu or not sys.platform.startswith("linux"),
+    reason="page-cache mapping is for MLX's CPU backend on Linux (CUDA maps host memory instead: test_mapped.py)")
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory) -> tuple[Path, Path]:
+    """A 4-bit qwen3_moe whose every expert tensor is whole pages (as real models' are)."""
+    root = tmp_path_factory.mktemp("aligned")
+    src = write_tiny_model(root / "src", arch="qwen3_moe", quantized=True, hidden_size=256,
+                           moe_intermediate_size=128, num_experts_per_tok=4)
+    pack(src, root / "packed")
+    return src, root / "packed"
+
+
+def _file_mappings() -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of every file-backed range of this process."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            out.append((start, end, int(fields[2], 16), fields[5]))
+    return out
+
+
+def _backing(address: int, mappings) -> tuple[str, int] | None:
+    """The file and file offset behind `address`, or None for anonymous memory."""
+    for start, end, offset, path in mappings:
+        if start <= address < end:
+            return path, offset + address - start
+    return None
+
+
+def _expert_files(packed: Path) -> set[str]:
+    return {str(resolve_file(packed, name).resolve()) for name in read_manifest(packed).files}
+
+
+def _mapped_tensors(local: MappedExperts) -> tuple[int, int]:
+    """How many expert tensors the kernel shows backed by their own bytes of their file, of all."""
+    mappings = _file_mappings()
+    right = total = 0
+    for spec in local.manifest.layers:
+        group = local._group_of[spec.layer]
+        for e, entry in enumerate(spec.experts):
+            (segment,) = entry.segments
+            path = str(resolve_file(local.store.model_dir, local.manifest.files[segment.file]).resolve())
+            for t, view in zip(spec.tensors, group.pool.views(group.slot_of[(spec.layer, e)])):
+                total += 1
+                right += _backing(address_of(view), mappings) == (path, segment.offset + t.offset)
+    return right, total
+
+
+def _no_round_trip(monkeypatch) -> None:
+    def refuse(*_args):
+        raise AssertionError("a mapped layer asked for slots")
+
+    monkeypatch.setattr(LocalExperts, "start_slots", refuse)
+
+
+@pytest.mark.parametrize("which", ["aligned 4-bit", "mixtral float32"])
+def test_mapped_experts_compute_on_the_files_pages_with_mlx_lms_tokens(models, aligned, monkeypatch, which):
+    src, packed = aligned if which == "aligned 4-bit" else (models.src("mixtral", False),
+                                                           models.packed("mixtral", False))
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    manifest = read_manifest(packed)
+    sm = load_streaming_model(packed, cache_bytes=manifest.total_expert_bytes // 8, map_experts=True)
+    try:
+        local = sm.local
+        assert isinstance(local, MappedExperts)
+        stats = local.store.stats
+        experts = sum(s.num_experts for s in manifest.layers)
+        assert (stats.mapped, stats.bytes_mapped, stats.reads) == (experts, manifest.total_expert_bytes, 0)
+        right, total = _mapped_tensors(local)
+        assert right == total > 0
+        _no_round_trip(monkeypatch)
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+        assert (stats.reads, stats.mapped) == (0, experts)  # nothing read or mapped again while decoding
+    finally:
+        sm.close()
+
+
+def test_tensors_that_are_not_whole_pages_are_read_into_the_pools(models, monkeypatch):
+    """The tiny 4-bit model's tensors are a fraction of a page: nothing can be mapped, every
+    expert is read in, and every layer is resident all the same."""
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    manifest = read_manifest(packed)
+    sm = load_streaming_model(packed, cache_bytes=manifest.total_expert_bytes // 8, map_experts=True)
+    try:
+        stats = sm.local.store.stats
+        assert (stats.mapped, stats.reads) == (0, sum(s.num_experts for s in manifest.layers))
+        assert not _expert_files(packed) & {m[3] for m in _file_mappings()}
+        _no_round_trip(monkeypatch)
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+    finally:
+        sm.close()
+
+
+def test_a_failed_mapping_is_read_instead(models, aligned, monkeypatch, caplog):
+    src, packed = aligned
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
+    calls = []
+    real = filemap.map_file
+
+    def every_other(view, fd, offset):
+        calls.append(offset)
+        if len(calls) % 2:
+            raise OSError(errno.ENOMEM, "mmap failed")
+        real(view, fd, offset)
+
+    monkeypatch.setattr(filemap, "map_file", every_other)
+    with caplog.at_level("WARNING"):
+        sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes // 8,
+                                  map_experts=True)
+    try:
+        stats = sm.local.store.stats
+        assert 0 < stats.bytes_mapped < read_manifest(packed).total_expert_bytes and stats.reads > 0
+        assert any("reading it instead" in r.getMessage() for r in caplog.records)
+        assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
+    finally:
+        sm.close()
+
+
+def test_pools_get_anonymous_pages_back_when_rebuilt_closed_or_a_load_fails(aligned, tmp_path):
+    """MLX reuses a freed pool's memory, and an allocator may count on memory it had zeroed
+    reading as zero: no page of a pool may stay a file's once the pool goes."""
+    from test_bad_input import corrupt_expert
+
+    packed = Path(shutil.copytree(aligned[1], tmp_path / "packed"))
+    files = _expert_files(packed)
+    budget = read_manifest(packed).total_expert_bytes // 8
+    sm = load_streaming_model(packed, cache_bytes=budget, map_experts=True)
+    try:
+        old = [v for g in sm.local._groups for v in g.pool.byte_views().values()]
+        assert all(_backing(address_of(v), _file_mappings()) is not None for v in old)
+        sm.local.reset_cache(budget)
+        right, total = _mapped_tensors(sm.local)
+        assert right == total > 0
+        new = {address_of(v) for g in sm.local._groups for v in g.pool.byte_views().values()}
+        mappings = _file_mappings()
+        assert all(_backing(address_of(v), mappings) is None for v in old if address_of(v) not in new)
+    finally:
+        sm.close()
+    assert not files & {m[3] for m in _file_mappings()}
+
+    corrupt_expert(packed, read_manifest(packed).layers[-1].layer, 3)
+    with pytest.raises(ChecksumError, match="checksum"):
+        load_streaming_model(packed, cache_bytes=budget, map_experts=True)
+    assert not files & {m[3] for m in _file_mappings()}
+
+
+def test_the_cli_maps_by_default_where_ram_holds_the_experts(aligned, models):
+    src, packed = aligned
+    prompt_ids = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt_ids, max_tokens=MAX_TOKENS, models=models)
+    runs = {}
+    for mode in ("auto", "off"):
+        result = run_cli("-v", "generate", "--model", str(packed), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS),
+                         "--cache-mb", "0.5", "--map-experts", mode, "--no-hot-set", "--peers", "none", "--json",
+                         "--no-chat-template")
+        assert result.returncode == 0, result.stderr
+        runs[mode] = result
+    assert "the page cache's own pages" in runs["auto"].stderr
+    assert "the page cache's own pages" not in runs["off"].stderr
+    assert all(json.loads(r.stdout)["token_ids"] == expected for r in runs.values())
