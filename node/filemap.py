@@ -41,6 +41,14 @@ def can_map_files() -> bool:
     return _mmap is not None
 
 
+def max_map_count() -> int:
+    """How many mappings the kernel lets a process have (Linux's vm.max_map_count)."""
+    try:
+        return int(open("/proc/sys/vm/max_map_count").read())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
 def mappable(view: memoryview, file_offset: int) -> bool:
     """Whether `view` is whole pages, and `file_offset` starts a page, so the file can be
     mapped over it exactly."""

@@ -43,6 +43,9 @@ MAPPED_GPU_SHARE = 0.5
 # The share of the expert bytes the CPU must be able to map for auto to map (the rest is read
 # into the pools: past a little, that is a copy of every expert beside the page cache's).
 MAPPED_MIN_SHARE = 0.9
+# The share of the kernel's mappings per process (vm.max_map_count) auto may take: one per
+# mapped tensor; past the limit mmap fails, and the rest are read.
+MAPPED_MAP_COUNT_SHARE = 0.5
 
 
 class MappedExperts(LocalExperts):
@@ -210,19 +213,20 @@ def open_mapped(store: ExpertStore, gpu_bytes: int, dma: Dma | None, policy: str
     return MappedExperts(store, gpu_bytes, dma, policy, scratch_slots)
 
 
-def page_mappable_bytes(manifest: Manifest) -> int:
-    """The expert bytes the CPU can map rather than read: tensors of whole pages at page-aligned
-    file offsets (their slots in the pools are page-aligned too)."""
-    total = 0
+def page_mappable(manifest: Manifest) -> tuple[int, int]:
+    """The expert bytes the CPU can map rather than read, and the mappings that takes: one per
+    tensor of whole pages at a page-aligned file offset (its slot is page-aligned too)."""
+    total = count = 0
     for spec in manifest.layers:
         pages = [t for t in spec.tensors if t.nbytes % filemap.PAGE == 0]
         for entry in spec.experts:
             for t in pages:
                 for seg in entry.segments:
                     if seg.record_offset <= t.offset and t.offset + t.nbytes <= seg.record_offset + seg.length:
-                        total += t.nbytes * ((seg.offset + t.offset - seg.record_offset) % filemap.PAGE == 0)
+                        if (seg.offset + t.offset - seg.record_offset) % filemap.PAGE == 0:
+                            total, count = total + t.nbytes, count + 1
                         break
-    return total
+    return total, count
 
 
 def fits_in_ram(expert_bytes: int) -> bool:
@@ -252,9 +256,16 @@ def mapping_chosen(requested: bool | None, manifest: Manifest, cache_bytes: int,
                      "on it (--map-experts off to stream them instead)", total / 2**30, cache_bytes / 2**30)
             return True
         return False
-    if (compute_backend() == "cpu" and filemap.can_map_files() and not direct_io
-            and page_mappable_bytes(manifest) >= MAPPED_MIN_SHARE * total):
-        log.info("every expert (%.1f GiB) fits in RAM: computed on the page cache's own pages, mapped over the "
-                 "slot pools (--map-experts off to stream them through a --cache-mb cache instead)", total / 2**30)
-        return True
-    return False
+    if compute_backend() != "cpu" or not filemap.can_map_files() or direct_io:
+        return False
+    mappable_bytes, mappings = page_mappable(manifest)
+    if mappable_bytes < MAPPED_MIN_SHARE * total:
+        return False
+    if mappings > MAPPED_MAP_COUNT_SHARE * filemap.max_map_count():
+        log.info("mapping the experts takes %d mappings, over half of vm.max_map_count (%d): streaming them "
+                 "instead (raise it, e.g. `sudo sysctl vm.max_map_count=%d`, to map them)", mappings,
+                 filemap.max_map_count(), 4 * mappings)
+        return False
+    log.info("every expert (%.1f GiB) fits in RAM: computed on the page cache's own pages, mapped over the "
+             "slot pools (--map-experts off to stream them through a --cache-mb cache instead)", total / 2**30)
+    return True

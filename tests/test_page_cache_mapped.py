@@ -136,20 +136,21 @@ def test_a_failed_mapping_is_read_instead(models, aligned, monkeypatch, caplog):
     calls = []
     real = filemap.map_file
 
-    def every_other(view, fd, offset):
+    def fifth_fails(view, fd, offset):
         calls.append(offset)
-        if len(calls) % 2:
+        if len(calls) == 5:  # as past vm.max_map_count
             raise OSError(errno.ENOMEM, "mmap failed")
         real(view, fd, offset)
 
-    monkeypatch.setattr(filemap, "map_file", every_other)
+    monkeypatch.setattr(filemap, "map_file", fifth_fails)
     with caplog.at_level("WARNING"):
         sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes // 8,
                                   map_experts=True)
     try:
         stats = sm.local.store.stats
-        assert 0 < stats.bytes_mapped < read_manifest(packed).total_expert_bytes and stats.reads > 0
-        assert any("reading it instead" in r.getMessage() for r in caplog.records)
+        spec = read_manifest(packed).layers[0]
+        assert len(calls) == 5 and stats.bytes_mapped == sum(t.nbytes for t in spec.tensors[:4])  # then no more tries
+        assert sum("reading the experts instead" in r.getMessage() for r in caplog.records) == 1
         assert generate(sm, prompt, max_tokens=MAX_TOKENS).token_ids == expected
     finally:
         sm.close()
@@ -197,3 +198,17 @@ def test_the_cli_maps_by_default_where_ram_holds_the_experts(aligned, models):
     assert "the page cache's own pages" in runs["auto"].stderr
     assert "the page cache's own pages" not in runs["off"].stderr
     assert all(json.loads(r.stdout)["token_ids"] == expected for r in runs.values())
+
+
+def test_auto_streams_where_the_mappings_would_pass_half_the_kernels_limit(aligned, monkeypatch, caplog):
+    from edgemoe.node import mapped
+
+    manifest = read_manifest(aligned[1])
+    mappings = sum(s.num_experts * len(s.tensors) for s in manifest.layers)  # every tensor is whole pages
+    budget = manifest.total_expert_bytes // 8
+    for limit, chosen in ((2 * mappings, True), (2 * mappings - 1, False)):
+        monkeypatch.setattr(filemap, "max_map_count", lambda limit=limit: limit)
+        with caplog.at_level("INFO"):
+            assert mapped.mapping_chosen(None, manifest, budget, None, "lfu") is chosen
+    assert any(f"takes {mappings} mappings" in r.getMessage() and "vm.max_map_count" in r.getMessage()
+               for r in caplog.records)

@@ -15,7 +15,7 @@ from edgemoe.node.errors import EdgemoeError
 from edgemoe.node.filemap import can_map_files
 from edgemoe.node.limits import array_memory_bytes, compute_backend
 from edgemoe.node.manifest import read_manifest
-from edgemoe.node.mapped import MAPPED_MIN_SHARE, MappedExperts, page_mappable_bytes
+from edgemoe.node.mapped import MAPPED_MIN_SHARE, MappedExperts, page_mappable
 
 from ..loader import load_streaming_model
 from .decode import REPEATS, DecodeRun, eighth_budget, refill, timed_generate, warm_up
@@ -40,7 +40,7 @@ def mapped_figures(model_dir: Path, experts_per_token: int | None, prompt_tokens
         notes.add("mapped case skipped: twice the experts (the pools are rebuilt for each run) pass half of "
                   "the GPU's memory, which MLX counts them against")
         return out
-    if backend == "cpu" and page_mappable_bytes(manifest) < MAPPED_MIN_SHARE * manifest.total_expert_bytes:
+    if backend == "cpu" and page_mappable(manifest)[0] < MAPPED_MIN_SHARE * manifest.total_expert_bytes:
         notes.add(f"mapped case skipped: under {MAPPED_MIN_SHARE:.0%} of the expert bytes are tensors of whole pages, "
                   "which the CPU maps (the rest would be copies)")
         return out
