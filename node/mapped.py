@@ -19,6 +19,8 @@ mlx-lm's.
 from __future__ import annotations
 
 import logging
+import sys
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -46,6 +48,8 @@ MAPPED_MIN_SHARE = 0.9
 # The share of the kernel's mappings per process (vm.max_map_count) auto may take: one per
 # mapped tensor; past the limit mmap fails, and the rest are read.
 MAPPED_MAP_COUNT_SHARE = 0.5
+# What `--map-experts on` leaves of that limit to everything else in the process.
+MAP_COUNT_HEADROOM = filemap.FileMappings.KEEP_FREE
 
 
 class MappedExperts(LocalExperts):
@@ -64,8 +68,13 @@ class MappedExperts(LocalExperts):
         # The same for decoded tokens only, and their MoE layer calls (the bench's bytes per token).
         self.decoded_mapped_bytes = 0
         self.decoded_layer_calls = 0
-        if dma is None and mx.default_device() != mx.cpu:  # file pages over GPU memory would break it
-            raise MappedExpertsError(f"mapping the expert files needs MLX's CPU backend, not {mx.default_device()}")
+        if dma is None and not (mx.default_device() == mx.cpu and filemap.can_map_files()):
+            # File pages over GPU memory (or MLX's CPU arrays of a GPU build) would break it.
+            raise MappedExpertsError(f"mapping the expert files needs a CPU-only MLX on Linux, not "
+                                     f"{mx.default_device()} here; drop --map-experts")
+        self.file_mappings = filemap.FileMappings()
+        # A model dropped without `close` still gives its pools' pages back before MLX reuses them.
+        weakref.finalize(self, _release_file_pages, self.file_mappings)
         # Misses computed as they land give other bits than mlx-lm on a GPU (loader.py): a
         # layer takes the host path only after a failed read, and then computes as mlx-lm.
         super().__init__(store, gpu_bytes, policy, scratch_slots=scratch_slots, compute_as_read=False, dma=dma)
@@ -79,11 +88,20 @@ class MappedExperts(LocalExperts):
         try:
             if self.dma is not None:
                 self._place_pools(False)
+            else:  # MLX zero-filled the pools: their pages go back until a file is mapped over them
+                for group in self._groups:
+                    for view in group.pool.byte_views().values():
+                        filemap.discard(view)
+            mapped_before = self.store.stats.bytes_mapped
             self._fill()
             self._place()
         except BaseException:
             self._release_pools()
             raise
+        share = (self.store.stats.bytes_mapped - mapped_before) / self.manifest.total_expert_bytes
+        if self.dma is None and share < MAPPED_MIN_SHARE:
+            log.warning("only %.0f%% of the expert bytes could be mapped (tensors that are not whole pages at "
+                        "page-aligned offsets): the rest are copies in RAM", 100 * share)
 
     def _place_pools(self, on_gpu: bool | None) -> None:
         """Every byte of the pools in host memory (False), or left to MLX again (None)."""
@@ -100,11 +118,7 @@ class MappedExperts(LocalExperts):
         if self.dma is not None:
             self._place_pools(None)
             return
-        if self.store.stats.mapped:
-            mx.synchronize()
-            for group in self._groups:
-                for view in group.pool.byte_views().values():
-                    filemap.restore(view)
+        _release_file_pages(self.file_mappings)
 
     def seed_counts(self, counts: dict[tuple[int, int], int]) -> None:
         super().seed_counts(counts)
@@ -135,7 +149,7 @@ class MappedExperts(LocalExperts):
                 try:
                     if self.dma is None:
                         for e, views in targets.items():
-                            self.store.map_into(spec.layer, e, views)
+                            self.store.map_into(spec.layer, e, views, self.file_mappings)
                     else:
                         pending = self.store.start_reads(spec.layer, targets)
                         for e in targets:
@@ -190,15 +204,40 @@ class MappedExpertsError(EdgemoeError):
     pass
 
 
+def _release_file_pages(mappings: filemap.FileMappings) -> None:
+    """Anonymous pages back over the mapped ranges, once no queued MLX work reads them (mlx-lm
+    queues the next token on its own stream before it hands out this one)."""
+    if not mappings.ranges:
+        return
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize()
+    try:
+        mx.synchronize(generation_stream)
+    except RuntimeError:  # a stream this thread never used is made first, which can fail (a new thread)
+        pass  # what mlx-lm queued and no one waits for any more: its result is dropped unread
+    mappings.restore_all()
+
+
 def open_mapped(store: ExpertStore, gpu_bytes: int, dma: Dma | None, policy: str = "lfu",
                 scratch_slots: int = 32) -> MappedExperts:
     """Mapped experts, or a one-line error saying why this machine cannot have them."""
     backend = compute_backend()
     if dma is None and not (backend == "cpu" and filemap.can_map_files()):
+        where = backend if backend != "cpu" else (f"cpu, on {sys.platform}" if not sys.platform.startswith("linux")
+                                                  else "cpu, with an MLX built for a GPU")
         raise MappedExpertsError(
             f"--map-experts needs MLX's CUDA backend, or its CPU backend on Linux, and this machine computes on "
-            f"{backend}; drop --map-experts (--cache-mb sets how many experts stay in memory)"
+            f"{where}; drop --map-experts (--cache-mb sets how many experts stay in memory)"
         )
+    if dma is None:
+        needed, room = page_mappable(store.manifest)[1], filemap.max_map_count() - filemap.mapped_count()
+        if needed > room - MAP_COUNT_HEADROOM:
+            raise MappedExpertsError(
+                f"--map-experts maps each expert tensor on its own: {needed} mappings, and this process may make "
+                f"{room} more (vm.max_map_count {filemap.max_map_count()}); raise it (`sudo sysctl "
+                f"vm.max_map_count={2 * (needed + filemap.mapped_count())}`) or drop --map-experts"
+            )
     if dma is not None and policy != "lfu":
         raise MappedExpertsError(
             f"--map-experts places the experts by their routing counts, which --cache-policy {policy} does not "
@@ -261,10 +300,11 @@ def mapping_chosen(requested: bool | None, manifest: Manifest, cache_bytes: int,
     mappable_bytes, mappings = page_mappable(manifest)
     if mappable_bytes < MAPPED_MIN_SHARE * total:
         return False
-    if mappings > MAPPED_MAP_COUNT_SHARE * filemap.max_map_count():
-        log.info("mapping the experts takes %d mappings, over half of vm.max_map_count (%d): streaming them "
-                 "instead (raise it, e.g. `sudo sysctl vm.max_map_count=%d`, to map them)", mappings,
-                 filemap.max_map_count(), 4 * mappings)
+    room = filemap.max_map_count() - filemap.mapped_count()
+    if mappings > MAPPED_MAP_COUNT_SHARE * room:
+        log.info("mapping the experts takes %d mappings, over half of the %d more this process may make "
+                 "(vm.max_map_count): streaming them instead (raise it, e.g. `sudo sysctl vm.max_map_count=%d`, "
+                 "to map them)", mappings, room, 2 * (2 * mappings + filemap.mapped_count()))
         return False
     log.info("every expert (%.1f GiB) fits in RAM: computed on the page cache's own pages, mapped over the "
              "slot pools (--map-experts off to stream them through a --cache-mb cache instead)", total / 2**30)

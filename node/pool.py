@@ -7,6 +7,7 @@ copied there by DMA: staging.py) and computed by slot index, so nothing is stack
 
 from __future__ import annotations
 
+import mmap
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -31,8 +32,10 @@ class SlotPool:
         self.num_slots = num_slots
         self.arrays: dict[str, mx.array] = {}
         for t in spec.tensors:
-            # Page-aligned, so that direct I/O can read a slot's tensor in place (store.py).
-            self.arrays[t.name] = aligned_zeros((num_slots, *t.shape), getattr(mx, t.dtype), DIRECT_ALIGNMENT)
+            # Page-aligned, so that direct I/O can read a slot's tensor in place (store.py), and a
+            # file can be mapped over it (filemap.py; pages of 16 KiB on some Linux machines).
+            self.arrays[t.name] = aligned_zeros((num_slots, *t.shape), getattr(mx, t.dtype),
+                                                max(DIRECT_ALIGNMENT, mmap.PAGESIZE))
         # Writable byte views of the arrays' own memory: reads land in place. (The ignore:
         # mlx's stubs leave out the buffer protocol that mx.array implements.)
         self._bytes = {name: memoryview(arr).cast("B")  # type: ignore[arg-type]

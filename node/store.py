@@ -180,11 +180,11 @@ class ExpertStore:
         """Reads several experts, each into its views, and returns once all are in place."""
         self.start_reads(layer, targets).wait_all()
 
-    def map_into(self, layer: int, expert: int, views: list[memoryview]) -> int:
+    def map_into(self, layer: int, expert: int, views: list[memoryview], mappings: filemap.FileMappings) -> int:
         """Like `read_into`, but each tensor that is whole pages at a page-aligned file offset
-        gets the page cache's own pages mapped over its view instead of a copy (filemap.py;
-        the caller restores the views' memory before it goes back to MLX). Returns the bytes
-        mapped: 0 where this OS cannot map them."""
+        gets the page cache's own pages mapped over its view instead of a copy (filemap.py),
+        recorded in `mappings`, which the caller restores before the memory goes back to
+        MLX. Returns the bytes mapped: 0 where this OS cannot map them."""
         spec = self.manifest.layer(layer)
         pieces = _record_pieces(spec, views)
         tensors = {id(v) for v in views}  # the rest are padding buffers of ours: never mapped over
@@ -197,13 +197,12 @@ class ExpertStore:
                 part, at = piece[lo - offset : hi - offset], seg.offset + lo - seg.record_offset
                 if self._can_map and id(piece) in tensors and filemap.mappable(part, at):
                     try:
-                        filemap.map_file(part, self._fds[seg.file], at)
+                        mappings.map(part, self._fds[seg.file], at)
                         mapped += len(part)
                         continue
-                    except OSError as exc:  # e.g. vm.max_map_count reached: a failed MAP_FIXED may unmap
+                    except OSError as exc:  # e.g. vm.max_map_count reached
                         log.warning("mapping %s failed (%s): reading the experts instead", self._paths[seg.file], exc)
                         self._can_map = False
-                        filemap.restore(part)
                 self._read_chunk(layer, expert, seg.file, [part], at, len(part))
         self.verify_first_read(layer, expert, pieces)
         with self._lock:

@@ -157,7 +157,8 @@ def test_mapping_needs_cuda_or_the_cpu_the_ram_for_every_expert_and_routing_coun
             open_mapped(store, manifest.expert_bytes, None)
         monkeypatch.setattr(mapped, "compute_backend", lambda: "cpu")
         monkeypatch.setattr(mapped.filemap, "can_map_files", lambda: False)
-        with pytest.raises(MappedExpertsError, match="computes on cpu; drop --map-experts"):
+        with pytest.raises(MappedExpertsError,
+                           match="computes on cpu, with an MLX built for a GPU; drop --map-experts"):
             open_mapped(store, manifest.expert_bytes, None)
         with pytest.raises(MappedExpertsError, match="--cache-policy lru does not keep; drop"):
             open_mapped(store, manifest.expert_bytes, PlacingDma(), policy="lru")

@@ -134,15 +134,15 @@ def test_a_failed_mapping_is_read_instead(models, aligned, monkeypatch, caplog):
     prompt = encode(models, src, PROMPT)
     expected, _ = mlx_lm_tokens(src, prompt, max_tokens=MAX_TOKENS, models=models)
     calls = []
-    real = filemap.map_file
+    real = filemap.FileMappings.map
 
-    def fifth_fails(view, fd, offset):
+    def fifth_fails(self, view, fd, offset):
         calls.append(offset)
-        if len(calls) == 5:  # as past vm.max_map_count
+        if len(calls) == 5:  # as past vm.max_map_count (the real limit: the test after next)
             raise OSError(errno.ENOMEM, "mmap failed")
-        real(view, fd, offset)
+        real(self, view, fd, offset)
 
-    monkeypatch.setattr(filemap, "map_file", fifth_fails)
+    monkeypatch.setattr(filemap.FileMappings, "map", fifth_fails)
     with caplog.at_level("WARNING"):
         sm = load_streaming_model(packed, cache_bytes=read_manifest(packed).total_expert_bytes // 8,
                                   map_experts=True)
@@ -178,10 +178,83 @@ def test_pools_get_anonymous_pages_back_when_rebuilt_closed_or_a_load_fails(alig
         sm.close()
     assert not files & {m[3] for m in _file_mappings()}
 
-    corrupt_expert(packed, read_manifest(packed).layers[-1].layer, 3)
-    with pytest.raises(ChecksumError, match="checksum"):
-        load_streaming_model(packed, cache_bytes=budget, map_experts=True)
-    assert not files & {m[3] for m in _file_mappings()}
+    # The first expert mapped, and one after others were
+    for layer, expert in ((read_manifest(packed).layers[0].layer, 0), (read_manifest(packed).layers[-1].layer, 3)):
+        damaged = Path(shutil.copytree(aligned[1], tmp_path / f"damaged-{layer}-{expert}"))
+        corrupt_expert(damaged, layer, expert)
+        with pytest.raises(ChecksumError, match="checksum"):
+            load_streaming_model(damaged, cache_bytes=budget, map_experts=True)
+        assert not _expert_files(damaged) & {m[3] for m in _file_mappings()}
+
+
+def test_a_model_dropped_without_close_gives_its_pages_back(aligned):
+    import gc
+
+    sm = load_streaming_model(aligned[1], cache_bytes=read_manifest(aligned[1]).total_expert_bytes // 8,
+                              map_experts=True)
+    assert _expert_files(aligned[1]) & {m[3] for m in _file_mappings()}
+    del sm
+    gc.collect()
+    assert not _expert_files(aligned[1]) & {m[3] for m in _file_mappings()}
+
+
+# Run in a process of its own: it takes nearly all the mappings the kernel allows a process,
+# leaving `room`, then loads with mapping asked for (through the CLI, or in Python with
+# `open_mapped`'s check off, so that the maps themselves meet what the process keeps free).
+_AT_THE_LIMIT = """
+import ctypes, json, sys
+from edgemoe.node import filemap, mapped
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+packed, room, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+for i in range(filemap.max_map_count() - filemap.mapped_count() - room):
+    # alternate protections, so that neighbours never merge into one mapping
+    assert libc.mmap(None, 4096, 1 if i % 2 else 0, 0x22, -1, 0) not in (None, 2**64 - 1)
+if how == "cli":
+    from edgemoe.coordinator.cli import main
+    sys.exit(main(["generate", "--model", packed, "--prompt", "hi", "--max-tokens", "4", "--map-experts", "on",
+                   "--no-hot-set", "--peers", "none"]))
+from edgemoe.coordinator.generate import generate
+from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.node.manifest import read_manifest
+mapped.MAP_COUNT_HEADROOM = -10**9
+budget = read_manifest(packed).total_expert_bytes // 8
+sm = load_streaming_model(packed, cache_bytes=budget, map_experts=True)
+stats = sm.local.store.stats
+tokens = generate(sm, [1, 2, 3], max_tokens=8).token_ids
+sm.close()
+left = [line for line in open("/proc/self/maps") if packed in line]
+off = load_streaming_model(packed, cache_bytes=budget, map_experts=False)
+print(json.dumps({"mapped": stats.bytes_mapped, "reads": stats.reads, "same": tokens == generate(off, [1, 2, 3],
+                  max_tokens=8).token_ids, "left": len(left)}))
+"""
+
+
+def _at_the_limit(packed: Path, room: int, how: str):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", _AT_THE_LIMIT, str(packed.resolve()), str(room), how],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_at_the_kernels_mapping_limit_the_cli_says_so_in_one_line(aligned):
+    result = _at_the_limit(aligned[1], 600, "cli")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("edgemoe: error: --map-experts maps each expert tensor on its own")
+    assert "vm.max_map_count" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_near_the_kernels_mapping_limit_the_rest_is_read_and_nothing_stays_mapped(aligned):
+    manifest = read_manifest(aligned[1])
+    mappings = sum(s.num_experts * len(s.tensors) for s in manifest.layers)
+    # Room for half the mappings past what the process keeps free: about a quarter get made.
+    result = _at_the_limit(aligned[1], mappings // 2 + filemap.FileMappings.KEEP_FREE + 100, "python")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 < out["mapped"] < manifest.total_expert_bytes and out["reads"] > 0, out
+    assert out["same"] and out["left"] == 0, out
+    assert result.stderr.count("reading the experts instead") == 1
 
 
 def test_the_cli_maps_by_default_where_ram_holds_the_experts(aligned, models):
@@ -206,9 +279,16 @@ def test_auto_streams_where_the_mappings_would_pass_half_the_kernels_limit(align
     manifest = read_manifest(aligned[1])
     mappings = sum(s.num_experts * len(s.tensors) for s in manifest.layers)  # every tensor is whole pages
     budget = manifest.total_expert_bytes // 8
-    for limit, chosen in ((2 * mappings, True), (2 * mappings - 1, False)):
+    monkeypatch.setattr(filemap, "mapped_count", lambda: 1000)
+    for limit, chosen in ((1000 + 2 * mappings, True), (1000 + 2 * mappings - 1, False)):
         monkeypatch.setattr(filemap, "max_map_count", lambda limit=limit: limit)
         with caplog.at_level("INFO"):
             assert mapped.mapping_chosen(None, manifest, budget, None, "lfu") is chosen
     assert any(f"takes {mappings} mappings" in r.getMessage() and "vm.max_map_count" in r.getMessage()
                for r in caplog.records)
+    from edgemoe.node.store import ExpertStore
+
+    monkeypatch.setattr(filemap, "max_map_count", lambda: 1000 + mapped.MAP_COUNT_HEADROOM + mappings - 1)
+    with ExpertStore(aligned[1], manifest) as store, \
+            pytest.raises(mapped.MappedExpertsError, match=f"{mappings} mappings.*vm.max_map_count"):
+        mapped.open_mapped(store, budget, None)
