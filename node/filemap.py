@@ -139,6 +139,7 @@ class FileMappings:
                 _fixed(start, length, _MAP_PRIVATE | _MAP_FIXED | _MAP_ANONYMOUS, -1, 0)
             except OSError as exc:
                 failed = failed or exc
+        self._room = max_map_count() - mapped_count() - self.KEEP_FREE  # for the pools mapped next
         if failed is not None:
             raise failed
 

@@ -292,3 +292,22 @@ def test_auto_streams_where_the_mappings_would_pass_half_the_kernels_limit(align
     with ExpertStore(aligned[1], manifest) as store, \
             pytest.raises(mapped.MappedExpertsError, match=f"{mappings} mappings.*vm.max_map_count"):
         mapped.open_mapped(store, budget, None)
+
+
+def test_every_rebuild_maps_every_expert_again(aligned, monkeypatch):
+    """A cache reset (the bench does one before every run) gives the pools back and maps the new
+    ones: the room counted against vm.max_map_count is counted again, not used up."""
+    manifest = read_manifest(aligned[1])
+    mappings = sum(s.num_experts * len(s.tensors) for s in manifest.layers)
+    # Room for one build's maps at two mappings each, and a little more.
+    monkeypatch.setattr(filemap, "max_map_count",
+                        lambda: filemap.mapped_count() + filemap.FileMappings.KEEP_FREE + 2 * mappings + 10)
+    budget = manifest.total_expert_bytes // 8
+    sm = load_streaming_model(aligned[1], cache_bytes=budget, map_experts=True)
+    try:
+        for _ in range(3):
+            before = sm.local.store.stats.bytes_mapped
+            sm.local.reset_cache(budget)
+            assert sm.local.store.stats.bytes_mapped - before == manifest.total_expert_bytes
+    finally:
+        sm.close()
