@@ -94,28 +94,35 @@ def discard(view: memoryview) -> None:
 class FileMappings:
     """The ranges of pool memory a file is mapped over, to give back as anonymous pages.
 
-    Each mapping in the middle of a pool splits its memory's mapping: at most two more of the
-    process's `max_map_count`. Maps stop with ENOMEM where the next could leave fewer than
-    `KEEP_FREE` of them: at the limit every mmap of the process fails, thread stacks and
-    large allocations included."""
+    A map in the middle of a pool splits its memory's mapping: at most two more of the
+    process's `max_map_count` (about one as slots fill in order). Maps stop with ENOMEM where
+    the next could leave fewer than `KEEP_FREE` of them, counted again from the kernel's own
+    account before stopping: at the limit every mmap of the process fails, thread stacks and
+    large allocations included. After a failure `failed` is set, and the caller reads the
+    rest, until the pools are given back (`restore_all`)."""
 
     KEEP_FREE = 1024
 
     def __init__(self) -> None:
         self.ranges: list[tuple[int, int]] = []
-        self._room = max_map_count() - mapped_count() - self.KEEP_FREE
+        self.failed = False
+        self._room = 0
 
     def map(self, view: memoryview, fd: int, file_offset: int) -> None:
         """Maps `len(view)` bytes of the file at `file_offset` over `view`'s memory (`mappable`).
         On OSError the range holds what it held, or, where the failed call unmapped it, fresh
         anonymous pages; if even those cannot be had, a second OSError."""
         if self._room < 2:
-            raise OSError(errno.ENOMEM, f"mapping more could pass vm.max_map_count ({max_map_count()})")
+            self._room = max_map_count() - mapped_count() - self.KEEP_FREE
+            if self._room < 2:
+                self.failed = True
+                raise OSError(errno.ENOMEM, f"mapping more could pass vm.max_map_count ({max_map_count()})")
         self._room -= 2
         address = address_of(view)
         try:
             _fixed(address, len(view), _MAP_PRIVATE | _MAP_FIXED, fd, file_offset)
         except OSError:
+            self.failed = True
             # Linux checks its limits before it unmaps anything, but a failed MAP_FIXED may unmap.
             if not _is_mapped(address, len(view)):
                 _fixed(address, len(view), _MAP_PRIVATE | _MAP_FIXED | _MAP_ANONYMOUS, -1, 0)
@@ -125,23 +132,23 @@ class FileMappings:
     def restore_all(self) -> None:
         """Fresh anonymous pages over every mapped range, adjacent ones together: each run of
         them covers whole mappings, so none is split (at the kernel's limit a split fails).
-        Every run is tried; the first failure is raised after."""
+        Every run is tried; the first failure is raised after, and its run kept for a retry."""
         runs: list[list[int]] = []
         for start, length in sorted(self.ranges):
             if runs and runs[-1][0] + runs[-1][1] == start:
                 runs[-1][1] += length
             else:
                 runs.append([start, length])
-        self.ranges = []
-        failed: OSError | None = None
+        self.ranges, self.failed, self._room = [], False, 0  # the room is counted again at the next map
+        error: OSError | None = None
         for start, length in runs:
             try:
                 _fixed(start, length, _MAP_PRIVATE | _MAP_FIXED | _MAP_ANONYMOUS, -1, 0)
             except OSError as exc:
-                failed = failed or exc
-        self._room = max_map_count() - mapped_count() - self.KEEP_FREE  # for the pools mapped next
-        if failed is not None:
-            raise failed
+                self.ranges.append((start, length))
+                error = error or exc
+        if error is not None:
+            raise error
 
 
 def _whole_pages(view: memoryview) -> tuple[int, int]:

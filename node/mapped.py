@@ -72,6 +72,7 @@ class MappedExperts(LocalExperts):
             # File pages over GPU memory (or MLX's CPU arrays of a GPU build) would break it.
             raise MappedExpertsError(f"mapping the expert files needs a CPU-only MLX on Linux, not "
                                      f"{mx.default_device()} here; drop --map-experts")
+        self.closed = False
         self.file_mappings = filemap.FileMappings()
         # A model dropped without `close` still gives its pools' pages back before MLX reuses them.
         weakref.finalize(self, _release_file_pages, self.file_mappings)
@@ -99,7 +100,7 @@ class MappedExperts(LocalExperts):
             self._release_pools()
             raise
         share = (self.store.stats.bytes_mapped - mapped_before) / self.manifest.total_expert_bytes
-        if self.dma is None and share < MAPPED_MIN_SHARE:
+        if self.dma is None and share < MAPPED_MIN_SHARE and not self.file_mappings.failed:  # else the store said
             log.warning("only %.0f%% of the expert bytes could be mapped (tensors that are not whole pages at "
                         "page-aligned offsets): the rest are copies in RAM", 100 * share)
 
@@ -131,7 +132,13 @@ class MappedExperts(LocalExperts):
             finally:
                 self._release_pools()
         finally:
+            self.closed = True
             super().close()
+
+    def resident_arrays(self, layer: int) -> dict[str, mx.array] | None:
+        if self.closed:  # its pools hold zeros now (CPU) or nothing placed (CUDA): never a silent answer
+            raise MappedExpertsError("the model's experts were closed; load it again")
+        return super().resident_arrays(layer)
 
     def _fill(self) -> None:
         """Reads (CUDA) or maps (CPU) every expert into its slot. Not counted as routing or as

@@ -88,7 +88,6 @@ class ExpertStore:
         self._bounce = threading.local()
         # Small buffered reads try the page cache first (`_read_inline`); the A/B switch.
         self._nowait = bool(_RWF_NOWAIT)
-        self._can_map = filemap.can_map_files()  # off after a mapping fails (`map_into`)
         self._paths = [resolve_file(self.model_dir, name) for name in manifest.files]
         self._fds: list[int] = []
         self._direct_fds: list[bool] = []
@@ -195,14 +194,15 @@ class ExpertStore:
                 if lo >= hi:
                     continue
                 part, at = piece[lo - offset : hi - offset], seg.offset + lo - seg.record_offset
-                if self._can_map and id(piece) in tensors and filemap.mappable(part, at):
+                if (filemap.can_map_files() and not mappings.failed and id(piece) in tensors
+                        and filemap.mappable(part, at)):
                     try:
                         mappings.map(part, self._fds[seg.file], at)
                         mapped += len(part)
                         continue
                     except OSError as exc:  # e.g. vm.max_map_count reached
                         log.warning("mapping %s failed (%s): reading the experts instead", self._paths[seg.file], exc)
-                        self._can_map = False
+                        mappings.failed = True
                 self._read_chunk(layer, expert, seg.file, [part], at, len(part))
         self.verify_first_read(layer, expert, pieces)
         with self._lock:

@@ -311,3 +311,48 @@ def test_every_rebuild_maps_every_expert_again(aligned, monkeypatch):
             assert sm.local.store.stats.bytes_mapped - before == manifest.total_expert_bytes
     finally:
         sm.close()
+
+
+def test_at_the_limit_on_accepts_every_expert_is_mapped(aligned, monkeypatch):
+    """`--map-experts on` checks for one mapping per tensor; the maps then count the kernel's own
+    account before they stop, so a model just within that check is mapped whole."""
+    from edgemoe.node import mapped
+
+    manifest = read_manifest(aligned[1])
+    mappings = sum(s.num_experts * len(s.tensors) for s in manifest.layers)
+    limit = filemap.mapped_count() + mapped.MAP_COUNT_HEADROOM + mappings + 50
+    monkeypatch.setattr(filemap, "max_map_count", lambda: limit)
+    sm = load_streaming_model(aligned[1], cache_bytes=manifest.total_expert_bytes // 8, map_experts=True)
+    try:
+        assert sm.local.store.stats.bytes_mapped == manifest.total_expert_bytes
+    finally:
+        sm.close()
+
+
+def test_after_a_failed_mapping_a_rebuild_maps_again_and_a_closed_model_refuses(aligned, monkeypatch):
+    manifest = read_manifest(aligned[1])
+    real = filemap.FileMappings.map
+    calls = []
+
+    def third_fails(self, view, fd, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOMEM, "mmap failed")
+        real(self, view, fd, offset)
+
+    monkeypatch.setattr(filemap.FileMappings, "map", third_fails)
+    budget = manifest.total_expert_bytes // 8
+    sm = load_streaming_model(aligned[1], cache_bytes=budget, map_experts=True)
+    try:
+        stats = sm.local.store.stats
+        assert stats.bytes_mapped < manifest.total_expert_bytes
+        monkeypatch.setattr(filemap.FileMappings, "map", real)
+        before = stats.bytes_mapped
+        sm.local.reset_cache(budget)
+        assert stats.bytes_mapped - before == manifest.total_expert_bytes
+    finally:
+        sm.close()
+    from edgemoe.node.mapped import MappedExpertsError
+
+    with pytest.raises(MappedExpertsError, match="closed; load it again"):
+        sm.local.resident_arrays(manifest.layers[0].layer)
