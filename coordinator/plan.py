@@ -14,6 +14,7 @@ from edgemoe.node.compute import input_dims
 from edgemoe.node.errors import CacheBudgetError
 from edgemoe.node.limits import array_memory_bytes, array_memory_kind, compute_backend, ram_bytes
 from edgemoe.node.manifest import Manifest, read_manifest
+from edgemoe.node.mapped import mapping_chosen
 
 from .bench.disk import measure_reads, record_jobs
 from .bench.page_cache import expert_paths
@@ -102,6 +103,9 @@ def run_plan(model_dir: Path, cache_bytes: int | None, addresses: list[str], cre
         steps = measure_steps(sm, paths)
         dense_bytes = sm.dense_bytes
         hidden_size = input_dims(sm.dispatchers[0].kernel)
+        # What `generate`'s default --map-experts auto would do with this budget (every layer resident).
+        maps = mapping_chosen(None, manifest, budget, sm.local.dma, "lfu", nodes=bool(addresses),
+                              direct_io=sm.local.store.direct)
     finally:
         sm.close()
     nodes = measure_nodes(addresses, credentials, manifest, hidden_size, k) if addresses else []
@@ -126,7 +130,7 @@ def run_plan(model_dir: Path, cache_bytes: int | None, addresses: list[str], cre
         "routing": (f"learned hot set ({len(counts)} experts counted)" if counts
                     else "uniform (no learned hot set)"),
         "nodes": [{k_: v for k_, v in n.items() if k_ != "held"} for n in nodes],
-        "cache_bytes": budget,
+        "cache_bytes": budget, "maps_experts": maps,
         "placement": {"local_experts": len(local), "local_layers": sorted({key[0] for key in local}),
                       "nodes": placed, "ssd_only_experts": ssd_only},
         "predictions": _predictions(manifest, machine(manifest, k, steps, steps.disk),
@@ -182,4 +186,9 @@ def format_plan(r: dict[str, Any]) -> str:
                      f"{_tok(row['no_nodes_page_cache_warm']):>16} {_tok(row['with_nodes']):>11}")
     lines.append("  no nodes: misses read from the disk; page cache warm: from RAM (experts that fit the page cache); "
                  "with nodes: the placement of that cache size, misses from the disk")
+    if r["maps_experts"]:
+        bus = ", less what crosses the bus" if r["backend"] == "cuda" else ""
+        lines.append(f"  without nodes, generate, chat and serve map every expert here (--map-experts auto: RAM holds "
+                     f"them), so every layer is resident: expect about the 1/1 row once they are in RAM "
+                     f"({1e3 / r['hit_step_ms']:.1f} tok/s{bus}); the rows above are --map-experts off")
     return "\n".join(lines)

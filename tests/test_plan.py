@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from conftest import run_cli
 from nodes import NodeProcess
@@ -54,6 +56,7 @@ def test_plan_json_is_consistent_and_writes_nothing(models, tmp_path, home):
     r = plan_json("--model", packed, "--peers", "none", "--cache-mb", "0.07")
     assert tree_state(packed, home) == before
     assert r["routing"].startswith("uniform")
+    assert r["maps_experts"] is False  # the tiny 4-bit model's tensors are not whole pages
 
     total = sum(s.num_experts for s in manifest.layers)
     assert r["moe_layers"] == len(manifest.layers) and r["total_expert_bytes"] == manifest.total_expert_bytes
@@ -89,6 +92,20 @@ def test_learned_hot_set_drives_hit_rate_and_placement(models, tmp_path, home):
     rows = {row["cache"]: row for row in r["predictions"]}
     assert rows["1/8"]["no_nodes"]["hit_rate"] == pytest.approx(1.0)  # the hot eighth is what is cached
     assert rows["1/8"]["no_nodes"]["ssd_bytes_per_token"] == pytest.approx(0.0)
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu or not sys.platform.startswith("linux"),
+                    reason="the CPU's page-cache mapping (Linux)")
+def test_plan_says_that_generate_maps_where_it_would(models, home):
+    """Where RAM holds the experts and they can be mapped (the float32 model's tensors are whole
+    pages), `generate`'s default maps them: the plan says so, with the speed to expect."""
+    out = run_cli("plan", "--model", models.packed("mixtral", False), "--peers", "none", "--cache-mb", "0.05")
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if "map every expert here" in x)
+    assert "--map-experts off" in line and "tok/s" in line
+    out = run_cli("plan", "--model", models.packed("mixtral", False), "--peers", "none", "--cache-mb", "0.05",
+                  "--json")
+    assert json.loads(out.stdout)["maps_experts"] is True
 
 
 def test_plan_text(models, home):
