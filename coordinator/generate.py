@@ -47,6 +47,8 @@ class GenerationStats:
     experts_prefetched: int
     experts_prefetch_used: int
     prefetch_accuracy: float | None
+    # --map-experts: where the experts are that every layer computes on, or None (streamed)
+    experts_mapped: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +60,7 @@ class GenerationStats:
             f"cache hit rate {self.cache_hit_rate:.1%} | SSD {self.ssd_bytes_read / 2**20:.1f} MiB "
             f"at {self.ssd_read_gbps:.2f} GB/s | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB, "
             f"MLX peak {self.peak_array_bytes / 2**20:.0f} MiB ({self.array_memory})"
+            + (f" | experts mapped ({self.experts_mapped})" if self.experts_mapped else "")
         )
 
 
@@ -180,5 +183,6 @@ def generate(
         experts_prefetched=run.experts_prefetched,
         experts_prefetch_used=run.experts_prefetch_used,
         prefetch_accuracy=run.prefetch_accuracy,
+        experts_mapped=local.mapped,
     )
     return GenerationResult("".join(text), tokens, stats, finish)

@@ -67,8 +67,9 @@ class LocalExperts:
         self._epoch = 0
         # Off, resident layers take the host path too (the bench's A/B of the two).
         self.resident_tables = True
-        # Whether the slot pools hold every expert, whatever the cache budget (mapped.py).
+        # Whether the pools hold every expert, whatever the budget, and where from (mapped.py).
         self.holds_all = False
+        self.mapped: str | None = None
         self._build(cache_bytes)
 
     def _build(self, cache_bytes: int) -> None:

@@ -80,6 +80,7 @@ class MappedExperts(LocalExperts):
         # layer takes the host path only after a failed read, and then computes as mlx-lm.
         super().__init__(store, gpu_bytes, policy, scratch_slots=scratch_slots, compute_as_read=False, dma=dma)
         self.staged_reads = False  # a read lands in host memory, where its slot lives
+        self.mapped = "page cache" if dma is None else "host memory, for the GPU"
 
     def _build(self, cache_bytes: int) -> None:
         self.holds_all = True

@@ -271,6 +271,8 @@ def test_the_cli_maps_by_default_where_ram_holds_the_experts(aligned, models):
     assert "the page cache's own pages" in runs["auto"].stderr
     assert "the page cache's own pages" not in runs["off"].stderr
     assert all(json.loads(r.stdout)["token_ids"] == expected for r in runs.values())
+    assert json.loads(runs["auto"].stdout)["stats"]["experts_mapped"] == "page cache"
+    assert json.loads(runs["off"].stdout)["stats"]["experts_mapped"] is None
 
 
 def test_auto_streams_where_the_mappings_would_pass_half_the_kernels_limit(aligned, monkeypatch, caplog):
