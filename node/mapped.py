@@ -68,10 +68,8 @@ class MappedExperts(LocalExperts):
         # The same for decoded tokens only, and their MoE layer calls (the bench's bytes per token).
         self.decoded_mapped_bytes = 0
         self.decoded_layer_calls = 0
-        if dma is None and not (mx.default_device() == mx.cpu and filemap.can_map_files()):
-            # File pages over GPU memory (or MLX's CPU arrays of a GPU build) would break it.
-            raise MappedExpertsError(f"mapping the expert files needs a CPU-only MLX on Linux, not "
-                                     f"{mx.default_device()} here; drop --map-experts")
+        if dma is None and not filemap.can_map_files():  # only a CPU-only MLX on Linux (filemap.py)
+            raise MappedExpertsError("mapping the expert files needs a CPU-only MLX on Linux; drop --map-experts")
         self.closed = False
         self.file_mappings = filemap.FileMappings()
         # A model dropped without `close` still gives its pools' pages back before MLX reuses them.
