@@ -166,9 +166,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"({_mib(r['every_token_cold_ssd_bytes_per_token'])}/token read, "
         f"{_mib(r['every_token_cold_disk_bytes_per_token'])}/token from the disk)",
         f"  expert reads          {_f(r['every_token_cold_expert_read_gbps'], unit=' GB/s')}  "
-        f"= {_pct(r['every_token_cold_read_efficiency'])} of raw",
+        f"= {_pct(r['every_token_cold_read_efficiency'])} of raw timed just before the run "
+        f"({_f(r.get('every_token_cold_raw_read_gbps'), unit=' GB/s')})",
         f"  SSD bound             {_f(r['every_token_cold_ssd_bound_tokens_per_s'], '{:.1f}', ' tok/s')}  "
-        f"-> decode at {_pct(r['every_token_cold_bound_efficiency'])} of it",
+        f"-> decode at {_pct(r['every_token_cold_bound_efficiency'])} of it (the median run; each run of its "
+        f"own bound: {', '.join(_pct(v) for v in r.get('every_token_cold_bound_efficiency_runs') or [])})",
         f"  bound                 {_f(r.get('every_token_cold_min_bound_tokens_per_s'), unit=' tok/s')} "
         f"= {_cold_bound_name(r)} "
         f"-> {_pct(r.get('every_token_cold_relative_to_min_bound'))} of it (target >= 80%)",

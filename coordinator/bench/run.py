@@ -241,25 +241,38 @@ def _cold_figures(cold: DecodeRun, report: dict, manifest: Manifest, notes: Note
 def _every_token_cold_figures(sm: StreamingModel, paths: list[Path], prompt_tokens: list[int], tokens: int,
                               budget: int, report: dict, notes: Notes) -> dict[str, Any]:
     """Cold decode with the page cache dropped before every token: each miss reads the disk,
-    as for a model much larger than RAM, where a record read once is not in RAM the next time."""
+    as for a model much larger than RAM, where a record read once is not in RAM the next time.
+
+    The disk's raw read is timed again just before each run, and each run is divided by its
+    own: a virtual disk's speed moves by a third from one second to the next (README), so a
+    bound timed minutes earlier could flatter or sink the run. The run reported is the one
+    whose share of its bound is the median."""
     keys = ("tokens_per_s", "expert_read_gbps", "ssd_bytes_per_token", "disk_bytes_per_token", "first_read_fraction",
-            "read_efficiency", "ssd_bound_tokens_per_s", "bound_efficiency")
+            "read_efficiency", "raw_read_gbps", "ssd_bound_tokens_per_s", "bound_efficiency", "bound_efficiency_runs")
     out: dict[str, Any] = {f"every_token_cold_{k}": None for k in keys}
     if report["page_cache_drop_method"] is None:
         notes.add("every-token cold run skipped: the page cache cannot be dropped here")
         return out
-    log.info("cold decode, page cache dropped before every token")
-    run = best_of(lambda: cold_run(sm, paths, prompt_tokens, tokens, budget, every_token=True))
-    bound = report["raw_read_gbps"] * 1e9 / run.ssd_bytes_per_token if run.ssd_bytes_per_token else None
+    log.info("cold decode, page cache dropped before every token, each run after a raw read")
+    rounds = []
+    for _ in range(REPEATS):
+        raw = measure_reads(paths, sequential_jobs(paths)).gbps
+        run = cold_run(sm, paths, prompt_tokens, tokens, budget, every_token=True)
+        bound = raw * 1e9 / run.ssd_bytes_per_token if run.ssd_bytes_per_token else None
+        rounds.append((_ratio(run.tokens_per_s, bound), raw, bound, run))
+    ranked = sorted(rounds, key=lambda r: r[0] or 0.0)
+    efficiency, raw, bound, run = ranked[len(ranked) // 2]
     out.update(
         every_token_cold_tokens_per_s=run.tokens_per_s,
         every_token_cold_expert_read_gbps=run.expert_read_gbps,
         every_token_cold_ssd_bytes_per_token=run.ssd_bytes_per_token,
         every_token_cold_disk_bytes_per_token=_ratio(run.disk_bytes_read, run.decode_tokens),
         every_token_cold_first_read_fraction=_ratio(run.first_reads, run.expert_reads),
-        every_token_cold_read_efficiency=_ratio(run.expert_read_gbps, report["raw_read_gbps"]),
+        every_token_cold_read_efficiency=_ratio(run.expert_read_gbps, raw),
+        every_token_cold_raw_read_gbps=raw,
         every_token_cold_ssd_bound_tokens_per_s=bound,
-        every_token_cold_bound_efficiency=_ratio(run.tokens_per_s, bound),
+        every_token_cold_bound_efficiency=efficiency,
+        every_token_cold_bound_efficiency_runs=[r[0] for r in rounds],
     )
     return out
 
