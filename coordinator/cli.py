@@ -59,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="expert reads through the page cache (buffered) or around it (direct); "
             "auto: direct when the experts exceed half the RAM",
         )
-        p.add_argument(
-            "--prefetch",
-            action="store_true",
-            help="guess each next layer's experts with its router and start reading them early",
-        )
+        prefetch_option(p)
+
+    def prefetch_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--prefetch", nargs="?", choices=("auto", "on", "off"), const="on", default="auto",
+                       help="guess each next layer's experts with its router and start reading them early: the "
+                       "kernel reads them into the page cache, or (direct I/O) they are read into spare slots. "
+                       "auto (the default): readahead of experts up to 256 KiB; on (or the bare flag): always")
 
     def peer_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--peers", default="auto",
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_timeout_option(ch)
     hot_set_option(ch)
     map_option(ch)
+    prefetch_option(ch)
     ch.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     ch.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     ch.add_argument("--seed", type=int)

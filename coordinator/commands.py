@@ -107,7 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             experts_per_token=args.experts_per_token,
             cache_policy=args.cache_policy,
             io_mode=args.io,
-            prefetch=args.prefetch,
+            prefetch=_auto_on_off(args.prefetch),
             peers=peers,
             credentials=credentials,
             node_timeout_s=_node_timeout(args),
@@ -163,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 watcher.follow(None)  # the model is loaded again after a failure: follow the new cluster
             sm = load_streaming_model(Path(args.model), cache_bytes=cache_bytes,
                                       experts_per_token=args.experts_per_token, io_mode=args.io,
-                                      prefetch=args.prefetch, peers=peers, credentials=credentials,
+                                      prefetch=_auto_on_off(args.prefetch), peers=peers, credentials=credentials,
                                       node_timeout_s=node_timeout, audit_rate=audit, keep_cluster=watcher is not None,
                                       hot_set=not args.no_hot_set, map_experts=_map_experts(args))
             if watcher is not None:
@@ -175,7 +175,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _map_experts(args: argparse.Namespace) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[args.map_experts]
+    return _auto_on_off(args.map_experts)
+
+
+def _auto_on_off(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -188,7 +192,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                                   experts_per_token=args.experts_per_token, peers=peers, credentials=credentials,
                                   node_timeout_s=_node_timeout(args), audit_rate=_audit_rate(args),
                                   keep_cluster=watcher is not None, hot_set=not args.no_hot_set,
-                                  map_experts=_map_experts(args))
+                                  map_experts=_map_experts(args), prefetch=_auto_on_off(args.prefetch))
         if watcher is not None:
             watcher.follow(sm.cluster)
         try:
@@ -269,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         compare_mlx_lm=not args.no_mlx_lm,
         in_place_source=Path(args.in_place) if args.in_place else None,
         io_mode=args.io,
-        prefetch=args.prefetch,
+        prefetch=_auto_on_off(args.prefetch),
     )
     print(json.dumps(report) if args.json else format_report(report))
 

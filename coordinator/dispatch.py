@@ -153,12 +153,14 @@ class LayerDispatch:
     def _guess_next(self, x: mx.array, indices: mx.array) -> mx.array | None:
         """In decode (one token), the next layer's likely experts: its router's top k for this
         layer's input. None where there is no guess to make."""
-        k = indices.shape[-1]
-        if self.prefetch is None or indices.size != k:
+        if self.prefetch is None or indices.size != indices.shape[-1]:
             return None
-        width = min(self.local.prefetch_slots, self.prefetch.next_layer.kernel.spec.num_experts)
+        width = min(self.local.prefetch_width, self.prefetch.next_layer.kernel.spec.num_experts)
+        if not width:
+            return None
         logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1]).astype(mx.float32)
-        return mx.argpartition(-logits, width - 1)[:width]
+        # Most likely first: the disk serves the reads roughly in the order they are asked for.
+        return mx.argsort(-logits)[:width]
 
     def _route(self, x: mx.array, chosen: np.ndarray, guess: list[int] | None,
                prebuilt: mx.array | None = None) -> mx.array:

@@ -27,6 +27,7 @@ from edgemoe.node.limits import DEFAULT_CACHE_FRACTION, MAX_INFLIGHT_EXPERTS, ar
 from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import DENSE_NAME, Manifest, read_manifest
 from edgemoe.node.mapped import mapping_chosen, open_mapped
+from edgemoe.node.prefetch import prefetch_chosen
 from edgemoe.node.staging import open_dma
 from edgemoe.node.store import ExpertStore
 
@@ -85,7 +86,7 @@ def load_streaming_model(
     io_threads: int = 8,
     max_inflight_experts: int = MAX_INFLIGHT_EXPERTS,
     io_mode: str = "auto",
-    prefetch: bool = False,
+    prefetch: bool | None = False,
     peers: list[str] | None = None,
     credentials: ClusterCredentials | None = None,
     node_timeout_s: float | None = None,
@@ -99,7 +100,9 @@ def load_streaming_model(
     cold; the CLI and `edgemoe.load` turn it on unless asked not to.
     `map_experts`: every expert in the pools, so every layer is resident (node/mapped.py): on
     CUDA in host memory mapped for the GPU, `cache_bytes` of them on the GPU; on the CPU the
-    page cache's pages of the expert files; None: where that can be had and pays (`mapping_chosen`)."""
+    page cache's pages of the expert files; None: where that can be had and pays (`mapping_chosen`).
+    `prefetch`: guess each next layer's experts and read them early (node/prefetch.py); None:
+    where that pays (`prefetch_chosen`)."""
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     config = read_config(model_dir)
@@ -117,10 +120,14 @@ def load_streaming_model(
     try:
         budget = cache_bytes if cache_bytes is not None else default_cache_bytes(manifest)
         on_cpu = mx.default_device() == mx.cpu
-        if prefetch and not on_cpu:
-            # On CUDA the prefetch case gave other tokens than mlx-lm (2026-11-29, cause not yet
-            # found): a wrong answer is worse than a slower one.
-            log.warning("--prefetch is not yet exact on %s: running without it", mx.default_device())
+        if prefetch is None:
+            prefetch = prefetch_chosen(store)
+        if prefetch and not on_cpu and not store.can_advise:
+            # On CUDA the prefetch into slots gave other tokens than mlx-lm (2026-11-29, cause
+            # not yet found): a wrong answer is worse than a slower one. Readahead writes
+            # nothing of ours, so it runs everywhere.
+            log.warning("--prefetch with direct I/O is not yet exact on %s: running without it",
+                        mx.default_device())
             prefetch = False
         k = (routed_experts_per_token(config) or 0) if prefetch else 0
         # Misses computed as they land run in other batch shapes than mlx-lm's one call per
@@ -132,7 +139,7 @@ def load_streaming_model(
             prefetch = False  # every layer resident: nothing to read ahead of it
             local: LocalExperts = open_mapped(store, budget, dma, cache_policy, max_inflight_experts)
         else:
-            local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_slots=k,
+            local = LocalExperts(store, budget, cache_policy, scratch_slots=max_inflight_experts, prefetch_experts=k,
                                  compute_as_read=on_cpu, dma=dma)
     except BaseException:
         if dma is not None:

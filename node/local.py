@@ -12,8 +12,8 @@ from .cache import CacheStats
 from .errors import CacheBudgetError, EdgemoeError
 from .manifest import Manifest
 from .misses import Misses
-from .pending import PendingReads
 from .pool import SlotGroup, layout_key
+from .prefetch import Prefetcher
 from .staging import Dma, stage
 from .store import ExpertStore
 
@@ -46,7 +46,7 @@ class LocalExperts:
     the cache does not admit it."""
 
     def __init__(self, store: ExpertStore, cache_bytes: int, policy: str = "lfu", scratch_slots: int = 32,
-                 prefetch_slots: int = 0, compute_as_read: bool = True, dma: Dma | None = None):
+                 prefetch_experts: int = 0, compute_as_read: bool = True, dma: Dma | None = None):
         self.store = store
         # Copies staged misses into their slots on CUDA (staging.py); closed with this object.
         self.dma = dma
@@ -57,9 +57,9 @@ class LocalExperts:
         self.stats = FetchStats()
         self.policy = policy
         self.scratch_slots = scratch_slots
-        self.prefetch_slots = prefetch_slots
-        # (layer, expert) -> prefetch slot, and the reads filling it.
-        self._prefetched: dict[tuple[int, int], tuple[int, PendingReads]] = {}
+        # The router's picks per token to guess ahead of (`--prefetch`, prefetch.py), or 0.
+        self.prefetch_experts = prefetch_experts
+        self._prefetch = Prefetcher(store, self.stats, prefetch_experts)
         self._misses: Misses | None = None
         self._groups: list[SlotGroup] = []
         # Routing choices of layers computed from a resident table, counted once computed (`settle`).
@@ -95,7 +95,9 @@ class LocalExperts:
                     f"(one expert is {specs[0].record_bytes / 2**20:.3f} MB); raise --cache-mb to at least "
                     f"{(specs[0].record_bytes / share + 2**20 - 1) // 2**20:.0f}"
                 )
-            group = SlotGroup(specs, budget, self.scratch_slots, self.prefetch_slots, self.policy)
+            # Readahead needs no slots of ours; a bank of them is for the other prefetch.
+            banks = 0 if self._prefetch.advises else self.prefetch_experts
+            group = SlotGroup(specs, budget, self.scratch_slots, banks, self.policy)
             if self.dma is not None and not self.holds_all:  # pools of every expert never miss
                 group.staging = stage(specs[0], self.scratch_slots, group.pool, self.dma)
             self._groups.append(group)
@@ -107,45 +109,24 @@ class LocalExperts:
         """A fresh, empty cache of another budget (the pools are rebuilt)."""
         self.settle(everything=True)
         self._drain()
-        self._prefetched.clear()
+        self._prefetch.clear()
         self._build(cache_bytes)
 
     def arrays(self, layer: int) -> dict[str, mx.array]:
         """The pool tensors a layer's experts live in, indexed by slot."""
         return self._group_of[layer].pool.arrays
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Starts reading experts that `layer` will probably ask for next into a prefetch bank.
+    @property
+    def prefetch_width(self) -> int:
+        """How many experts to guess for a layer (0: no prefetch)."""
+        return self._prefetch.width if self.prefetch_experts else 0
 
-        Called once the current layer's compute is queued; its reads overlap that
-        compute, and `slots` waits for them before it touches any slot.
-        """
-        group = self._group_of[layer]
-        if not group.prefetch_slots:
-            return
-        self._drain()
-        self._prefetched.clear()
-        group.bank ^= 1
-        first = group.prefetch_start + group.bank * group.prefetch_slots
-        targets: dict[int, list[memoryview]] = {}
-        slots = {}
-        for e in experts[: group.prefetch_slots]:
-            if (layer, e) in group.cache:
-                continue
-            slots[e] = first + len(targets)
-            targets[e] = group.pool.views(slots[e])
-        if targets:
-            # Started from this thread: on 2 cores a hand-off to a prefetch thread cost more
-            # than it overlapped (README). Direct reads go to the I/O threads: inline, each
-            # would hold this thread for the disk's latency.
-            try:
-                pending = self.store.start_reads(layer, targets, inline=not self.store.any_direct)
-            except EdgemoeError as exc:
-                log.debug("prefetch into layer %d not started: %s", layer, exc)
-                return
-            for e, slot in slots.items():
-                self._prefetched[(layer, e)] = (slot, pending)
-            self.stats.prefetched += len(targets)
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Starts reading experts that `layer` will probably ask for next (prefetch.py).
+        Called once the current layer's compute is queued, so that the reads overlap it."""
+        if self.prefetch_experts:
+            self._drain()
+            self._prefetch.start(self._group_of[layer], layer, experts)
 
     def _drain(self) -> None:
         """Waits for the reads in flight: misses a caller left unwaited (an error between
@@ -158,11 +139,7 @@ class LocalExperts:
                 misses.wait_all()
             except EdgemoeError:
                 pass
-        for key, (_, pending) in list(self._prefetched.items()):
-            try:
-                pending.wait(key[1])
-            except EdgemoeError:
-                del self._prefetched[key]
+        self._prefetch.drain()
 
     def slots(self, layer: int, experts: list[int]) -> np.ndarray:
         """Slot ids holding `experts` (at most `scratch_slots` of them), reading misses in parallel."""
@@ -190,16 +167,16 @@ class LocalExperts:
             if group.cache.get(key) is not None:
                 slots[i] = group.slot_of[key]
                 continue
-            prefetched = self._prefetched.pop(key, None)
+            prefetched = self._prefetch.take(key)
             admitted = group.cache.put(key, True, group.record_bytes, protect)
             if admitted:
                 slot = group.admit(key)
             if prefetched is not None:
                 used_prefetch += 1
                 if admitted:
-                    group.copy_slot(prefetched[0], slot)
+                    group.copy_slot(prefetched, slot)
                 else:
-                    slot = prefetched[0]
+                    slot = prefetched
             else:
                 if not admitted:
                     slot, scratch = scratch, scratch + 1
@@ -219,10 +196,9 @@ class LocalExperts:
                     staged[e], record = (record, slot), record + 1
                 targets[e] = staging.views(staged[e][0])
         self.stats.experts_from_cache += len(experts) - len(targets) - used_prefetch
-        self.stats.prefetch_used += used_prefetch
         if not targets:
             return slots, None
-        self.stats.experts_from_ssd += len(targets)
+        self.stats.experts_from_ssd += len(targets) - self._prefetch.read_ahead(layer, list(targets))
         misses = Misses(group, layer, list(targets), staged)
         try:
             misses.pending = self.store.start_reads(layer, targets)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import filemap
+from .direct_io import O_DIRECT, bypass_page_cache
 from .dtypes import address_of
 from .errors import ChecksumError, ExpertFileError
 from .limits import DIRECT_ALIGNMENT, ram_bytes
@@ -29,35 +30,7 @@ INLINE_READ_BYTES = 1 << 20
 READ_CHUNK_BYTES = 1 << 20
 # auto: bypass the page cache when it could not hold the experts anyway.
 IO_MODES = ("auto", "direct", "buffered")
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-
-
-def _bypass_page_cache(fd: int, path: Path) -> tuple[int, bool]:
-    """Reopens with O_DIRECT (Linux) or sets F_NOCACHE (macOS); returns the fd and whether
-    its reads now bypass the page cache (not where the file system refuses direct I/O)."""
-    if _O_DIRECT:
-        try:
-            direct = os.open(path, os.O_RDONLY | _O_DIRECT)
-        except OSError:
-            log.warning("%s does not support direct I/O; reading it through the page cache", path)
-            return fd, False
-        # Some file systems accept O_DIRECT at open and refuse the reads: try one.
-        try:
-            os.preadv(direct, [mmap.mmap(-1, DIRECT_ALIGNMENT)], 0)
-        except OSError:
-            os.close(direct)
-            log.warning("%s refuses direct reads; reading it through the page cache", path)
-            return fd, False
-        os.close(fd)
-        return direct, True
-    import fcntl
-
-    if hasattr(fcntl, "F_NOCACHE"):
-        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
-        return fd, True
-    log.warning("this OS cannot bypass the page cache; reading %s through it", path)
-    return fd, False
 
 
 @dataclass
@@ -113,6 +86,18 @@ class ExpertStore:
         """Whether any expert file is read around the page cache (not only asked to be)."""
         return any(self._direct_fds)
 
+    @property
+    def can_advise(self) -> bool:
+        """Whether `advise` can read ahead: every file through the page cache, and posix_fadvise."""
+        return hasattr(os, "posix_fadvise") and not self.any_direct
+
+    def advise(self, layer: int, experts: list[int]) -> None:
+        """Asks the kernel to start reading these experts into the page cache (WILLNEED), and
+        returns without waiting: a later read of them finds them there, or in flight."""
+        spec = self.manifest.layer(layer)
+        for seg in (seg for e in experts for seg in spec.experts[e].segments):
+            os.posix_fadvise(self._fds[seg.file], seg.offset, seg.length, os.POSIX_FADV_WILLNEED)
+
     def io_modes(self) -> dict[str, str]:
         """Per expert file, the I/O in effect: "direct" (around the page cache) or "buffered".
 
@@ -128,7 +113,7 @@ class ExpertStore:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             if self.direct:
-                return _bypass_page_cache(fd, path)
+                return bypass_page_cache(fd, path)
             return fd, False
         except FileNotFoundError as exc:
             self.close()
@@ -302,7 +287,7 @@ class ExpertStore:
 
     def _read_chunk(self, layer: int, expert: int, file: int, iov: list[memoryview], offset: int, length: int) -> None:
         try:
-            if self._direct_fds[file] and _O_DIRECT:
+            if self._direct_fds[file] and O_DIRECT:
                 got = self._read_direct(self._fds[file], iov, offset, length)
             else:
                 got = os.preadv(self._fds[file], iov, offset)

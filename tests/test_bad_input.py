@@ -157,27 +157,32 @@ def test_corrupted_expert_is_never_computed_with(models, packed_copy, monkeypatc
                                            cache_bytes=read_manifest(packed_copy).total_expert_bytes)
 
 
-@pytest.mark.parametrize("on_threads", [False, True], ids=["read-inline", "on-io-threads"])
-def test_a_corrupted_prefetched_expert_costs_only_time(packed_copy, monkeypatch, on_threads):
+@pytest.mark.parametrize("way", ["read-inline", "on-io-threads", "readahead"])
+def test_a_corrupted_prefetched_expert_costs_only_time(packed_copy, monkeypatch, way):
     """A guessed expert whose record fails its checksum never reaches a slot, and the
     prefetch raises nothing: its real read reports the error. On the I/O threads each
     record is checked alone, so the others guessed with it are used; a small batch read
-    inline is checked as a batch, and is dropped whole."""
+    inline is checked as a batch, and is dropped whole. Read ahead by the kernel, nothing
+    is checked until the misses are read, each on its own."""
     from edgemoe.node import store as store_module
     from edgemoe.node.local import LocalExperts
     from edgemoe.node.store import ExpertStore
 
-    if on_threads:
+    if way != "readahead":  # the prefetch into slots, as where there is no posix_fadvise or with direct I/O
+        monkeypatch.setattr(ExpertStore, "can_advise", property(lambda self: False))
+    if way == "on-io-threads":
         monkeypatch.setattr(store_module, "INLINE_READ_BYTES", 0)
     manifest = read_manifest(packed_copy)
     spec = manifest.layers[1]
     path, _ = corrupt_expert(packed_copy, spec.layer, 3)
     path.read_bytes()  # in the page cache: a small batch is read inline only from there
-    local = LocalExperts(ExpertStore(packed_copy, manifest), 4 * spec.record_bytes, prefetch_slots=4)
+    local = LocalExperts(ExpertStore(packed_copy, manifest, io_mode="buffered"), 4 * spec.record_bytes,
+                         prefetch_experts=4)
     try:
+        assert local.prefetch_width == (8 if way == "readahead" else 4)
         local.prefetch(spec.layer, [3, 5])
         slot = int(local.slots(spec.layer, [5])[0])
-        expected = (2, 1, 0) if on_threads else (0, 0, 1)
+        expected = {"read-inline": (0, 0, 1), "on-io-threads": (2, 1, 0), "readahead": (2, 1, 0)}[way]
         assert (local.stats.prefetched, local.stats.prefetch_used, local.stats.experts_from_ssd) == expected
         reference = ExpertStore(packed_copy, manifest, io_mode="buffered")
         record = reference.read(spec.layer, 5)

@@ -35,6 +35,8 @@ ENGINE = {
     "edgemoe.node.staging",
     "edgemoe.node.mapped",
     "edgemoe.node.filemap",
+    "edgemoe.node.prefetch",
+    "edgemoe.node.direct_io",
     "edgemoe.node.compute",
     "edgemoe.node.manifest",
     "edgemoe.node.architecture",

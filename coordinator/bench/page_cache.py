@@ -49,29 +49,37 @@ def warm_page_cache(paths: list[Path]) -> None:
 
 def resident_fraction(paths: list[Path]) -> float | None:
     """Fraction of the files' pages in the page cache (mincore), or None if it cannot tell."""
+    total = resident = 0
+    for path in paths:
+        pages = resident_pages(path)
+        if pages is None:
+            return None
+        resident += int(pages.sum())
+        total += pages.size
+    return resident / total if total else None
+
+
+def resident_pages(path: Path) -> np.ndarray | None:
+    """Per page of the file, whether the page cache holds it (mincore); None if it cannot tell."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         mincore = libc.mincore
         mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        total = resident = 0
-        for path in paths:
-            size = os.path.getsize(path)
-            if size == 0:
-                continue
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vec = (ctypes.c_ubyte * pages)()
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
-                # ACCESS_COPY only to get a writable buffer ctypes can address; nothing is touched.
-                view = (ctypes.c_char * size).from_buffer(mm)
-                try:
-                    rc = mincore(ctypes.addressof(view), size, vec)
-                finally:
-                    del view
-            if rc != 0:
-                return None
-            resident += int((np.frombuffer(memoryview(vec), dtype=np.uint8) & 1).sum())
-            total += pages
-        return resident / total if total else None
+        size = os.path.getsize(path)
+        if size == 0:
+            return np.zeros(0, dtype=bool)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+            # ACCESS_COPY only to get a writable buffer ctypes can address; nothing is touched.
+            view = (ctypes.c_char * size).from_buffer(mm)
+            try:
+                rc = mincore(ctypes.addressof(view), size, vec)
+            finally:
+                del view
+        if rc != 0:
+            return None
+        return (np.frombuffer(memoryview(vec), dtype=np.uint8) & 1).astype(bool)
     except (OSError, AttributeError, ValueError, TypeError):
         return None
 

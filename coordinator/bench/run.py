@@ -64,7 +64,7 @@ def run_bench(
     compare_mlx_lm: bool = True,
     in_place_source: Path | None = None,
     io_mode: str = "auto",
-    prefetch: bool = False,
+    prefetch: bool | None = False,
 ) -> dict[str, Any]:
     if tokens < 2:
         raise EdgemoeError(f"--tokens {tokens} must be at least 2: decode is timed from the first token to the last")
@@ -97,7 +97,7 @@ def run_bench(
                 dense_bytes=sm.dense_bytes,
                 cache_budget_bytes=budget,
                 direct_io=sm.local.store.direct,
-                prefetch=prefetch,
+                prefetch=sm.local.prefetch_experts > 0,
                 tokens=tokens,
                 prompt_tokens=len(prompt_tokens),
                 repeats=REPEATS,

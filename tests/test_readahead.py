@@ -1,0 +1,93 @@
+"""`--prefetch` through the page cache: the kernel is asked to read the guessed experts ahead,
+exactly those, and a guess leaves nothing of ours written."""
+
+import mmap
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import unavailable
+
+from edgemoe.coordinator.bench.page_cache import drop_page_cache, expert_paths, resident_pages
+from edgemoe.node.local import LocalExperts
+from edgemoe.node.manifest import read_manifest
+from edgemoe.node.store import ExpertStore
+
+
+def _record_pages(spec, expert: int) -> tuple[int, set[int]]:
+    """The file index and pages of one expert's record."""
+    segments = spec.experts[expert].segments
+    assert len({s.file for s in segments}) == 1
+    pages = {p for s in segments for p in range(s.offset // mmap.PAGESIZE, -(-(s.offset + s.length) // mmap.PAGESIZE))}
+    return segments[0].file, pages
+
+
+@pytest.fixture
+def packed(models, tmp_path):
+    """A private copy: dropping its page cache disturbs no other test."""
+    dst = tmp_path / "packed"
+    shutil.copytree(models.packed("qwen3_moe", True), dst)
+    return dst
+
+
+def test_readahead_brings_exactly_the_guessed_records_into_the_page_cache(packed):
+    if not hasattr(os, "posix_fadvise"):
+        unavailable("this OS has no posix_fadvise: --prefetch reads into slots there")
+    manifest = read_manifest(packed)
+    paths = expert_paths(packed, manifest)
+    spec = manifest.layers[1]
+    store = ExpertStore(packed, manifest, io_mode="buffered")
+    try:
+        assert store.can_advise
+        drop_page_cache(paths)
+        before = [resident_pages(p) for p in paths]
+        if any(p is None or p.any() for p in before):
+            unavailable("the page cache cannot be dropped or inspected here")
+        guessed, others = [2, 7], [e for e in range(spec.num_experts) if e not in (2, 7)]
+        store.advise(spec.layer, guessed)
+        now = [resident_pages(p) for p in paths]
+        for e in guessed:
+            file, pages = _record_pages(spec, e)
+            assert all(now[file][p] for p in pages), f"expert {e} was not read ahead"
+        read_ahead = {(f, p) for f, pages in enumerate(now) for p in np.flatnonzero(pages).tolist()}
+        asked = {(f, p) for e in guessed for f, pages in [_record_pages(spec, e)] for p in pages}
+        # Nothing else: the files are opened POSIX_FADV_RANDOM, so no neighbour is pulled in.
+        assert read_ahead == asked, sorted(read_ahead - asked)
+        assert others and store.stats.reads == 0  # nothing was read by us
+    finally:
+        store.close()
+
+
+def test_a_wrong_readahead_guess_costs_no_slot_and_no_wait(packed):
+    """Guessed experts the layer does not ask for leave the cache and the slots as they were;
+    those it asks for are read as misses, and counted as the prefetch's."""
+    manifest = read_manifest(packed)
+    spec = manifest.layers[0]
+    local = LocalExperts(ExpertStore(packed, manifest, io_mode="buffered"), 4 * spec.record_bytes,
+                         prefetch_experts=2)
+    try:
+        group = local._group_of[spec.layer]
+        assert group.prefetch_slots == 0  # readahead needs no bank of slots
+        local.prefetch(spec.layer, [1, 2, 3, 4])
+        assert local.stats.prefetched == 4 and local.cached_experts == 0
+        local.slots(spec.layer, [2, 9])
+        assert (local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 1)
+        assert local.cached_experts == 2 and (spec.layer, 1) not in local
+    finally:
+        local.close()
+
+
+def test_auto_reads_ahead_only_small_experts_through_the_page_cache(packed, monkeypatch):
+    from edgemoe.node import prefetch as prefetch_module
+
+    manifest = read_manifest(packed)
+    for io_mode, expected in (("buffered", hasattr(os, "posix_fadvise")), ("direct", False)):
+        store = ExpertStore(packed, manifest, io_mode=io_mode)
+        try:
+            assert prefetch_module.prefetch_chosen(store) is expected, io_mode
+            if expected:
+                monkeypatch.setattr(prefetch_module, "READAHEAD_MAX_RECORD_BYTES", manifest.expert_bytes - 1)
+                assert prefetch_module.prefetch_chosen(store) is False
+        finally:
+            store.close()
