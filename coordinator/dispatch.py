@@ -158,7 +158,9 @@ class LayerDispatch:
         width = min(self.local.prefetch_width, self.prefetch.next_layer.kernel.spec.num_experts)
         if not width:
             return None
-        logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1]).astype(mx.float32)
+        # A (1, D) row, not 1-D: MLX's CUDA quantized matmul fails on a 1-D input
+        # (tests/upstream/mlx_cuda_qmm_1d.py).
+        logits = self.prefetch.logits(x.reshape(-1, x.shape[-1])[-1:])[0].astype(mx.float32)
         # Most likely first: the disk serves the reads roughly in the order they are asked for.
         return mx.argsort(-logits)[:width]
 

@@ -220,7 +220,7 @@ def test_the_prefetch_guess_is_the_next_routers_top_experts_on_this_layers_input
         # Decode steps only (one row), each guessing into every layer but the first.
         assert calls and len(calls) % (len(layers) - 1) == 0
         for layer, following, guess, x in calls:
-            logits = np.array(layers[following].mlp.gate(x.reshape(-1, x.shape[-1])[-1]).astype(mx.float32))
+            logits = np.array(layers[following].mlp.gate(x.reshape(-1, x.shape[-1])[-1:])[0].astype(mx.float32))
             assert guess == sorted(np.argsort(-logits)[:width].tolist()), (layer, following)
         for layer in {layer for layer, *_ in calls}:
             mine = [kind for kind, at in events if at == layer]

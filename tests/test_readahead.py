@@ -4,6 +4,7 @@ exactly those, and a guess leaves nothing of ours written."""
 import mmap
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -46,12 +47,16 @@ def test_readahead_brings_exactly_the_guessed_records_into_the_page_cache(packed
             unavailable("the page cache cannot be dropped or inspected here")
         guessed, others = [2, 7], [e for e in range(spec.num_experts) if e not in (2, 7)]
         store.advise(spec.layer, guessed)
-        now = [resident_pages(p) for p in paths]
-        for e in guessed:
-            file, pages = _record_pages(spec, e)
-            assert all(now[file][p] for p in pages), f"expert {e} was not read ahead"
-        read_ahead = {(f, p) for f, pages in enumerate(now) for p in np.flatnonzero(pages).tolist()}
         asked = {(f, p) for e in guessed for f, pages in [_record_pages(spec, e)] for p in pages}
+        # WILLNEED only starts the reads: wait (a bounded while) for them to land.
+        deadline = time.monotonic() + 10
+        while True:
+            now = [resident_pages(p) for p in paths]
+            read_ahead = {(f, p) for f, pages in enumerate(now) for p in np.flatnonzero(pages).tolist()}
+            if asked <= read_ahead or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert asked <= read_ahead, f"not read ahead: {sorted(asked - read_ahead)}"
         # Nothing else: the files are opened POSIX_FADV_RANDOM, so no neighbour is pulled in.
         assert read_ahead == asked, sorted(read_ahead - asked)
         assert others and store.stats.reads == 0  # nothing was read by us
