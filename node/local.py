@@ -117,6 +117,11 @@ class LocalExperts:
         return self._group_of[layer].pool.arrays
 
     @property
+    def reads_ahead(self) -> bool:
+        """Whether `--prefetch` has the kernel read guesses ahead (rather than into slots)."""
+        return bool(self.prefetch_experts) and self._prefetch.advises
+
+    @property
     def prefetch_width(self) -> int:
         """How many experts to guess for a layer (0: no prefetch)."""
         return self._prefetch.width if self.prefetch_experts else 0
@@ -196,9 +201,10 @@ class LocalExperts:
                     staged[e], record = (record, slot), record + 1
                 targets[e] = staging.views(staged[e][0])
         self.stats.experts_from_cache += len(experts) - len(targets) - used_prefetch
+        read_ahead = self._prefetch.read_ahead(layer, list(targets))
         if not targets:
             return slots, None
-        self.stats.experts_from_ssd += len(targets) - self._prefetch.read_ahead(layer, list(targets))
+        self.stats.experts_from_ssd += len(targets) - read_ahead
         misses = Misses(group, layer, list(targets), staged)
         try:
             misses.pending = self.store.start_reads(layer, targets)

@@ -57,10 +57,9 @@ class Prefetcher:
         self.in_slots: dict[tuple[int, int], tuple[int, PendingReads]] = {}
         # What the kernel was last asked to read ahead, to count the misses it served.
         self.advised: set[tuple[int, int]] = set()
-
-    @property
-    def advises(self) -> bool:
-        return self.store.can_advise
+        # The way is fixed at load: the pools are built for it (banks of slots or none), and
+        # the loader allows only readahead on a GPU.
+        self.advises = store.can_advise
 
     @property
     def width(self) -> int:
@@ -71,8 +70,15 @@ class Prefetcher:
         """Starts reading `experts` of `layer` (the caller has drained the slot bank's reads)."""
         wanted = [e for e in experts if (layer, e) not in group.cache]
         if self.advises:
+            try:
+                self.store.advise(layer, wanted)
+            except OSError as exc:
+                # A hint must never cost a token: no more guesses (width 0), and a warning.
+                log.warning("--prefetch off: the kernel refused to read ahead (%s)", exc.strerror or exc)
+                self.experts_per_token = 0
+                self.advised = set()
+                return
             self.advised = {(layer, e) for e in wanted}
-            self.store.advise(layer, wanted)
             self.stats.prefetched += len(wanted)
             return
         self.in_slots.clear()
@@ -106,9 +112,10 @@ class Prefetcher:
 
     def read_ahead(self, layer: int, misses: list[int]) -> int:
         """How many of these misses the kernel was asked to read ahead (counted as used: they
-        are read as any miss, from the page cache if the readahead is in)."""
+        are read as any miss, from the page cache if the readahead is in). The guess was for
+        the next layer to ask: whatever it did not ask for was wrong, and is forgotten."""
         used = sum((layer, e) in self.advised for e in misses)
-        self.advised.difference_update((layer, e) for e in misses)
+        self.advised.clear()
         self.stats.prefetch_used += used
         return used
 

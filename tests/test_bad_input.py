@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import PROMPT, encode, run_cli
+from conftest import PROMPT, encode, run_cli, unavailable
 
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
@@ -168,6 +169,8 @@ def test_a_corrupted_prefetched_expert_costs_only_time(packed_copy, monkeypatch,
     from edgemoe.node.local import LocalExperts
     from edgemoe.node.store import ExpertStore
 
+    if way == "readahead" and not hasattr(os, "posix_fadvise"):
+        unavailable("this OS has no posix_fadvise: --prefetch reads into slots there")
     if way != "readahead":  # the prefetch into slots, as where there is no posix_fadvise or with direct I/O
         monkeypatch.setattr(ExpertStore, "can_advise", property(lambda self: False))
     if way == "on-io-threads":

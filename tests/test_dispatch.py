@@ -3,6 +3,7 @@ local work in the same layer merged in the router's order."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 import mlx.core as mx
@@ -215,8 +216,10 @@ def test_the_prefetch_guess_is_the_next_routers_top_experts_on_this_layers_input
         events.clear()
         generate(sm, prompt, max_tokens=4)
         layers = sm.model.model.layers
-        width = 2 * sm.config["num_experts_per_tok"]
-        assert sm.local.prefetch_width == width and sm.local.store.can_advise
+        # Readahead guesses 2K; without posix_fadvise (macOS) K go into spare slots.
+        width = (2 if sm.local.store.can_advise else 1) * sm.config["num_experts_per_tok"]
+        assert sm.local.prefetch_width == width
+        assert sm.local.store.can_advise == hasattr(os, "posix_fadvise")
         # Decode steps only (one row), each guessing into every layer but the first.
         assert calls and len(calls) % (len(layers) - 1) == 0
         for layer, following, guess, x in calls:

@@ -1,6 +1,7 @@
 """`--prefetch` through the page cache: the kernel is asked to read the guessed experts ahead,
 exactly those, and a guess leaves nothing of ours written."""
 
+import errno
 import mmap
 import os
 import shutil
@@ -66,7 +67,10 @@ def test_readahead_brings_exactly_the_guessed_records_into_the_page_cache(packed
 
 def test_a_wrong_readahead_guess_costs_no_slot_and_no_wait(packed):
     """Guessed experts the layer does not ask for leave the cache and the slots as they were;
-    those it asks for are read as misses, and counted as the prefetch's."""
+    those it asks for are read as misses, and counted as the prefetch's. Once the layer has
+    asked, the rest of the guess is forgotten."""
+    if not hasattr(os, "posix_fadvise"):
+        unavailable("this OS has no posix_fadvise: --prefetch reads into slots there")
     manifest = read_manifest(packed)
     spec = manifest.layers[0]
     local = LocalExperts(ExpertStore(packed, manifest, io_mode="buffered"), 4 * spec.record_bytes,
@@ -79,6 +83,8 @@ def test_a_wrong_readahead_guess_costs_no_slot_and_no_wait(packed):
         local.slots(spec.layer, [2, 9])
         assert (local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 1)
         assert local.cached_experts == 2 and (spec.layer, 1) not in local
+        local.slots(spec.layer, [3])  # guessed, but asked for after the guess's layer was done
+        assert (local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 2)
     finally:
         local.close()
 
@@ -96,3 +102,34 @@ def test_auto_reads_ahead_only_small_experts_through_the_page_cache(packed, monk
                 assert prefetch_module.prefetch_chosen(store) is False
         finally:
             store.close()
+
+
+def test_a_refused_readahead_turns_prefetch_off_and_loses_no_token(models, monkeypatch, caplog):
+    from conftest import PROMPT, encode, mlx_lm_tokens
+
+    from edgemoe.coordinator.generate import generate
+    from edgemoe.coordinator.loader import load_streaming_model
+
+    if not hasattr(os, "posix_fadvise"):
+        unavailable("this OS has no posix_fadvise: --prefetch reads into slots there")
+
+    def refused(self, layer, experts):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(ExpertStore, "advise", refused)
+    src, packed = models.src("qwen3_moe", True), models.packed("qwen3_moe", True)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, models=models)
+    caplog.set_level("WARNING", logger="edgemoe.node.prefetch")
+    sm = load_streaming_model(packed, cache_bytes=2 * read_manifest(packed).expert_bytes, io_mode="buffered",
+                              prefetch=True)
+    try:
+        result = generate(sm, prompt, max_tokens=len(expected))
+        assert result.token_ids == expected
+        warnings = [r.getMessage() for r in caplog.records if "read ahead" in r.getMessage()]
+        assert len(warnings) == 1 and "Invalid argument" in warnings[0]
+        # One refused guess, then none: the layers stop guessing.
+        assert sm.guesses()[0] == 2 * sm.config["num_experts_per_tok"]
+        assert result.stats.experts_prefetched == 0
+    finally:
+        sm.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import mlx.core as mx
 import pytest
@@ -132,7 +133,7 @@ def test_prefetch_same_tokens_as_mlx_lm(models, arch):
         for which in BUDGETS:
             result, sm = stream(models.packed(arch, True), prompt, which, io_mode=io_mode, prefetch=True)
             assert result.token_ids == expected, f"budget {which}, {io_mode} I/O"
-            assert sm.local.store.can_advise == (io_mode == "buffered")
+            assert sm.local.store.can_advise == (io_mode == "buffered" and hasattr(os, "posix_fadvise"))
             s = result.stats
             if mx.default_device() != mx.cpu and io_mode == "direct":
                 # Off the CPU the loader runs without prefetch into slots (not exact there, see README).
@@ -382,7 +383,7 @@ def test_cli_generate_json_same_tokens_as_mlx_lm(models, cli_packed, map_experts
     if map_experts == "off":
         assert stats["ssd_bytes_read"] > 0 and stats["ssd_read_gbps"] > 0
         # `--prefetch auto` (the default): the kernel reads small experts ahead (test_readahead.py).
-        assert stats["experts_prefetched"] > 0
+        assert (stats["experts_prefetched"] > 0) == hasattr(os, "posix_fadvise")
 
 
 @pytest.mark.parametrize("prefetch", ["off", "on"])

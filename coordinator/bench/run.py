@@ -108,6 +108,9 @@ def run_bench(
             log.info("cold decode, cache budget %.1f MiB", budget / MiB)
             cold = best_of(lambda: cold_run(sm, paths, prompt_tokens, tokens, budget))
             report.update(_cold_figures(cold, report, manifest, notes))
+            if sm.local.reads_ahead:
+                notes.add("--prefetch has the kernel read guessed experts ahead, outside the timed reads: expert "
+                          "read GB/s (and its share of raw) then counts copies from the page cache too")
             report.update(_every_token_cold_figures(sm, paths, prompt_tokens, tokens, budget, report, notes))
             report.update(_memory_figures())
             report.update(dead_peer_figures(sm, model_dir, options, paths, prompt_tokens, tokens, budget, notes))
