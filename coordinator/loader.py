@@ -126,8 +126,8 @@ def load_streaming_model(
             # On CUDA the prefetch into slots gave other tokens than mlx-lm (2026-11-29, cause
             # not yet found): a wrong answer is worse than a slower one. Readahead writes
             # nothing of ours, so it runs everywhere.
-            log.warning("--prefetch with direct I/O is not yet exact on %s: running without it",
-                        mx.default_device())
+            log.warning("--prefetch into spare slots (files not read through the page cache, or no "
+                        "posix_fadvise) is not yet exact on %s: running without it", mx.default_device())
             prefetch = False
         k = (routed_experts_per_token(config) or 0) if prefetch else 0
         # Misses computed as they land run in other batch shapes than mlx-lm's one call per

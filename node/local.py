@@ -119,7 +119,7 @@ class LocalExperts:
     @property
     def reads_ahead(self) -> bool:
         """Whether `--prefetch` has the kernel read guesses ahead (rather than into slots)."""
-        return bool(self.prefetch_experts) and self._prefetch.advises
+        return self.prefetch_width > 0 and self._prefetch.advises
 
     @property
     def prefetch_width(self) -> int:
@@ -256,9 +256,11 @@ class LocalExperts:
         before the previous call (a decode loop calls this once per token it receives, while
         the next token's graph, recorded since, may still be computing), once SETTLE_EVERY
         tokens' worth have gathered; or all of them (which waits for any graph still
-        computing). Call it from the generating thread."""
+        computing; the end of a generation, which also forgets the last prefetch guess). Call
+        it from the generating thread."""
         if everything:
             done = self._take(len(self._unsettled))
+            self._prefetch.forget_guess()
         elif self._unsettled and self._epoch - self._unsettled[0][2] >= SETTLE_EVERY:
             done = self._take(sum(1 for u in self._unsettled if u[2] < self._epoch))
         else:

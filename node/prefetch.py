@@ -55,8 +55,9 @@ class Prefetcher:
         self.experts_per_token = experts_per_token
         # (layer, expert) -> prefetch slot, and the reads filling it.
         self.in_slots: dict[tuple[int, int], tuple[int, PendingReads]] = {}
-        # What the kernel was last asked to read ahead, to count the misses it served.
+        # What the kernel was last asked to read ahead, for which layer, to count the misses it served.
         self.advised: set[tuple[int, int]] = set()
+        self.advised_layer: int | None = None
         # The way is fixed at load: the pools are built for it (banks of slots or none), and
         # the loader allows only readahead on a GPU.
         self.advises = store.can_advise
@@ -76,9 +77,10 @@ class Prefetcher:
                 # A hint must never cost a token: no more guesses (width 0), and a warning.
                 log.warning("--prefetch off: the kernel refused to read ahead (%s)", exc.strerror or exc)
                 self.experts_per_token = 0
-                self.advised = set()
+                self.advised.clear()
                 return
             self.advised = {(layer, e) for e in wanted}
+            self.advised_layer = layer
             self.stats.prefetched += len(wanted)
             return
         self.in_slots.clear()
@@ -113,9 +115,13 @@ class Prefetcher:
     def read_ahead(self, layer: int, misses: list[int]) -> int:
         """How many of these misses the kernel was asked to read ahead (counted as used: they
         are read as any miss, from the page cache if the readahead is in). The guess was for
-        the next layer to ask: whatever it did not ask for was wrong, and is forgotten."""
+        the next layer to ask: whatever it did not ask for was wrong, and is forgotten once that
+        layer has asked (another layer's call, such as a node's fallback in this one, keeps it)."""
+        if layer != self.advised_layer:
+            return 0
         used = sum((layer, e) in self.advised for e in misses)
         self.advised.clear()
+        self.advised_layer = None
         self.stats.prefetch_used += used
         return used
 
@@ -128,6 +134,11 @@ class Prefetcher:
             except EdgemoeError:
                 del self.in_slots[key]
 
+    def forget_guess(self) -> None:
+        """The end of a generation: a guess its last layers did not ask about is not carried into the next."""
+        self.advised.clear()
+        self.advised_layer = None
+
     def clear(self) -> None:
         self.in_slots.clear()
-        self.advised.clear()
+        self.forget_guess()

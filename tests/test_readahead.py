@@ -68,23 +68,30 @@ def test_readahead_brings_exactly_the_guessed_records_into_the_page_cache(packed
 def test_a_wrong_readahead_guess_costs_no_slot_and_no_wait(packed):
     """Guessed experts the layer does not ask for leave the cache and the slots as they were;
     those it asks for are read as misses, and counted as the prefetch's. Once the layer has
-    asked, the rest of the guess is forgotten."""
+    asked, the rest of the guess is forgotten; another layer asking first (a node's fallback
+    in the guessing layer) does not forget it; the end of a generation does."""
     if not hasattr(os, "posix_fadvise"):
         unavailable("this OS has no posix_fadvise: --prefetch reads into slots there")
     manifest = read_manifest(packed)
-    spec = manifest.layers[0]
-    local = LocalExperts(ExpertStore(packed, manifest, io_mode="buffered"), 4 * spec.record_bytes,
+    spec, before = manifest.layers[1], manifest.layers[0]
+    local = LocalExperts(ExpertStore(packed, manifest, io_mode="buffered"), 8 * spec.record_bytes,
                          prefetch_experts=2)
     try:
         group = local._group_of[spec.layer]
         assert group.prefetch_slots == 0  # readahead needs no bank of slots
         local.prefetch(spec.layer, [1, 2, 3, 4])
         assert local.stats.prefetched == 4 and local.cached_experts == 0
+        local.slots(before.layer, [2])  # the guessing layer's own fallback
+        assert (local.stats.prefetch_used, local.stats.experts_from_ssd) == (0, 1)
         local.slots(spec.layer, [2, 9])
-        assert (local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 1)
-        assert local.cached_experts == 2 and (spec.layer, 1) not in local
-        local.slots(spec.layer, [3])  # guessed, but asked for after the guess's layer was done
         assert (local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 2)
+        assert local.cached_experts == 3 and (spec.layer, 1) not in local
+        local.slots(spec.layer, [3])  # guessed, but asked for after the guess's layer was done
+        assert (local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 3)
+        local.prefetch(spec.layer, [5])
+        local.settle(everything=True)  # the generation ended before the layer asked
+        local.slots(spec.layer, [5])
+        assert (local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 4)
     finally:
         local.close()
 
@@ -131,5 +138,6 @@ def test_a_refused_readahead_turns_prefetch_off_and_loses_no_token(models, monke
         # One refused guess, then none: the layers stop guessing.
         assert sm.guesses()[0] == 2 * sm.config["num_experts_per_tok"]
         assert result.stats.experts_prefetched == 0
+        assert sm.local.prefetch_width == 0 and not sm.local.reads_ahead  # what the bench reports
     finally:
         sm.close()

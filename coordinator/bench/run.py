@@ -97,7 +97,7 @@ def run_bench(
                 dense_bytes=sm.dense_bytes,
                 cache_budget_bytes=budget,
                 direct_io=sm.local.store.direct,
-                prefetch=sm.local.prefetch_experts > 0,
+                prefetch=sm.local.prefetch_width > 0,
                 tokens=tokens,
                 prompt_tokens=len(prompt_tokens),
                 repeats=REPEATS,
