@@ -121,7 +121,7 @@ def load_streaming_model(
         budget = cache_bytes if cache_bytes is not None else default_cache_bytes(manifest)
         on_cpu = mx.default_device() == mx.cpu
         if prefetch is None:
-            prefetch = prefetch_chosen(store)
+            prefetch = prefetch_chosen(store, slots_allowed=on_cpu)
         if prefetch and not on_cpu and not store.can_advise:
             # On CUDA the prefetch into slots gave other tokens than mlx-lm (2026-11-29, cause
             # not yet found): a wrong answer is worse than a slower one. Readahead writes

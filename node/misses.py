@@ -1,5 +1,6 @@
 """A layer's misses being read into their slots (`LocalExperts.start_slots`): waited for
-one by one as they land, or all at once; staged ones are copied into their slots then."""
+one by one as they land, or all at once; staged ones are copied into their slots then, and
+right guesses still being read into prefetch slots (prefetch.py) into their cache slots."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ from .pool import SlotGroup
 class Misses:
     """A layer's misses being read into their slots (see `LocalExperts.start_slots`)."""
 
-    def __init__(self, group: SlotGroup, layer: int, experts: list[int], staged: dict[int, tuple[int, int]]):
+    def __init__(self, group: SlotGroup, layer: int, experts: list[int], staged: dict[int, tuple[int, int]],
+                 prefetched: dict[int, tuple[PendingReads, int, int | None]] | None = None):
         self.group = group
         self.layer = layer
         self.pending: PendingReads | None = None
-        self._experts = experts
         # expert -> (its staging record, its slot), until copied there
         self._staged = staged
+        # expert -> (the prefetch's read, its prefetch slot, the cache slot to copy it into or
+        # None), until waited for
+        self._prefetched = prefetched or {}
+        self._experts = experts + list(self._prefetched)
 
     @property
     def experts(self) -> list[int]:
-        """The misses still to wait for, in read order."""
-        return self.pending.experts if self.pending is not None else []
+        """The misses still to wait for, in read order (guesses first: their reads began earlier)."""
+        return list(self._prefetched) + (self.pending.experts if self.pending is not None else [])
 
     def wait(self, expert: int) -> None:
+        if expert in self._prefetched:
+            self._take_prefetched(expert)
+            return
         assert self.pending is not None  # set by start_slots before it hands the misses out
         try:
             self.pending.wait(expert)
@@ -33,8 +41,21 @@ class Misses:
             raise
         self._land([expert])
 
+    def _take_prefetched(self, expert: int) -> None:
+        reads, prefetch_slot, cache_slot = self._prefetched.pop(expert)
+        try:
+            reads.wait(expert)
+        except EdgemoeError:
+            self.forget()
+            raise
+        if cache_slot is not None:
+            self.group.copy_slot(prefetch_slot, cache_slot)
+
     def wait_all(self) -> None:
-        assert self.pending is not None  # set by start_slots before it hands the misses out
+        for e in list(self._prefetched):
+            self._take_prefetched(e)
+        if self.pending is None:
+            return
         if self.group.staging is not None and self._staged:
             self._land_as_read()
             return
@@ -78,7 +99,8 @@ class Misses:
     def land_done(self) -> None:
         """Copies the staged experts already read (a small batch is read before `start_reads`
         returns): no `wait` would see them."""
-        assert self.pending is not None  # set by start_slots before it calls this
+        if self.pending is None:
+            return
         self._land([e for e in self._staged if e not in self.pending.experts])
 
     def _land(self, experts: list[int]) -> None:

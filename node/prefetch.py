@@ -3,8 +3,10 @@
 Where the expert files are read through the page cache (and the OS has posix_fadvise), the
 kernel is asked to read them ahead (WILLNEED) and nothing else is done: the next layer's
 misses then find them there, and a wrong guess costs only disk time, never a wait or a slot.
-Elsewhere (direct I/O; macOS) they are read into a bank of spare slots, which the next layer
-waits for before it touches any slot.
+Elsewhere (direct I/O; macOS) they are read into a bank of spare slots. The next layer takes
+the right guesses as misses already being read: its other misses are read meanwhile, and it
+waits for a guess only to compute it. A wrong guess is never waited for until its bank is
+filled again, two layers later.
 """
 
 from __future__ import annotations
@@ -32,18 +34,30 @@ ADVISED_PER_PICK = 2
 # 72 KiB experts 90.4 against 70.3 tok/s (page cache warm: 100.8 against 102.4); 6 MiB
 # experts 9.2 against 12.8 (buffered; the disk is the bound, and a wrong guess takes its time).
 READAHEAD_MAX_RECORD_BYTES = 256 * 1024
+# Guesses per layer into slots where records are larger than that: a record then takes the
+# disk's bandwidth, and a wrong guess delays the next layer's own misses by a whole record.
+SLOT_GUESSES_LARGE = 1
 
 
-def prefetch_chosen(store: ExpertStore) -> bool:
-    """`--prefetch auto`: readahead where it pays (above), else none."""
+def prefetch_chosen(store: ExpertStore, slots_allowed: bool = True) -> bool:
+    """`--prefetch auto`: where it pays (above), readahead of small experts, or the top guess
+    of large experts into slots when they are read around the page cache (`slots_allowed`:
+    the loader's say, which keeps slots off a GPU); else none."""
     largest = max(spec.record_bytes for spec in store.manifest.layers)
-    if not store.can_advise:
-        why = "the expert files are read around the page cache" if store.any_direct else "no posix_fadvise here"
-    elif largest > READAHEAD_MAX_RECORD_BYTES:
-        why = f"experts of {largest / 2**20:.2f} MiB are read at the disk's bandwidth, not its latency"
-    else:
+    if store.can_advise and largest <= READAHEAD_MAX_RECORD_BYTES:
         log.info("--prefetch auto: the kernel reads each next layer's likely experts ahead")
         return True
+    if slots_allowed and store.any_direct and largest > READAHEAD_MAX_RECORD_BYTES:
+        log.info("--prefetch auto: each next layer's likeliest expert is read ahead into a spare slot")
+        return True
+    if store.can_advise:
+        why = f"experts of {largest / 2**20:.2f} MiB are read at the disk's bandwidth, not its latency"
+    elif not store.any_direct:
+        why = "no posix_fadvise here"
+    elif not slots_allowed:
+        why = "no prefetch into slots on this device"
+    else:
+        why = "small experts read around the page cache"
     log.info("--prefetch auto: off (%s)", why)
     return False
 
@@ -53,22 +67,28 @@ class Prefetcher:
         self.store = store
         self.stats = stats
         self.experts_per_token = experts_per_token
-        # (layer, expert) -> prefetch slot, and the reads filling it.
+        # (layer, expert) -> prefetch slot, and the reads filling it: the last guess, to take.
         self.in_slots: dict[tuple[int, int], tuple[int, PendingReads]] = {}
+        # Each bank's reads, taken or not: waited for before the bank is filled again.
+        self._bank_reads: list[list[tuple[int, PendingReads]]] = [[], []]
         # What the kernel was last asked to read ahead, for which layer, to count the misses it served.
         self.advised: set[tuple[int, int]] = set()
         self.advised_layer: int | None = None
         # The way is fixed at load: the pools are built for it (banks of slots or none), and
         # the loader allows only readahead on a GPU.
         self.advises = store.can_advise
+        self._large = max(spec.record_bytes for spec in store.manifest.layers) > READAHEAD_MAX_RECORD_BYTES
 
     @property
     def width(self) -> int:
         """How many experts to guess for a layer."""
-        return self.experts_per_token * (ADVISED_PER_PICK if self.advises else 1)
+        if self.advises:
+            return self.experts_per_token * ADVISED_PER_PICK
+        return min(self.experts_per_token, SLOT_GUESSES_LARGE) if self._large else self.experts_per_token
 
     def start(self, group: SlotGroup, layer: int, experts: list[int]) -> None:
-        """Starts reading `experts` of `layer` (the caller has drained the slot bank's reads)."""
+        """Starts reading `experts` of `layer`: the kernel's readahead, or into the bank of
+        slots not filled last (once that bank's reads are done)."""
         wanted = [e for e in experts if (layer, e) not in group.cache]
         if self.advises:
             try:
@@ -87,6 +107,7 @@ class Prefetcher:
         if not group.prefetch_slots:
             return
         group.bank ^= 1
+        self._drain_bank(group.bank)
         first = group.prefetch_start + group.bank * group.prefetch_slots
         targets = {e: group.pool.views(first + i) for i, e in enumerate(wanted[: group.prefetch_slots])}
         if not targets:
@@ -101,16 +122,18 @@ class Prefetcher:
             return
         for i, e in enumerate(targets):
             self.in_slots[(layer, e)] = (first + i, pending)
+            self._bank_reads[group.bank].append((e, pending))
         self.stats.prefetched += len(targets)
 
-    def take(self, key: tuple[int, int]) -> int | None:
-        """The prefetch slot holding `key` (read, and verified once `drain` returns), counted
-        as used; None if no slot holds it."""
+    def take(self, key: tuple[int, int]) -> tuple[int, PendingReads] | None:
+        """The prefetch slot holding `key`, and its read, which may still be in flight: it is
+        in place once `PendingReads.wait(expert)` returns. Counted as used; None if no slot
+        holds it."""
         taken = self.in_slots.pop(key, None)
         if taken is None:
             return None
         self.stats.prefetch_used += 1
-        return taken[0]
+        return taken
 
     def read_ahead(self, layer: int, misses: list[int]) -> int:
         """How many of these misses the kernel was asked to read ahead (counted as used: they
@@ -126,13 +149,22 @@ class Prefetcher:
         return used
 
     def drain(self) -> None:
-        """Waits for the slot reads in flight; a failed one is forgotten, so that a real
+        """Waits for the slot reads in flight; a failed guess is forgotten, so that a real
         read of that expert reports the error if it is ever needed."""
         for key, (_, pending) in list(self.in_slots.items()):
             try:
                 pending.wait(key[1])
             except EdgemoeError:
                 del self.in_slots[key]
+        self._drain_bank(0)
+        self._drain_bank(1)
+
+    def _drain_bank(self, bank: int) -> None:
+        """Waits for every read into a bank, whatever its outcome: its slots are then free to
+        fill (a failed read taken by a layer failed that layer, which reported it)."""
+        for _, pending in self._bank_reads[bank]:
+            pending.settle()
+        self._bank_reads[bank] = []
 
     def forget_guess(self) -> None:
         """The end of a generation: a guess its last layers did not ask about is not carried into the next."""
@@ -140,5 +172,6 @@ class Prefetcher:
         self.advised_layer = None
 
     def clear(self) -> None:
+        self.drain()
         self.in_slots.clear()
         self.forget_guess()

@@ -5,17 +5,21 @@ still never computed with."""
 from __future__ import annotations
 
 import shutil
+import threading
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import encode, mlx_lm_tokens
-from test_bad_input import assert_corrupted_expert_never_computed
+from conftest import encode, mlx_lm_tokens, unavailable
+from test_bad_input import assert_corrupted_expert_never_computed, corrupt_expert
 
 from edgemoe.coordinator.dispatch import LayerDispatch
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
+from edgemoe.node.errors import ChecksumError
+from edgemoe.node.local import LocalExperts
 from edgemoe.node.manifest import read_manifest
-from edgemoe.node.store import INLINE_READ_BYTES
+from edgemoe.node.store import INLINE_READ_BYTES, ExpertStore
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -61,3 +65,100 @@ def test_a_corrupted_large_expert_is_never_computed_with(models, large, tmp_path
     assert_corrupted_expert_never_computed(packed, prompt, monkeypatch,
                                            cache_bytes=read_manifest(packed).expert_bytes, io_mode="direct")
     assert (as_read_calls["n"] > 0) == (mx.default_device() == mx.cpu)
+
+
+def test_auto_prefetch_of_large_experts_read_directly_keeps_mlx_lms_tokens(models, large):
+    """`--prefetch auto` guesses each next layer's likeliest expert into a spare slot (on the
+    CPU: the loader keeps slots off a GPU), and the layer takes it while it is still read."""
+    src, packed = large
+    manifest = read_manifest(packed)
+    prompt = encode(models, src, PROMPT)
+    expected, _ = mlx_lm_tokens(src, prompt, max_tokens=12, models=models)
+    sm = load_streaming_model(packed, cache_bytes=manifest.expert_bytes, io_mode="direct", prefetch=None)
+    try:
+        result = generate(sm, prompt, max_tokens=12)
+        width = sm.local.prefetch_width
+        guessed, _ = sm.guesses()
+    finally:
+        sm.close()
+    assert result.token_ids == expected
+    if mx.default_device() == mx.cpu and set(result.stats.io_modes.values()) == {"direct"}:
+        assert width == 1
+        # One read per guess at most (a guess already cached is not read).
+        assert 0 < result.stats.experts_prefetch_used <= result.stats.experts_prefetched <= guessed
+
+
+def _gated_reads(monkeypatch, gated: tuple[int, int]) -> threading.Event:
+    """Reads of the `gated` (layer, expert) wait for the returned event."""
+    gate = threading.Event()
+    original = ExpertStore._read_chunk
+
+    def read_chunk(self, layer, expert, *args):
+        if (layer, expert) == gated:
+            gate.wait()
+        return original(self, layer, expert, *args)
+
+    monkeypatch.setattr(ExpertStore, "_read_chunk", read_chunk)
+    return gate
+
+
+def _direct_local(packed: Path) -> LocalExperts:
+    manifest = read_manifest(packed)
+    store = ExpertStore(packed, manifest, io_mode="direct")
+    if not store.any_direct:
+        store.close()
+        unavailable("this file system refuses direct I/O: the prefetch into slots reads inline there")
+    # The layer's two routed experts, plus one more: a cache of three.
+    return LocalExperts(store, 3 * manifest.expert_bytes, prefetch_experts=2)
+
+
+def test_a_guess_still_being_read_is_waited_for_only_when_it_is_computed(large, monkeypatch):
+    """The next layer takes a right guess as a miss still being read: its own misses start
+    at once, and the guess lands in its cache slot once waited for."""
+    _, packed = large
+    layer = read_manifest(packed).layers[1].layer
+    gate = _gated_reads(monkeypatch, (layer, 3))
+    # Were start_slots to wait for the guess, only this would let it go on (and the test fail).
+    released = threading.Timer(10.0, gate.set)
+    local = _direct_local(packed)
+    try:
+        assert local.prefetch_width == 1 and local._group_of[layer].prefetch_slots == 1
+        local.prefetch(layer, [3, 5])  # the top guess only
+        released.start()
+        slots, misses = local.start_slots(layer, [3, 4])
+        assert not gate.is_set(), "start_slots waited for the guess"
+        assert misses is not None and misses.experts == [3, 4]
+        gate.set()
+        misses.wait_all()
+        assert (local.stats.prefetched, local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 1, 1)
+        assert (layer, 3) in local and (layer, 4) in local
+        reference = ExpertStore(packed, read_manifest(packed), io_mode="buffered")
+        spec = local.manifest.layer(layer)
+        for expert, slot in zip((3, 4), slots.tolist()):
+            record = reference.read(layer, expert)
+            in_slot = [bytes(v) for v in local._group_of[layer].pool.views(slot)]
+            assert in_slot == [record[t.offset : t.offset + t.nbytes].tobytes() for t in spec.tensors], expert
+        reference.close()
+    finally:
+        released.cancel()
+        gate.set()
+        local.close()
+
+
+def test_a_corrupted_guess_taken_while_read_fails_its_layer_and_is_not_kept(large, tmp_path):
+    _, packed = large
+    packed = shutil.copytree(packed, tmp_path / "packed")
+    layer = read_manifest(packed).layers[1].layer
+    corrupt_expert(packed, layer, 3)
+    local = _direct_local(packed)
+    try:
+        local.prefetch(layer, [3])
+        slots, misses = local.start_slots(layer, [3, 4])
+        assert misses is not None and 3 in misses.experts
+        with pytest.raises(ChecksumError, match=f"layer {layer} expert 3"):
+            misses.wait(3)
+        assert (layer, 3) not in local
+        local.slots(layer, [4, 5])  # the layer's other reads are waited for, and the store still serves
+        assert (layer, 4) in local and (layer, 5) in local
+    finally:
+        local.close()

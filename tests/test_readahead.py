@@ -96,19 +96,26 @@ def test_a_wrong_readahead_guess_costs_no_slot_and_no_wait(packed):
         local.close()
 
 
-def test_auto_reads_ahead_only_small_experts_through_the_page_cache(packed, monkeypatch):
+def test_auto_reads_ahead_small_experts_and_guesses_one_large_one_into_a_slot(packed, monkeypatch):
     from edgemoe.node import prefetch as prefetch_module
 
     manifest = read_manifest(packed)
-    for io_mode, expected in (("buffered", hasattr(os, "posix_fadvise")), ("direct", False)):
-        store = ExpertStore(packed, manifest, io_mode=io_mode)
-        try:
-            assert prefetch_module.prefetch_chosen(store) is expected, io_mode
-            if expected:
-                monkeypatch.setattr(prefetch_module, "READAHEAD_MAX_RECORD_BYTES", manifest.expert_bytes - 1)
-                assert prefetch_module.prefetch_chosen(store) is False
-        finally:
-            store.close()
+    for large in (False, True):
+        # The threshold, not the model, makes its experts "large" here.
+        monkeypatch.setattr(prefetch_module, "READAHEAD_MAX_RECORD_BYTES",
+                            manifest.expert_bytes - 1 if large else manifest.expert_bytes)
+        for io_mode in ("buffered", "direct"):
+            store = ExpertStore(packed, manifest, io_mode=io_mode)
+            try:
+                if store.can_advise:  # read through the page cache: the kernel's readahead, of small experts only
+                    expected = not large
+                else:  # around it (direct I/O; a file system that refuses it leaves the files buffered)
+                    expected = large and store.any_direct
+                assert prefetch_module.prefetch_chosen(store) is expected, (io_mode, large)
+                if store.any_direct:
+                    assert prefetch_module.prefetch_chosen(store, slots_allowed=False) is False
+            finally:
+                store.close()
 
 
 def test_a_refused_readahead_turns_prefetch_off_and_loses_no_token(models, monkeypatch, caplog):
