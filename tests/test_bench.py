@@ -125,7 +125,7 @@ def test_dead_peer_case(report):
 
 def test_ratios_are_their_parts(report):
     r = report
-    assert close(r["ssd_bound_tokens_per_s"], r["raw_read_gbps"] * 1e9 / r["ssd_bytes_per_token"])
+    assert close(r["ssd_bound_tokens_per_s"], r["raw_read_gbps"] * 1e9 / r["ssd_bound_bytes_per_token"])
     assert close(r["bound_efficiency"], r["tokens_per_s"] / r["ssd_bound_tokens_per_s"])
     assert close(r["read_efficiency"], r["expert_read_gbps"] / r["raw_read_gbps"])
     assert close(r["relative_to_mlx_lm"], r["tokens_per_s"] / r["mlx_lm_tokens_per_s"])
@@ -148,7 +148,7 @@ def test_ratios_are_their_parts(report):
         runs = r["every_token_cold_bound_efficiency_runs"]
         assert len(runs) == 3 and r["every_token_cold_bound_efficiency"] == sorted(runs)[1]
         assert close(r["every_token_cold_ssd_bound_tokens_per_s"],
-                     r["every_token_cold_raw_read_gbps"] * 1e9 / r["every_token_cold_ssd_bytes_per_token"])
+                     r["every_token_cold_raw_read_gbps"] * 1e9 / r["every_token_cold_bound_bytes_per_token"])
         assert close(r["every_token_cold_bound_efficiency"],
                      r["every_token_cold_tokens_per_s"] / r["every_token_cold_ssd_bound_tokens_per_s"])
         assert close(r["every_token_cold_read_efficiency"],
@@ -304,12 +304,21 @@ def test_plain_mlx_lm_that_does_not_fit_beside_the_warm_page_cache_is_freed_befo
     assert "its fastest run above" in format_report(r)
 
 
-def test_bench_with_prefetch(model):
-    """`--prefetch` through the whole bench (its first-read counter wraps the store's reads)."""
+@pytest.mark.parametrize("io_mode", ["buffered", "direct"])
+def test_bench_with_prefetch(model, io_mode):
+    """`--prefetch` through the whole bench (its first-read counter wraps the store's reads).
+    The SSD bound counts the bytes the layers asked for: with direct I/O the guesses are read
+    into slots by us, and those never used are left out of it."""
     _, packed = model
-    r = bench("--model", str(packed), "--cache-mb", str(CACHE_MB), "--tokens", "4", "--no-mlx-lm", "--prefetch")
+    r = bench("--model", str(packed), "--cache-mb", str(CACHE_MB), "--tokens", "4", "--no-mlx-lm", "--prefetch",
+              "--io", io_mode)
     assert r["prefetch"] is True
     assert r["warm_eighth_same_tokens_as_cold_run"] is True and r["dead_peer_same_tokens_as_no_peers"] is True
+    unused = 0 if r["reads_ahead"] else r["prefetch_unused_reads"] * r["expert_record_bytes"] / r["decode_tokens"]
+    assert close(r["ssd_bound_bytes_per_token"], r["ssd_bytes_per_token"] - unused)
+    assert close(r["ssd_bound_tokens_per_s"], r["raw_read_gbps"] * 1e9 / r["ssd_bound_bytes_per_token"])
+    if r["direct_io"]:
+        assert not r["reads_ahead"] and r["prefetch_unused_reads"] > 0
 
 
 def test_every_expert_cached_discards_its_first_round(model, monkeypatch):

@@ -45,7 +45,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _run_keys(prefix: str, run: DecodeRun | None) -> dict[str, Any]:
     names = ("tokens_per_s", "prompt_tokens_per_s", "cache_hit_rate", "ssd_bytes_read", "ssd_bytes_per_token",
-             "expert_read_gbps", "decode_tokens", "layer_us", "routing_wait_us", "dispatch_us")
+             "expert_read_gbps", "decode_tokens", "layer_us", "routing_wait_us", "dispatch_us", "prefetch_unused_reads")
     return {f"{prefix}{n}": (getattr(run, n) if run else None) for n in names}
 
 
@@ -98,6 +98,7 @@ def run_bench(
                 cache_budget_bytes=budget,
                 direct_io=sm.local.store.direct,
                 prefetch=sm.local.prefetch_width > 0,
+                reads_ahead=sm.local.reads_ahead,
                 tokens=tokens,
                 prompt_tokens=len(prompt_tokens),
                 repeats=REPEATS,
@@ -107,7 +108,7 @@ def run_bench(
 
             log.info("cold decode, cache budget %.1f MiB", budget / MiB)
             cold = best_of(lambda: cold_run(sm, paths, prompt_tokens, tokens, budget))
-            report.update(_cold_figures(cold, report, manifest, notes))
+            report.update(_cold_figures(cold, report, manifest, notes, _asked_bytes_per_token(cold, sm, manifest)))
             if sm.local.reads_ahead:
                 notes.add("--prefetch has the kernel read guessed experts ahead, outside the timed reads: expert "
                           "read GB/s (and its share of raw) then counts copies from the page cache too")
@@ -209,9 +210,18 @@ def _disk_figures(manifest: Manifest, paths: list[Path], notes: Notes) -> dict[s
     }
 
 
-def _cold_figures(cold: DecodeRun, report: dict, manifest: Manifest, notes: Notes) -> dict[str, Any]:
+def _asked_bytes_per_token(run: DecodeRun, sm: StreamingModel, manifest: Manifest) -> float | None:
+    """The expert bytes per token the layers asked for, the SSD bound's work: a guess read into
+    a prefetch slot and never used is read, but is not part of it (it is the prefetch's cost)."""
+    if not run.ssd_bytes_per_token or not run.decode_tokens or sm.local.reads_ahead:
+        return run.ssd_bytes_per_token
+    return run.ssd_bytes_per_token - run.prefetch_unused_reads * manifest.expert_bytes / run.decode_tokens
+
+
+def _cold_figures(cold: DecodeRun, report: dict, manifest: Manifest, notes: Notes,
+                  asked_bytes_per_token: float | None) -> dict[str, Any]:
     raw = report["raw_read_gbps"]
-    bound = raw * 1e9 / cold.ssd_bytes_per_token if cold.ssd_bytes_per_token else None
+    bound = raw * 1e9 / asked_bytes_per_token if asked_bytes_per_token else None
     if bound is None:
         notes.add("decode read nothing from SSD (every expert was cached): the SSD bound does not apply")
     k = report["experts_per_token"]
@@ -234,6 +244,7 @@ def _cold_figures(cold: DecodeRun, report: dict, manifest: Manifest, notes: Note
         "decode_disk_bytes_read": cold.disk_bytes_read,
         "page_cache_resident_at_start": cold.page_cache_resident,
         "design_ssd_bytes_per_token": design,
+        "ssd_bound_bytes_per_token": asked_bytes_per_token,
         "ssd_bound_tokens_per_s": bound,
         "read_efficiency": _ratio(cold.expert_read_gbps, raw),
         "record_read_efficiency": _ratio(cold.expert_read_gbps, report["raw_record_read_gbps"]),
@@ -251,7 +262,8 @@ def _every_token_cold_figures(sm: StreamingModel, paths: list[Path], prompt_toke
     bound timed minutes earlier could flatter or sink the run. The run reported is the one
     whose share of its bound is the median."""
     keys = ("tokens_per_s", "expert_read_gbps", "ssd_bytes_per_token", "disk_bytes_per_token", "first_read_fraction",
-            "read_efficiency", "raw_read_gbps", "ssd_bound_tokens_per_s", "bound_efficiency", "bound_efficiency_runs")
+            "read_efficiency", "raw_read_gbps", "bound_bytes_per_token", "ssd_bound_tokens_per_s", "bound_efficiency",
+            "bound_efficiency_runs")
     out: dict[str, Any] = {f"every_token_cold_{k}": None for k in keys}
     if report["page_cache_drop_method"] is None:
         notes.add("every-token cold run skipped: the page cache cannot be dropped here")
@@ -261,10 +273,11 @@ def _every_token_cold_figures(sm: StreamingModel, paths: list[Path], prompt_toke
     for _ in range(REPEATS):
         raw = measure_reads(paths, sequential_jobs(paths)).gbps
         run = cold_run(sm, paths, prompt_tokens, tokens, budget, every_token=True)
-        bound = raw * 1e9 / run.ssd_bytes_per_token if run.ssd_bytes_per_token else None
-        rounds.append((_ratio(run.tokens_per_s, bound), raw, bound, run))
+        asked = _asked_bytes_per_token(run, sm, sm.manifest)
+        bound = raw * 1e9 / asked if asked else None
+        rounds.append((_ratio(run.tokens_per_s, bound), raw, bound, asked, run))
     ranked = sorted(rounds, key=lambda r: r[0] or 0.0)
-    efficiency, raw, bound, run = ranked[len(ranked) // 2]
+    efficiency, raw, bound, asked, run = ranked[len(ranked) // 2]
     out.update(
         every_token_cold_tokens_per_s=run.tokens_per_s,
         every_token_cold_expert_read_gbps=run.expert_read_gbps,
@@ -273,6 +286,7 @@ def _every_token_cold_figures(sm: StreamingModel, paths: list[Path], prompt_toke
         every_token_cold_first_read_fraction=_ratio(run.first_reads, run.expert_reads),
         every_token_cold_read_efficiency=_ratio(run.expert_read_gbps, raw),
         every_token_cold_raw_read_gbps=raw,
+        every_token_cold_bound_bytes_per_token=asked,
         every_token_cold_ssd_bound_tokens_per_s=bound,
         every_token_cold_bound_efficiency=efficiency,
         every_token_cold_bound_efficiency_runs=[r[0] for r in rounds],
