@@ -170,7 +170,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"= {_pct(r['every_token_cold_read_efficiency'])} of raw timed just before the run "
         f"({_f(r.get('every_token_cold_raw_read_gbps'), unit=' GB/s')})",
         f"  SSD bound             {_f(r['every_token_cold_ssd_bound_tokens_per_s'], '{:.1f}', ' tok/s')}  "
-        f"(raw over {_mib(r.get('every_token_cold_bound_bytes_per_token'))}/token asked for) -> decode at {_pct(r['every_token_cold_bound_efficiency'])} of it (the median run; each run of its "
+        f"(raw over {_mib(r.get('every_token_cold_bound_bytes_per_token'))}/token asked for) "
+        f"-> decode at {_pct(r['every_token_cold_bound_efficiency'])} of it (the median run; each run of its "
         f"own bound: {', '.join(_pct(v) for v in r.get('every_token_cold_bound_efficiency_runs') or [])})",
         f"  bound                 {_f(r.get('every_token_cold_min_bound_tokens_per_s'), unit=' tok/s')} "
         f"= {_cold_bound_name(r)} "
