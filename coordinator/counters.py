@@ -24,6 +24,8 @@ class Counters:
     experts_from_ssd: int = 0
     experts_prefetched: int = 0
     experts_prefetch_used: int = 0
+    prefetch_read_bytes: int = 0
+    prefetch_used_bytes: int = 0
     prefetch_guessed: int = 0
     prefetch_guessed_right: int = 0
     peer_calls: int = 0
@@ -70,6 +72,8 @@ def snapshot(sm: StreamingModel) -> Counters:
         experts_from_ssd=local.stats.experts_from_ssd,
         experts_prefetched=local.stats.prefetched,
         experts_prefetch_used=local.stats.prefetch_used,
+        prefetch_read_bytes=local.stats.prefetch_read_bytes,
+        prefetch_used_bytes=local.stats.prefetch_used_bytes,
         prefetch_guessed=guessed,
         prefetch_guessed_right=right,
         peer_calls=cluster.peer_calls if cluster else 0,

@@ -42,14 +42,21 @@ class Misses:
         self._land([expert])
 
     def _take_prefetched(self, expert: int) -> None:
-        reads, prefetch_slot, cache_slot = self._prefetched.pop(expert)
+        reads, prefetch_slot, cache_slot = self._prefetched[expert]
         try:
             reads.wait(expert)
-        except EdgemoeError:
+            if cache_slot is not None:
+                self.group.copy_slot(prefetch_slot, cache_slot)
+        except BaseException:
+            # Anything that stops the copy (a failed read, an interrupt) leaves the cache slot
+            # with another expert's bytes: forgotten, once the layer's own reads, which write
+            # into its cache and scratch slots, are done.
+            del self._prefetched[expert]
+            if self.pending is not None:
+                self.pending.settle()
             self.forget()
             raise
-        if cache_slot is not None:
-            self.group.copy_slot(prefetch_slot, cache_slot)
+        del self._prefetched[expert]
 
     def wait_all(self) -> None:
         for e in list(self._prefetched):

@@ -67,10 +67,10 @@ class Prefetcher:
         self.store = store
         self.stats = stats
         self.experts_per_token = experts_per_token
-        # (layer, expert) -> prefetch slot, and the reads filling it: the last guess, to take.
-        self.in_slots: dict[tuple[int, int], tuple[int, PendingReads]] = {}
-        # Each bank's reads, taken or not: waited for before the bank is filled again.
-        self._bank_reads: list[list[tuple[int, PendingReads]]] = [[], []]
+        # (layer, expert) -> prefetch slot, the reads filling it, and its bytes: the last guess, to take.
+        self.in_slots: dict[tuple[int, int], tuple[int, PendingReads, int]] = {}
+        # Each group's banks' reads, taken or not: waited for before a bank is filled again.
+        self._bank_reads: dict[tuple[int, int], list[PendingReads]] = {}
         # What the kernel was last asked to read ahead, for which layer, to count the misses it served.
         self.advised: set[tuple[int, int]] = set()
         self.advised_layer: int | None = None
@@ -107,7 +107,7 @@ class Prefetcher:
         if not group.prefetch_slots:
             return
         group.bank ^= 1
-        self._drain_bank(group.bank)
+        self._drain_bank((id(group), group.bank))
         first = group.prefetch_start + group.bank * group.prefetch_slots
         targets = {e: group.pool.views(first + i) for i, e in enumerate(wanted[: group.prefetch_slots])}
         if not targets:
@@ -121,9 +121,10 @@ class Prefetcher:
             log.debug("prefetch into layer %d not started: %s", layer, exc)
             return
         for i, e in enumerate(targets):
-            self.in_slots[(layer, e)] = (first + i, pending)
-            self._bank_reads[group.bank].append((e, pending))
+            self.in_slots[(layer, e)] = (first + i, pending, group.record_bytes)
+        self._bank_reads[(id(group), group.bank)] = [pending]
         self.stats.prefetched += len(targets)
+        self.stats.prefetch_read_bytes += len(targets) * group.record_bytes
 
     def take(self, key: tuple[int, int]) -> tuple[int, PendingReads] | None:
         """The prefetch slot holding `key`, and its read, which may still be in flight: it is
@@ -133,7 +134,8 @@ class Prefetcher:
         if taken is None:
             return None
         self.stats.prefetch_used += 1
-        return taken
+        self.stats.prefetch_used_bytes += taken[2]
+        return taken[0], taken[1]
 
     def read_ahead(self, layer: int, misses: list[int]) -> int:
         """How many of these misses the kernel was asked to read ahead (counted as used: they
@@ -151,20 +153,19 @@ class Prefetcher:
     def drain(self) -> None:
         """Waits for the slot reads in flight; a failed guess is forgotten, so that a real
         read of that expert reports the error if it is ever needed."""
-        for key, (_, pending) in list(self.in_slots.items()):
+        for key, (_, pending, _) in list(self.in_slots.items()):
             try:
                 pending.wait(key[1])
             except EdgemoeError:
                 del self.in_slots[key]
-        self._drain_bank(0)
-        self._drain_bank(1)
+        for bank in list(self._bank_reads):
+            self._drain_bank(bank)
 
-    def _drain_bank(self, bank: int) -> None:
-        """Waits for every read into a bank, whatever its outcome: its slots are then free to
-        fill (a failed read taken by a layer failed that layer, which reported it)."""
-        for _, pending in self._bank_reads[bank]:
+    def _drain_bank(self, bank: tuple[int, int]) -> None:
+        """Waits for every read into a group's bank, whatever its outcome: its slots are then
+        free to fill (a failed read taken by a layer failed that layer, which reported it)."""
+        for pending in self._bank_reads.pop(bank, []):
             pending.settle()
-        self._bank_reads[bank] = []
 
     def forget_guess(self) -> None:
         """The end of a generation: a guess its last layers did not ask about is not carried into the next."""

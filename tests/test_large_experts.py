@@ -112,6 +112,20 @@ def _direct_local(packed: Path) -> LocalExperts:
     return LocalExperts(store, 3 * manifest.expert_bytes, prefetch_experts=2)
 
 
+def _record(packed: Path, layer: int, expert: int) -> list[bytes]:
+    """An expert's tensors as read by a store of its own."""
+    reference = ExpertStore(packed, read_manifest(packed), io_mode="buffered")
+    try:
+        record = reference.read(layer, expert)
+        return [record[t.offset : t.offset + t.nbytes].tobytes() for t in reference.manifest.layer(layer).tensors]
+    finally:
+        reference.close()
+
+
+def _in_slot(local: LocalExperts, layer: int, slot: int) -> list[bytes]:
+    return [bytes(v) for v in local._group_of[layer].pool.views(slot)]
+
+
 def test_a_guess_still_being_read_is_waited_for_only_when_it_is_computed(large, monkeypatch):
     """The next layer takes a right guess as a miss still being read: its own misses start
     at once, and the guess lands in its cache slot once waited for."""
@@ -131,14 +145,11 @@ def test_a_guess_still_being_read_is_waited_for_only_when_it_is_computed(large, 
         gate.set()
         misses.wait_all()
         assert (local.stats.prefetched, local.stats.prefetch_used, local.stats.experts_from_ssd) == (1, 1, 1)
+        record_bytes = local.manifest.layer(layer).record_bytes
+        assert local.stats.prefetch_read_bytes == local.stats.prefetch_used_bytes == record_bytes
         assert (layer, 3) in local and (layer, 4) in local
-        reference = ExpertStore(packed, read_manifest(packed), io_mode="buffered")
-        spec = local.manifest.layer(layer)
         for expert, slot in zip((3, 4), slots.tolist()):
-            record = reference.read(layer, expert)
-            in_slot = [bytes(v) for v in local._group_of[layer].pool.views(slot)]
-            assert in_slot == [record[t.offset : t.offset + t.nbytes].tobytes() for t in spec.tensors], expert
-        reference.close()
+            assert _in_slot(local, layer, slot) == _record(packed, layer, expert), expert
     finally:
         released.cancel()
         gate.set()
@@ -160,5 +171,62 @@ def test_a_corrupted_guess_taken_while_read_fails_its_layer_and_is_not_kept(larg
         assert (layer, 3) not in local
         local.slots(layer, [4, 5])  # the layer's other reads are waited for, and the store still serves
         assert (layer, 4) in local and (layer, 5) in local
+    finally:
+        local.close()
+
+
+def test_a_failed_guess_left_unwaited_holds_back_the_slots_of_its_layers_reads(large, tmp_path, monkeypatch):
+    """A layer whose caller failed before waiting: the next call waits for its reads before it
+    hands their slots out again, even when its taken guess is the read that failed."""
+    _, packed = large
+    packed = shutil.copytree(packed, tmp_path / "packed")
+    layer = read_manifest(packed).layers[1].layer
+    corrupt_expert(packed, layer, 3)
+    gate = _gated_reads(monkeypatch, (layer, 4))
+    local = _direct_local(packed)
+    try:
+        local.prefetch(layer, [3])
+        local.start_slots(layer, [3, 4])  # and never waited for
+        # Only this lets expert 4's read land: the next call must wait for it, not race it.
+        released = threading.Timer(0.5, gate.set)
+        released.start()
+        slots = local.slots(layer, [5, 6]).tolist()
+        released.join()
+        for expert, slot in zip((5, 6), slots):
+            assert (layer, expert) in local and _in_slot(local, layer, slot) == _record(packed, layer, expert), expert
+        assert (layer, 3) not in local
+    finally:
+        gate.set()
+        local.close()
+
+
+def test_an_interrupted_wait_for_a_guess_keeps_no_slot_without_its_bytes(large, monkeypatch):
+    from edgemoe.node.pending import PendingReads
+
+    _, packed = large
+    layer = read_manifest(packed).layers[1].layer
+    local = _direct_local(packed)
+    try:
+        local.slots(layer, [0, 1])  # the cache's slots hold other experts' bytes
+        local.slots(layer, [2])
+        local.prefetch(layer, [3])
+        _, misses = local.start_slots(layer, [3, 4])
+        original = PendingReads.wait
+
+        def interrupted(self, expert):
+            if expert == 3:
+                raise KeyboardInterrupt
+            return original(self, expert)
+
+        monkeypatch.setattr(PendingReads, "wait", interrupted)
+        assert misses is not None
+        with pytest.raises(KeyboardInterrupt):
+            misses.wait(3)
+        monkeypatch.setattr(PendingReads, "wait", original)
+        local.slots(layer, [4])
+        if (layer, 3) in local:
+            assert _in_slot(local, layer, local._group_of[layer].slot_of[(layer, 3)]) == _record(packed, layer, 3)
+        local.slots(layer, [3])  # read again, whole
+        assert _in_slot(local, layer, local._group_of[layer].slot_of[(layer, 3)]) == _record(packed, layer, 3)
     finally:
         local.close()

@@ -61,9 +61,9 @@ class DecodeRun:
     layer_us: float | None = None
     routing_wait_us: float | None = None
     dispatch_us: float | None = None
-    # Guesses read into prefetch slots that no layer asked for (prefetch.py; readahead's are
-    # the kernel's, not ours, and not counted in ssd_bytes_read).
-    prefetch_unused_reads: int = 0
+    # Bytes of guesses read into prefetch slots that no layer asked for (prefetch.py;
+    # readahead's reads are the kernel's, and not in ssd_bytes_read).
+    prefetch_unused_bytes: int = 0
 
 
 def mark(sm: StreamingModel | None = None, first: FirstReads | None = None) -> Mark:
@@ -96,7 +96,7 @@ def decode_figures(start: Mark, marks: list[Mark], token_ids: list[int], prompt_
         first_reads=last.first_reads - first.first_reads,
         first_read_bytes=last.first_read_bytes - first.first_read_bytes,
         disk_bytes_read=disk,
-        prefetch_unused_reads=decode.experts_prefetched - decode.experts_prefetch_used,
+        prefetch_unused_bytes=decode.prefetch_read_bytes - decode.prefetch_used_bytes,
         **_per_layer(decode),
     )
 

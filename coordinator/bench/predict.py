@@ -122,13 +122,13 @@ def measure_steps(sm: StreamingModel, paths: list[Path]) -> Steps:
         assert hidden is not None  # the decode above ran every layer
         expert = _expert_seconds(routes[0].dispatch, sm, hidden[..., -1:, :], k)
         disk = _misses(sm, prompt, routes, hit, k, paths)
-        sm.local.store.set_io_mode("buffered")  # the page cache is what this one is about
+        sm.local.set_io_mode("buffered")  # the page cache is what this one is about
         _misses(sm, prompt, routes, hit, k, None, repeats=1)  # brings the experts in: the rotations repeat
         warm = _misses(sm, prompt, routes, hit, k, None)
     finally:
         for m, route in zip(modules, routes):
             m.dispatch = route.dispatch
-        sm.local.store.set_io_mode("direct" if direct else "buffered")
+        sm.local.set_io_mode("direct" if direct else "buffered")
         sm.local.reset_cache(budget)
     return Steps(hit, expert, disk, warm, "direct" if direct else "buffered")
 

@@ -45,7 +45,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _run_keys(prefix: str, run: DecodeRun | None) -> dict[str, Any]:
     names = ("tokens_per_s", "prompt_tokens_per_s", "cache_hit_rate", "ssd_bytes_read", "ssd_bytes_per_token",
-             "expert_read_gbps", "decode_tokens", "layer_us", "routing_wait_us", "dispatch_us", "prefetch_unused_reads")
+             "expert_read_gbps", "decode_tokens", "layer_us", "routing_wait_us", "dispatch_us", "prefetch_unused_bytes")
     return {f"{prefix}{n}": (getattr(run, n) if run else None) for n in names}
 
 
@@ -108,7 +108,7 @@ def run_bench(
 
             log.info("cold decode, cache budget %.1f MiB", budget / MiB)
             cold = best_of(lambda: cold_run(sm, paths, prompt_tokens, tokens, budget))
-            report.update(_cold_figures(cold, report, manifest, notes, _asked_bytes_per_token(cold, sm, manifest)))
+            report.update(_cold_figures(cold, report, manifest, notes, _asked_bytes_per_token(cold)))
             if sm.local.reads_ahead:
                 notes.add("--prefetch has the kernel read guessed experts ahead, outside the timed reads: expert "
                           "read GB/s (and its share of raw) then counts copies from the page cache too")
@@ -210,12 +210,12 @@ def _disk_figures(manifest: Manifest, paths: list[Path], notes: Notes) -> dict[s
     }
 
 
-def _asked_bytes_per_token(run: DecodeRun, sm: StreamingModel, manifest: Manifest) -> float | None:
+def _asked_bytes_per_token(run: DecodeRun) -> float | None:
     """The expert bytes per token the layers asked for, the SSD bound's work: a guess read into
     a prefetch slot and never used is read, but is not part of it (it is the prefetch's cost)."""
-    if not run.ssd_bytes_per_token or not run.decode_tokens or sm.local.reads_ahead:
+    if not run.ssd_bytes_per_token or not run.decode_tokens:
         return run.ssd_bytes_per_token
-    return run.ssd_bytes_per_token - run.prefetch_unused_reads * manifest.expert_bytes / run.decode_tokens
+    return run.ssd_bytes_per_token - run.prefetch_unused_bytes / run.decode_tokens
 
 
 def _cold_figures(cold: DecodeRun, report: dict, manifest: Manifest, notes: Notes,
@@ -273,7 +273,7 @@ def _every_token_cold_figures(sm: StreamingModel, paths: list[Path], prompt_toke
     for _ in range(REPEATS):
         raw = measure_reads(paths, sequential_jobs(paths)).gbps
         run = cold_run(sm, paths, prompt_tokens, tokens, budget, every_token=True)
-        asked = _asked_bytes_per_token(run, sm, sm.manifest)
+        asked = _asked_bytes_per_token(run)
         bound = raw * 1e9 / asked if asked else None
         rounds.append((_ratio(run.tokens_per_s, bound), raw, bound, asked, run))
     ranked = sorted(rounds, key=lambda r: r[0] or 0.0)
@@ -348,7 +348,7 @@ def _warm_eighth_run(sm: StreamingModel, paths: list[Path], prompt_tokens: list[
     log.info("warm decode, cache budget 1/8 of the experts (%.1f MiB)", budget / MiB)
     warm_page_cache(paths)
     direct = sm.local.store.direct
-    sm.local.store.set_io_mode("buffered")  # a warm page cache is what this case is about
+    sm.local.set_io_mode("buffered")  # a warm page cache is what this case is about
     runs: list[DecodeRun] = []
     plain_runs: list[MlxLmRun] = []
     try:
@@ -357,7 +357,7 @@ def _warm_eighth_run(sm: StreamingModel, paths: list[Path], prompt_tokens: list[
                 plain_runs.append(plain.time(prompt_tokens, tokens))
             runs.append(warm_eighth_run(sm, budget, prompt_tokens, tokens))
     finally:
-        sm.local.store.set_io_mode("direct" if direct else "buffered")
+        sm.local.set_io_mode("direct" if direct else "buffered")
     run = max(runs, key=lambda r: r.tokens_per_s or 0.0)
     run.page_cache_resident = resident_fraction(paths)
     return run, max(plain_runs, key=lambda r: r.tokens_per_s or 0.0, default=None)
