@@ -221,7 +221,7 @@ class LocalExperts:
             self.stats.experts_from_ssd += len(targets) - read_ahead
             try:
                 misses.pending = self.store.start_reads(layer, targets)
-            except EdgemoeError:
+            except BaseException:  # an interrupt too: start_reads settled its reads
                 misses.forget()
                 raise
         self._misses = misses

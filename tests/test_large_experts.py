@@ -230,3 +230,27 @@ def test_an_interrupted_wait_for_a_guess_keeps_no_slot_without_its_bytes(large, 
         assert _in_slot(local, layer, local._group_of[layer].slot_of[(layer, 3)]) == _record(packed, layer, 3)
     finally:
         local.close()
+
+
+def test_an_interrupt_while_starting_reads_keeps_no_slot_without_its_bytes(large, monkeypatch):
+    _, packed = large
+    layer = read_manifest(packed).layers[1].layer
+    local = _direct_local(packed)
+    try:
+        local.slots(layer, [0, 1, 2])  # the cache's slots hold other experts' bytes
+        local.prefetch(layer, [3])
+
+        def interrupted(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+        original = ExpertStore.start_reads
+        monkeypatch.setattr(ExpertStore, "start_reads", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            local.start_slots(layer, [3, 4])
+        monkeypatch.setattr(ExpertStore, "start_reads", original)
+        assert (layer, 3) not in local and (layer, 4) not in local
+        slots = local.slots(layer, [3, 4]).tolist()
+        for expert, slot in zip((3, 4), slots):
+            assert _in_slot(local, layer, slot) == _record(packed, layer, expert), expert
+    finally:
+        local.close()
