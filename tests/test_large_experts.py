@@ -200,16 +200,22 @@ def test_a_failed_guess_left_unwaited_holds_back_the_slots_of_its_layers_reads(l
         local.close()
 
 
+def _guessing_3(packed: Path) -> tuple[int, LocalExperts]:
+    """A layer, and a direct-I/O `LocalExperts` whose cache slots hold its experts 0-2 (other
+    experts' bytes, for a slot kept without its own) and whose guess for it, expert 3, is read."""
+    layer = read_manifest(packed).layers[1].layer
+    local = _direct_local(packed)
+    local.slots(layer, [0, 1, 2])
+    local.prefetch(layer, [3])
+    return layer, local
+
+
 def test_an_interrupted_wait_for_a_guess_keeps_no_slot_without_its_bytes(large, monkeypatch):
     from edgemoe.node.pending import PendingReads
 
     _, packed = large
-    layer = read_manifest(packed).layers[1].layer
-    local = _direct_local(packed)
+    layer, local = _guessing_3(packed)
     try:
-        local.slots(layer, [0, 1])  # the cache's slots hold other experts' bytes
-        local.slots(layer, [2])
-        local.prefetch(layer, [3])
         _, misses = local.start_slots(layer, [3, 4])
         original = PendingReads.wait
 
@@ -234,11 +240,8 @@ def test_an_interrupted_wait_for_a_guess_keeps_no_slot_without_its_bytes(large, 
 
 def test_an_interrupt_while_starting_reads_keeps_no_slot_without_its_bytes(large, monkeypatch):
     _, packed = large
-    layer = read_manifest(packed).layers[1].layer
-    local = _direct_local(packed)
+    layer, local = _guessing_3(packed)
     try:
-        local.slots(layer, [0, 1, 2])  # the cache's slots hold other experts' bytes
-        local.prefetch(layer, [3])
 
         def interrupted(self, *args, **kwargs):
             raise KeyboardInterrupt
