@@ -15,6 +15,7 @@ import pytest
 from conftest import PROMPT, REPO, SUPPORTED_ARCHS, cli_env, encode, mlx_lm_tokens, run_cli, write_large_moe_source
 from mlx.utils import tree_flatten
 
+from edgemoe.coordinator.bench.page_cache import expert_paths, warm_page_cache
 from edgemoe.coordinator.generate import generate
 from edgemoe.coordinator.loader import load_streaming_model
 from edgemoe.coordinator.pack import pack
@@ -211,6 +212,7 @@ def test_store_reads_one_expert_with_one_pread(models, monkeypatch):
         calls.append((fd, len(buffers), offset))
         return real(fd, buffers, offset, *rest)
 
+    warm_page_cache(expert_paths(dst, m))
     with ExpertStore(dst, m) as store:
         monkeypatch.setattr(os, "preadv", counting)
         for spec in m.layers:
@@ -223,8 +225,12 @@ def test_store_reads_one_expert_with_one_pread(models, monkeypatch):
         spec = m.layers[0]
         store.read_many_into(spec.layer, {e: [memoryview(bytearray(t.nbytes)) for t in spec.tensors] for e in range(4)})
         assert len(calls) == 4
-    inplace = read_manifest(models.packed("deepseek_v3", True, in_place=True))
-    with ExpertStore(models.packed("deepseek_v3", True, in_place=True), inplace) as store:
+    inplace_dir = models.packed("deepseek_v3", True, in_place=True)
+    inplace = read_manifest(inplace_dir)
+    # A small read is tried from the page cache first (RWF_NOWAIT) and read again whole on an
+    # I/O thread if part of it is not there: with the source's pages in, it is one try.
+    warm_page_cache(expert_paths(inplace_dir, inplace))
+    with ExpertStore(inplace_dir, inplace) as store:
         calls.clear()
         store.read(inplace.layers[0].layer, 0)
         # In place an expert is one range per tensor (gate/up/down x weight/scales/biases).
