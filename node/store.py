@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -215,15 +216,18 @@ class ExpertStore:
         pending = PendingReads(self, layer, pieces, start)
         inline = inline and spec.record_bytes * len(targets) <= INLINE_READ_BYTES
         read_here = []
+        on_disk: list[tuple[int, list]] = []
         try:
             for e in targets:
                 jobs = self._chunks(spec, e, pieces[e])
                 if inline and self._read_inline(layer, e, jobs):
                     read_here.append(e)
-                    continue
-                chunks = pending.chunks[e] = []  # kept as they start: an interruption waits for them
-                for job in jobs:
-                    chunks.append(self._pool.submit(self._read_chunk, layer, e, *job))
+                elif inline and self.can_advise:
+                    on_disk.append((e, jobs))
+                else:
+                    chunks = pending.chunks[e] = []  # kept as they start: an interruption waits for them
+                    chunks.extend(self._pool.submit(self._read_chunk, layer, e, *job) for job in jobs)
+            read_here += self._read_advised(layer, on_disk)
         except BaseException:
             pending.settle()  # they write into the caller's buffers
             with self._lock:
@@ -254,8 +258,9 @@ class ExpertStore:
     def _read_inline(self, layer: int, expert: int, jobs: list) -> bool:
         """Reads a small record on this thread, where that is a memory copy; returns whether
         it did. On buffered files RWF_NOWAIT (Linux) reads only what the page cache holds:
-        a record on the disk goes to the I/O threads, in parallel with the others, instead
-        of waiting its own disk latency here. Direct I/O, or no RWF_NOWAIT: read here."""
+        a record on the disk is left to `_read_advised` (or the I/O threads), read in
+        parallel with the others instead of waiting its own disk latency here. Direct I/O,
+        or no RWF_NOWAIT: read here."""
         for file, iov, offset, length in jobs:
             if self._nowait and not self._direct_fds[file]:
                 try:
@@ -271,6 +276,17 @@ class ExpertStore:
                     log.info("%s: no RWF_NOWAIT reads; small records are read inline", self._paths[file])
             self._read_chunk(layer, expert, file, iov, offset, length)
         return True
+
+    def _read_advised(self, layer: int, records: list[tuple[int, list]]) -> list[int]:
+        """Reads records the page cache lacks here, once the kernel was asked for them all: it
+        reads them in parallel, and waiting here costs less than I/O thread hand-offs (README)."""
+        if records:
+            with contextlib.suppress(OSError):  # a refused hint: read one after another
+                self.advise(layer, [e for e, _ in records])
+        for e, jobs in records:
+            for job in jobs:
+                self._read_chunk(layer, e, *job)
+        return [e for e, _ in records]
 
     def _chunks(self, spec, expert: int, pieces) -> list[tuple[int, list[memoryview], int, int]]:
         segments = spec.experts[expert].segments

@@ -367,22 +367,26 @@ def test_a_direct_read_the_kernel_refuses(large, monkeypatch, errno_name):
         local.close()
 
 
+@pytest.mark.parametrize("hint", ["advised", "refused", "none"])
 @pytest.mark.parametrize("answer", ["on disk", "partly cached", "unsupported", "no preadv2"])
-def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeypatch, answer):
-    """A small batch is read inline with RWF_NOWAIT: a record the page cache does not hold
-    (wholly or in part) is read on an I/O thread instead, in parallel with the rest; a
-    file system without RWF_NOWAIT gets every small record read inline."""
+def test_small_reads_of_records_on_the_disk(models, monkeypatch, answer, hint):
+    """A small batch is read inline with RWF_NOWAIT. A record the page cache does not hold
+    (wholly or in part) is read on this thread too, once the kernel has been asked for all
+    such records (WILLNEED, so that the disk reads them in parallel); a refused hint only
+    costs that parallelism. Where no hint can be given (a file read around the page cache
+    among them) it is read on an I/O thread, in parallel with the rest. A file system
+    without RWF_NOWAIT gets every small record read inline, with no hint."""
     import errno
 
     from edgemoe.node import store as store_module
 
-    if not store_module._RWF_NOWAIT:
-        pytest.skip("this OS has no RWF_NOWAIT: small records are always read inline")
+    if not store_module._RWF_NOWAIT or not hasattr(os, "posix_fadvise"):
+        pytest.skip("this OS has no RWF_NOWAIT or no posix_fadvise: small records are always read inline")
     packed = models.packed("qwen3_moe", True)
     manifest = read_manifest(packed)
     spec = manifest.layers[0]
     on_disk = spec.experts[1].segments[0].offset
-    real_preadv = os.preadv
+    real_preadv, real_fadvise, advised = os.preadv, os.posix_fadvise, []
 
     def preadv(fd, buffers, offset, flags=0):
         if flags & store_module._RWF_NOWAIT and offset == on_disk:
@@ -395,7 +399,18 @@ def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeyp
             raise OSError(errno.EOPNOTSUPP, "not supported")
         return real_preadv(fd, buffers, offset, flags) if flags else real_preadv(fd, buffers, offset)
 
+    def fadvise(fd, offset, length, advice):
+        if advice != os.POSIX_FADV_WILLNEED:  # the store's own, at open
+            return real_fadvise(fd, offset, length, advice)
+        advised.append((offset, length))
+        if hint == "refused":
+            raise OSError(errno.EINVAL, "invalid argument")
+        real_fadvise(fd, offset, length, advice)
+
     monkeypatch.setattr(store_module.os, "preadv", preadv)
+    monkeypatch.setattr(store_module.os, "posix_fadvise", fadvise)
+    if hint == "none":
+        monkeypatch.setattr(ExpertStore, "can_advise", property(lambda self: False))
     store = ExpertStore(packed, manifest, io_mode="buffered")
     reference = ExpertStore(packed, manifest, io_mode="buffered")
     reference._nowait = False
@@ -403,10 +418,10 @@ def test_small_reads_of_records_on_the_disk_go_to_the_io_threads(models, monkeyp
         records = {e: np.zeros(spec.record_bytes, dtype=np.uint8) for e in (0, 1, 2)}
         targets = {e: [r.data[t.offset : t.offset + t.nbytes] for t in spec.tensors] for e, r in records.items()}
         pending = store.start_reads(spec.layer, targets)
-        if answer in ("unsupported", "no preadv2"):
-            assert pending.chunks == {} and not store._nowait
-        else:
-            assert set(pending.chunks) == {1} and store._nowait
+        nowait = answer in ("on disk", "partly cached")
+        assert store._nowait == nowait
+        assert pending.chunks == ({1: pending.chunks.get(1)} if nowait and hint == "none" else {})
+        assert advised == ([(on_disk, spec.record_bytes)] if nowait and hint != "none" else [])
         pending.wait_all()
         for e, record in records.items():
             assert record.tobytes() == reference.read(spec.layer, e).tobytes()
