@@ -113,10 +113,10 @@ class Prefetcher:
         if not targets:
             return
         # Started from this thread: on 2 cores a hand-off to a prefetch thread cost more
-        # than it overlapped (README). Direct reads go to the I/O threads: inline, each
-        # would hold this thread for the disk's latency.
+        # than it overlapped (README). Direct reads, and records not in the page cache, go
+        # to the I/O threads: here, each would hold this thread for the disk's latency.
         try:
-            pending = self.store.start_reads(layer, targets, inline=not self.store.any_direct)
+            pending = self.store.start_reads(layer, targets, inline=not self.store.any_direct, waited=False)
         except EdgemoeError as exc:
             log.debug("prefetch into layer %d not started: %s", layer, exc)
             return

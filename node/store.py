@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
@@ -198,14 +197,17 @@ class ExpertStore:
             self.stats.bytes_read += spec.record_bytes - mapped
         return mapped
 
-    def start_reads(self, layer: int, targets: dict[int, list[memoryview]], inline: bool = True) -> PendingReads:
+    def start_reads(self, layer: int, targets: dict[int, list[memoryview]], inline: bool = True,
+                    waited: bool = True) -> PendingReads:
         """Starts reading several experts, each into its views, in chunks spread over the
         I/O threads in the order given, so the first experts are complete first.
 
         Large records are split so that even one or two misses keep several reads
         in flight; small batches are read inline, before this returns, where a
         thread hand-off would cost more than the read (`_read_inline`), unless `inline`
-        is False. `read_seconds` counts wall time from the start to the last chunk read.
+        is False. Of those, a record the page cache lacks goes to the I/O threads, unless
+        `waited` (the caller waits for the batch at once): it is then read here too, after
+        the others. `read_seconds` counts wall time from the start to the last chunk read.
         """
         start = time.perf_counter()
         spec = self.manifest.layer(layer)
@@ -222,12 +224,18 @@ class ExpertStore:
                 jobs = self._chunks(spec, e, pieces[e])
                 if inline and self._read_inline(layer, e, jobs):
                     read_here.append(e)
-                elif inline and self.can_advise:
+                elif inline and waited:
                     on_disk.append((e, jobs))
                 else:
                     chunks = pending.chunks[e] = []  # kept as they start: an interruption waits for them
                     chunks.extend(self._pool.submit(self._read_chunk, layer, e, *job) for job in jobs)
-            read_here += self._read_advised(layer, on_disk)
+            # The failed RWF_NOWAIT try started the kernel's read of each (Linux 5.9 on), so
+            # they are all in flight: waiting here costs less than hand-offs to the I/O
+            # threads (README, "Small reads of records on the disk").
+            for e, jobs in on_disk:
+                for job in jobs:
+                    self._read_chunk(layer, e, *job)
+                read_here.append(e)
         except BaseException:
             pending.settle()  # they write into the caller's buffers
             with self._lock:
@@ -258,35 +266,24 @@ class ExpertStore:
     def _read_inline(self, layer: int, expert: int, jobs: list) -> bool:
         """Reads a small record on this thread, where that is a memory copy; returns whether
         it did. On buffered files RWF_NOWAIT (Linux) reads only what the page cache holds:
-        a record on the disk is left to `_read_advised` (or the I/O threads), read in
-        parallel with the others instead of waiting its own disk latency here. Direct I/O,
-        or no RWF_NOWAIT: read here."""
+        a record on the disk is left for later (`start_reads`), read in parallel with the
+        others instead of waiting its own disk latency here. Direct I/O, or no RWF_NOWAIT:
+        read here."""
         for file, iov, offset, length in jobs:
             if self._nowait and not self._direct_fds[file]:
                 try:
                     if os.preadv(self._fds[file], iov, offset, _RWF_NOWAIT) == length:
                         continue
-                    return False  # partly cached: read again, whole, on an I/O thread
+                    return False  # partly cached: read again, whole, later
                 except BlockingIOError:
                     return False
                 except (OSError, NotImplementedError) as exc:  # NotImplementedError: a Python without preadv2
                     if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        return False  # the I/O thread's read reports it
+                        return False  # the later read reports it
                     self._nowait = False
                     log.info("%s: no RWF_NOWAIT reads; small records are read inline", self._paths[file])
             self._read_chunk(layer, expert, file, iov, offset, length)
         return True
-
-    def _read_advised(self, layer: int, records: list[tuple[int, list]]) -> list[int]:
-        """Reads records the page cache lacks here, once the kernel was asked for them all: it
-        reads them in parallel, and waiting here costs less than I/O thread hand-offs (README)."""
-        if records:
-            with contextlib.suppress(OSError):  # a refused hint: read one after another
-                self.advise(layer, [e for e, _ in records])
-        for e, jobs in records:
-            for job in jobs:
-                self._read_chunk(layer, e, *job)
-        return [e for e, _ in records]
 
     def _chunks(self, spec, expert: int, pieces) -> list[tuple[int, list[memoryview], int, int]]:
         segments = spec.experts[expert].segments

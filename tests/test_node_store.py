@@ -367,29 +367,30 @@ def test_a_direct_read_the_kernel_refuses(large, monkeypatch, errno_name):
         local.close()
 
 
-@pytest.mark.parametrize("hint", ["advised", "refused", "none"])
+@pytest.mark.parametrize("waited", [True, False])
 @pytest.mark.parametrize("answer", ["on disk", "partly cached", "unsupported", "no preadv2"])
-def test_small_reads_of_records_on_the_disk(models, monkeypatch, answer, hint):
-    """A small batch is read inline with RWF_NOWAIT. A record the page cache does not hold
-    (wholly or in part) is read on this thread too, once the kernel has been asked for all
-    such records (WILLNEED, so that the disk reads them in parallel); a refused hint only
-    costs that parallelism. Where no hint can be given (a file read around the page cache
-    among them) it is read on an I/O thread, in parallel with the rest. A file system
-    without RWF_NOWAIT gets every small record read inline, with no hint."""
+def test_small_reads_of_records_on_the_disk(models, monkeypatch, answer, waited):
+    """A small batch is read inline with RWF_NOWAIT. Records the page cache does not hold
+    (wholly or in part) are read after every record's try (which started the kernel's read
+    of them): on this thread when the caller waits for the batch at once (a layer's
+    misses), else on the I/O threads (a guess). A file system without RWF_NOWAIT gets every
+    small record read inline. Either way each record's checksum is verified on the thread
+    that read it, before it is handed over."""
     import errno
 
     from edgemoe.node import store as store_module
 
-    if not store_module._RWF_NOWAIT or not hasattr(os, "posix_fadvise"):
-        pytest.skip("this OS has no RWF_NOWAIT or no posix_fadvise: small records are always read inline")
+    if not store_module._RWF_NOWAIT:
+        pytest.skip("this OS has no RWF_NOWAIT: small records are always read inline")
     packed = models.packed("qwen3_moe", True)
     manifest = read_manifest(packed)
     spec = manifest.layers[0]
-    on_disk = spec.experts[1].segments[0].offset
-    real_preadv, real_fadvise, advised = os.preadv, os.posix_fadvise, []
+    on_disk = {spec.experts[e].segments[0].offset: e for e in (1, 2)}
+    real_preadv, calls = os.preadv, []
 
     def preadv(fd, buffers, offset, flags=0):
-        if flags & store_module._RWF_NOWAIT and offset == on_disk:
+        calls.append((on_disk.get(offset, 0), bool(flags & store_module._RWF_NOWAIT)))
+        if flags & store_module._RWF_NOWAIT and offset in on_disk:
             if answer == "on disk":
                 raise BlockingIOError(errno.EAGAIN, "would block")
             if answer == "partly cached":
@@ -399,29 +400,22 @@ def test_small_reads_of_records_on_the_disk(models, monkeypatch, answer, hint):
             raise OSError(errno.EOPNOTSUPP, "not supported")
         return real_preadv(fd, buffers, offset, flags) if flags else real_preadv(fd, buffers, offset)
 
-    def fadvise(fd, offset, length, advice):
-        if advice != os.POSIX_FADV_WILLNEED:  # the store's own, at open
-            return real_fadvise(fd, offset, length, advice)
-        advised.append((offset, length))
-        if hint == "refused":
-            raise OSError(errno.EINVAL, "invalid argument")
-        real_fadvise(fd, offset, length, advice)
-
     monkeypatch.setattr(store_module.os, "preadv", preadv)
-    monkeypatch.setattr(store_module.os, "posix_fadvise", fadvise)
-    if hint == "none":
-        monkeypatch.setattr(ExpertStore, "can_advise", property(lambda self: False))
     store = ExpertStore(packed, manifest, io_mode="buffered")
     reference = ExpertStore(packed, manifest, io_mode="buffered")
     reference._nowait = False
     try:
-        records = {e: np.zeros(spec.record_bytes, dtype=np.uint8) for e in (0, 1, 2)}
+        records = {e: np.zeros(spec.record_bytes, dtype=np.uint8) for e in (0, 1, 2, 3)}
         targets = {e: [r.data[t.offset : t.offset + t.nbytes] for t in spec.tensors] for e, r in records.items()}
-        pending = store.start_reads(spec.layer, targets)
-        nowait = answer in ("on disk", "partly cached")
-        assert store._nowait == nowait
-        assert pending.chunks == ({1: pending.chunks.get(1)} if nowait and hint == "none" else {})
-        assert advised == ([(on_disk, spec.record_bytes)] if nowait and hint != "none" else [])
+        pending = store.start_reads(spec.layer, targets, waited=waited)
+        tried = answer in ("on disk", "partly cached")
+        assert store._nowait == tried
+        if tried and not waited:
+            assert set(pending.chunks) == {1, 2} and store.stats.verified == 2
+        else:
+            assert pending.chunks == {} and store.stats.verified == 4
+        if tried and waited:  # every try first, then the two records on the disk, in order
+            assert calls == [(0, True), (1, True), (2, True), (0, True), (1, False), (2, False)]
         pending.wait_all()
         for e, record in records.items():
             assert record.tobytes() == reference.read(spec.layer, e).tobytes()

@@ -227,8 +227,8 @@ def test_store_reads_one_expert_with_one_pread(models, monkeypatch):
         assert len(calls) == 4
     inplace_dir = models.packed("deepseek_v3", True, in_place=True)
     inplace = read_manifest(inplace_dir)
-    # A small read is tried from the page cache first (RWF_NOWAIT) and read again whole on an
-    # I/O thread if part of it is not there: with the source's pages in, it is one try.
+    # A small read is tried from the page cache first (RWF_NOWAIT) and read again whole after
+    # the batch's other tries if part of it is not there: with the source's pages in, it is one try.
     warm_page_cache(expert_paths(inplace_dir, inplace))
     with ExpertStore(inplace_dir, inplace) as store:
         calls.clear()

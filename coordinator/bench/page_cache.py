@@ -113,8 +113,9 @@ class FirstReads:
         self._start_reads = store.start_reads
         store.start_reads = self._tracked  # type: ignore[method-assign]
 
-    def _tracked(self, layer: int, targets: dict[int, list[memoryview]], inline: bool = True) -> PendingReads:
-        pending = self._start_reads(layer, targets, inline)
+    def _tracked(self, layer: int, targets: dict[int, list[memoryview]], inline: bool = True,
+                 waited: bool = True) -> PendingReads:
+        pending = self._start_reads(layer, targets, inline, waited)
         with self._lock:
             for expert in targets:
                 if (layer, expert) not in self._seen:
