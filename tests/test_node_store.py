@@ -60,7 +60,9 @@ def test_a_pushed_expert_that_fails_its_checksum_is_refused(models, token, tmp_p
         def push(record: bytes) -> pb.PushReply:
             chunk = pb.PushChunk(layer=layer, expert=0, checksum=manifest.layer(layer).experts[0].checksum,
                                  record_bytes=len(record), offset=0, data=record)
-            return stub.PushExperts(iter([pb.PushChunk(model=spec), chunk]), timeout=30)
+            # An accepted push warms the node's kernels before it replies: on a fresh CUDA
+            # machine their first compile took over 30 s (H200).
+            return stub.PushExperts(iter([pb.PushChunk(model=spec), chunk]), timeout=180)
 
         refused = push(flipped)
         assert refused.experts_stored == 0 and len(refused.errors) == 1 and "checksum" in refused.errors[0]
