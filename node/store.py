@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -24,7 +25,6 @@ from .manifest import Manifest, resolve_file
 from .pending import PendingReads
 
 log = logging.getLogger(__name__)
-
 
 INLINE_READ_BYTES = 1 << 20
 READ_CHUNK_BYTES = 1 << 20
@@ -202,12 +202,12 @@ class ExpertStore:
         """Starts reading several experts, each into its views, in chunks spread over the
         I/O threads in the order given, so the first experts are complete first.
 
-        Large records are split so that even one or two misses keep several reads
-        in flight; small batches are read inline, before this returns, where a
-        thread hand-off would cost more than the read (`_read_inline`), unless `inline`
-        is False. Of those, a record the page cache lacks goes to the I/O threads, unless
-        `waited` (the caller waits for the batch at once): it is then read here too, after
-        the others. `read_seconds` counts wall time from the start to the last chunk read.
+        Large records are split so that even one or two misses keep several reads in flight;
+        small batches are read inline, before this returns, where a thread hand-off would cost
+        more than the read (`_read_inline`), unless `inline` is False. Of those, a record the
+        page cache lacks goes to the I/O threads, unless `waited` (the caller waits for the
+        batch at once) and the kernel reads ahead on request: it is then read here, after the
+        others. `read_seconds` counts wall time from the start to the last chunk read.
         """
         start = time.perf_counter()
         spec = self.manifest.layer(layer)
@@ -224,14 +224,17 @@ class ExpertStore:
                 jobs = self._chunks(spec, e, pieces[e])
                 if inline and self._read_inline(layer, e, jobs):
                     read_here.append(e)
-                elif inline and waited:
+                elif inline and waited and self.can_advise:
                     on_disk.append((e, jobs))
                 else:
                     chunks = pending.chunks[e] = []  # kept as they start: an interruption waits for them
                     chunks.extend(self._pool.submit(self._read_chunk, layer, e, *job) for job in jobs)
-            # The failed RWF_NOWAIT try started the kernel's read of each (Linux 5.9 on), so
-            # they are all in flight: waiting here costs less than hand-offs to the I/O
-            # threads (README, "Small reads of records on the disk").
+            if on_disk:
+                # All asked for at once (a failed try starts no read where RWF_NOWAIT means no
+                # I/O at all), then waited for here: less CPU than an I/O thread hand-off each
+                # (README, "Small reads of records on the disk"). A refused hint: one by one.
+                with contextlib.suppress(OSError):
+                    self.advise(layer, [e for e, _ in on_disk])
             for e, jobs in on_disk:
                 for job in jobs:
                     self._read_chunk(layer, e, *job)

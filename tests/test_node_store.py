@@ -369,61 +369,99 @@ def test_a_direct_read_the_kernel_refuses(large, monkeypatch, errno_name):
         local.close()
 
 
-@pytest.mark.parametrize("waited", [True, False])
-@pytest.mark.parametrize("answer", ["on disk", "partly cached", "unsupported", "no preadv2"])
-def test_small_reads_of_records_on_the_disk(models, monkeypatch, answer, waited):
-    """A small batch is read inline with RWF_NOWAIT. Records the page cache does not hold
-    (wholly or in part) are read after every record's try (which started the kernel's read
-    of them): on this thread when the caller waits for the batch at once (a layer's
-    misses), else on the I/O threads (a guess). A file system without RWF_NOWAIT gets every
-    small record read inline. Either way each record's checksum is verified on the thread
-    that read it, before it is handed over."""
+def _reads_with_two_on_the_disk(models, monkeypatch, answer: str, reread_error: bool = False):
+    """A store of the small qwen3_moe pack whose RWF_NOWAIT tries of experts 1 and 2 (of
+    layer 0) give `answer`; records each preadv (expert, tried) and each WILLNEED (expert)
+    in one list. `reread_error`: their blocking reads fail with EIO."""
     import errno
 
     from edgemoe.node import store as store_module
 
-    if not store_module._RWF_NOWAIT:
-        pytest.skip("this OS has no RWF_NOWAIT: small records are always read inline")
+    if not store_module._RWF_NOWAIT or not hasattr(os, "posix_fadvise"):
+        pytest.skip("this OS has no RWF_NOWAIT or no posix_fadvise: small records are always read inline")
     packed = models.packed("qwen3_moe", True)
     manifest = read_manifest(packed)
     spec = manifest.layers[0]
-    on_disk = {spec.experts[e].segments[0].offset: e for e in (1, 2)}
-    real_preadv, calls = os.preadv, []
+    expert_at = {spec.experts[e].segments[0].offset: e for e in range(4)}
+    real_preadv, real_fadvise, calls = os.preadv, os.posix_fadvise, []
 
     def preadv(fd, buffers, offset, flags=0):
-        calls.append((on_disk.get(offset, 0), bool(flags & store_module._RWF_NOWAIT)))
-        if flags & store_module._RWF_NOWAIT and offset in on_disk:
-            if answer == "on disk":
+        tried = bool(flags & store_module._RWF_NOWAIT)
+        calls.append(("read", expert_at.get(offset), tried))
+        if expert_at.get(offset) in (1, 2):
+            if tried and answer == "on disk":
                 raise BlockingIOError(errno.EAGAIN, "would block")
-            if answer == "partly cached":
-                return real_preadv(fd, buffers, offset) - 1
-            if answer == "no preadv2":
+            if tried and answer == "partly cached":
+                got = real_preadv(fd, buffers, offset) - 1
+                buffers[-1][-1:] = b"\0"  # the byte it did not read
+                return got
+            if tried and answer == "no preadv2":
                 raise NotImplementedError("preadv2 is not available")
-            raise OSError(errno.EOPNOTSUPP, "not supported")
+            if tried:
+                raise OSError(errno.EOPNOTSUPP, "not supported")
+            if reread_error:
+                raise OSError(errno.EIO, "input/output error")
         return real_preadv(fd, buffers, offset, flags) if flags else real_preadv(fd, buffers, offset)
 
+    def fadvise(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            calls.append(("hint", expert_at.get(offset)))
+        return real_fadvise(fd, offset, length, advice)
+
     monkeypatch.setattr(store_module.os, "preadv", preadv)
-    store = ExpertStore(packed, manifest, io_mode="buffered")
-    reference = ExpertStore(packed, manifest, io_mode="buffered")
+    monkeypatch.setattr(store_module.os, "posix_fadvise", fadvise)
+    return spec, ExpertStore(packed, manifest, io_mode="buffered"), calls
+
+
+@pytest.mark.parametrize("way", ["waited", "guess", "no hint"])
+@pytest.mark.parametrize("answer", ["on disk", "partly cached", "unsupported", "no preadv2"])
+def test_small_reads_of_records_on_the_disk(models, monkeypatch, answer, way):
+    """A small batch is read inline with RWF_NOWAIT. Records the page cache does not hold
+    (wholly or in part) are, after every record's try, asked of the kernel all at once
+    (WILLNEED, so that the disk reads them in parallel) and read on this thread when the
+    caller waits for the batch at once (a layer's misses); else (a guess, which nobody waits
+    for yet, or no readahead to ask for) on the I/O threads. A file system without RWF_NOWAIT
+    gets every small record read inline. Records read here are checksummed before
+    `start_reads` returns, the others when waited for."""
+    if way == "no hint":  # as where a file is read around the page cache
+        monkeypatch.setattr(ExpertStore, "can_advise", property(lambda self: False))
+    spec, store, calls = _reads_with_two_on_the_disk(models, monkeypatch, answer)
+    reference = ExpertStore(store.model_dir, store.manifest, io_mode="buffered")
     reference._nowait = False
     try:
-        records = {e: np.zeros(spec.record_bytes, dtype=np.uint8) for e in (0, 1, 2, 3)}
+        records = {e: np.zeros(spec.record_bytes, dtype=np.uint8) for e in range(4)}
         targets = {e: [r.data[t.offset : t.offset + t.nbytes] for t in spec.tensors] for e, r in records.items()}
-        pending = store.start_reads(spec.layer, targets, waited=waited)
+        pending = store.start_reads(spec.layer, targets, waited=way != "guess")
         tried = answer in ("on disk", "partly cached")
         assert store._nowait == tried
-        if tried and not waited:
+        if tried and way != "waited":
             assert set(pending.chunks) == {1, 2} and store.stats.verified == 2
+            assert ("hint", 1) not in calls
         else:
             assert pending.chunks == {} and store.stats.verified == 4
-        if tried and waited:  # every try first, then the two records on the disk, in order
-            assert calls == [(0, True), (1, True), (2, True), (0, True), (1, False), (2, False)]
+        if tried and way == "waited":  # every try, the hint for both, then their reads in order
+            assert calls == [("read", 0, True), ("read", 1, True), ("read", 2, True), ("read", 3, True),
+                             ("hint", 1), ("hint", 2), ("read", 1, False), ("read", 2, False)]
         pending.wait_all()
+        assert store.stats.verified == 4
         for e, record in records.items():
             assert record.tobytes() == reference.read(spec.layer, e).tobytes()
     finally:
         store.close()
         reference.close()
+
+
+def test_a_failed_read_of_a_record_on_the_disk_fails_the_batch_with_nothing_in_flight(models, monkeypatch):
+    from edgemoe.node.errors import ExpertFileError
+
+    spec, store, calls = _reads_with_two_on_the_disk(models, monkeypatch, "on disk", reread_error=True)
+    try:
+        buffers = {e: [np.zeros(t.nbytes, dtype=np.uint8).data for t in spec.tensors] for e in range(4)}
+        with pytest.raises(ExpertFileError, match="expert 1 .*input/output error"):
+            store.start_reads(spec.layer, buffers)
+        assert ("read", 2, False) not in calls  # the batch stopped at the first failure, on this thread
+    finally:
+        store.close()
 
 
 def _store_with_a_slow_expert(large, monkeypatch, expert: int):
